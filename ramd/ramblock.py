@@ -1,0 +1,399 @@
+"""RAM blocks and the RAM list, after QEMU's ``system/physmem.c`` with resizable allocations.
+
+A :class:`RAMBlock` is one allocation: ``max_size`` (+ a guard page) of reserved address
+space at ``host``, of which ``[host, host+size)`` is accessible. :class:`RAMList` owns all
+blocks: it creates, resizes and frees them, places them in the ram_addr space, applies their
+settings, calls the notifiers (order in :mod:`ramd.notifiers`) and bounds-checks every access
+to block memory.
+
+Ownership and threads: one thread owns a ``RAMList`` and calls all its methods (the asyncio
+loop thread in the daemon). The only exception is :meth:`RAMList.preallocate` on a block
+returned by :meth:`RAMList.create` and not yet committed: nobody else can see that block, so a
+worker thread may fault it in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ramd.errors import DeviceNotFound, RamdError
+from ramd.hostmem import libc, linux
+from ramd.hostmem.mmap_alloc import mmap_alloc, mmap_free, mmap_pagesize, mmap_resize
+from ramd.notifiers import NotifierList, RamBlockNotifier
+from ramd.ramaddr import RamAddrSpace
+
+log = logging.getLogger(__name__)
+
+ID_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]{0,63}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+#: Alignment of anonymous blocks when ``hugepages`` is set, so THP can back them
+#: (QEMU's ``QEMU_VMALLOC_ALIGN`` on x86-64).
+HUGEPAGE_ALIGN = 2 * 1024 * 1024
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def _strerror(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
+@dataclass(eq=False)
+class RAMBlock:
+    """One RAM block. Its fields are changed only by the owning :class:`RAMList`.
+
+    Invariants: ``host`` is aligned to ``align``; ``0 < size <= max_size``, both multiples of
+    ``page_size``; ``size == max_size`` unless ``resizable``; ``[host, host+size)`` is
+    read-write and ``[host+size, host+max_size+page_size)`` is ``PROT_NONE``.
+    """
+
+    id: str
+    host: int
+    offset: int
+    size: int
+    max_size: int
+    page_size: int
+    align: int
+    resizable: bool
+    prealloc: bool = False
+    merge: bool = False
+    dump: bool = True
+    hugepages: bool = False
+    lock: bool = False
+    backend: str = "anonymous"
+
+    def resident(self) -> int:
+        """Bytes of the used range resident in RAM right now (``mincore``)."""
+        return libc.mincore_resident(self.host, self.size) * libc.host_page_size()
+
+
+class RAMList:
+    """All RAM blocks of the daemon, in creation order, and their notifiers."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[str, RAMBlock] = {}
+        self._pending: dict[str, RAMBlock] = {}
+        self._space = RamAddrSpace()
+        self.notifiers = NotifierList()
+
+    def __iter__(self) -> Iterator[RAMBlock]:
+        return iter(list(self._blocks.values()))
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._blocks
+
+    def get(self, block_id: str) -> RAMBlock:
+        """The committed block named ``block_id``; ``DeviceNotFound`` otherwise."""
+        try:
+            return self._blocks[block_id]
+        except KeyError:
+            raise DeviceNotFound(block_id) from None
+
+    # -- notifiers -------------------------------------------------------------------------
+
+    def register_notifier(self, notifier: RamBlockNotifier) -> None:
+        """Register ``notifier`` and replay ``added`` for every block (safety net applies)."""
+        self.notifiers.register(notifier, self._blocks.values())
+
+    def unregister_notifier(self, notifier: RamBlockNotifier) -> None:
+        self.notifiers.unregister(notifier)
+
+    # -- add -------------------------------------------------------------------------------
+
+    def add(
+        self,
+        block_id: str,
+        size: int,
+        max_size: int | None = None,
+        *,
+        prealloc: bool = False,
+        merge: bool = False,
+        dump: bool = True,
+        hugepages: bool = False,
+        lock: bool = False,
+        align: int | None = None,
+    ) -> RAMBlock:
+        """Create, preallocate if asked, and commit a block in one step."""
+        block = self.create(
+            block_id,
+            size,
+            max_size,
+            prealloc=prealloc,
+            merge=merge,
+            dump=dump,
+            hugepages=hugepages,
+            lock=lock,
+            align=align,
+        )
+        try:
+            if prealloc:
+                self.preallocate(block)
+        except BaseException:
+            self.abort(block)
+            raise
+        self.commit(block)
+        return block
+
+    def create(
+        self,
+        block_id: str,
+        size: int,
+        max_size: int | None = None,
+        *,
+        prealloc: bool = False,
+        merge: bool = False,
+        dump: bool = True,
+        hugepages: bool = False,
+        lock: bool = False,
+        align: int | None = None,
+    ) -> RAMBlock:
+        """Validate, map and configure a block, reserving its id; not yet visible.
+
+        The caller must then :meth:`commit` or :meth:`abort` it, after an optional
+        :meth:`preallocate`. Raises :class:`RamdError` for bad arguments or when the kernel
+        refuses the mapping.
+        """
+        if not isinstance(block_id, str) or not _ID_RE.match(block_id):
+            raise RamdError(
+                f"Invalid RAM block id '{block_id}': expected a letter, then up to 63 of"
+                " A-Za-z0-9._-"
+            )
+        if block_id in self._blocks or block_id in self._pending:
+            raise RamdError(f"RAM block '{block_id}' already exists")
+        page_size = mmap_pagesize()
+        if size <= 0:
+            raise RamdError(f"Invalid size: {block_id}: 0x{size:x}: Invalid argument")
+        size = _align_up(size, page_size)
+        resizable = max_size is not None
+        if max_size is None:
+            max_size = size
+        else:
+            max_size = _align_up(max_size, page_size)
+            if size > max_size:
+                raise RamdError(
+                    f"Size too large: {block_id}: 0x{size:x} > 0x{max_size:x}: Invalid argument"
+                )
+            if not self.notifiers.all_support_resize():
+                raise RamdError(
+                    f"Cannot create resizable RAM block '{block_id}': a registered RAM block"
+                    " notifier does not support resizing"
+                )
+        if prealloc and resizable:
+            raise RamdError(
+                f"Cannot create RAM block '{block_id}': prealloc is not supported for"
+                " resizable blocks"
+            )
+        if align is None:
+            align = max(page_size, HUGEPAGE_ALIGN) if hugepages else page_size
+        elif align < page_size or align & (align - 1):
+            raise RamdError(
+                f"Invalid align: {block_id}: 0x{align:x}: must be a power of two and at least"
+                f" the page size 0x{page_size:x}"
+            )
+        try:
+            host = mmap_alloc(size, max_size, align)
+        except OSError as e:
+            raise RamdError(
+                f"Cannot allocate RAM block '{block_id}' of 0x{size:x}: {_strerror(e)}",
+                errno=e.errno,
+            ) from None
+        block = RAMBlock(
+            id=block_id,
+            host=host,
+            offset=-1,
+            size=size,
+            max_size=max_size,
+            page_size=page_size,
+            align=align,
+            resizable=resizable,
+            prealloc=prealloc,
+            merge=merge,
+            dump=dump,
+            hugepages=hugepages,
+            lock=lock,
+        )
+        try:
+            self._apply_settings(block, 0, size)
+        except RamdError:
+            mmap_free(host, max_size)
+            raise
+        block.offset = self._space.alloc(max_size)
+        self._pending[block_id] = block
+        return block
+
+    def preallocate(self, block: RAMBlock) -> None:
+        """Fault in every page of a created, uncommitted block.
+
+        Uses ``MADV_POPULATE_WRITE``; on kernels without it, touches each page. May run in a
+        worker thread: the block is invisible to every other caller until committed.
+        """
+        assert self._pending.get(block.id) is block
+        try:
+            if not linux.populate_write(block.host, block.size):
+                _touch_pages(block.host, block.size, block.page_size)
+        except OSError as e:
+            raise RamdError(
+                f"Cannot preallocate RAM block '{block.id}' of 0x{block.size:x}: {_strerror(e)}",
+                errno=e.errno,
+            ) from None
+
+    def commit(self, block: RAMBlock) -> None:
+        """Make a created block visible (creation order) and notify ``added``."""
+        assert self._pending.pop(block.id) is block
+        self._blocks[block.id] = block
+        self.notifiers.notify_added(block)
+
+    def abort(self, block: RAMBlock) -> None:
+        """Undo :meth:`create`: free the mapping, the offset and the id."""
+        assert self._pending.pop(block.id) is block
+        self._space.free(block.offset, block.max_size)
+        mmap_free(block.host, block.max_size)
+
+    # -- resize / remove -------------------------------------------------------------------
+
+    def resize(self, block_id: str, size: int) -> RAMBlock:
+        """Resize a block in place (QEMU's ``qemu_ram_resize`` rules and messages).
+
+        Same aligned size: no-op, no notification. Grow: map ``[old, new)`` (fresh zero
+        pages, settings applied), then notify. Shrink: notify, then release ``[new, old)``.
+        A grow the kernel refuses leaves the block exactly as it was and notifies nobody.
+        """
+        block = self.get(block_id)
+        new = _align_up(max(size, 0), block.page_size)
+        old = block.size
+        if new == old:
+            return block
+        if not block.resizable:
+            raise RamdError(f"Size mismatch: {block_id}: 0x{new:x} != 0x{old:x}: Invalid argument")
+        if new > block.max_size:
+            raise RamdError(
+                f"Size too large: {block_id}: 0x{new:x} > 0x{block.max_size:x}: Invalid argument"
+            )
+        if new == 0:
+            raise RamdError(f"Invalid size: {block_id}: 0x0: Invalid argument")
+        if new > old:
+            self._grow(block, old, new)
+            block.size = new
+            self.notifiers.notify_resized(block, old, new)
+        else:
+            self.notifiers.notify_resized(block, old, new)
+            block.size = new
+            mmap_resize(block.host, old, new)
+        return block
+
+    def _grow(self, block: RAMBlock, old: int, new: int) -> None:
+        try:
+            mmap_resize(block.host, old, new)
+        except OSError as e:
+            raise RamdError(
+                f"Cannot grow {block.id} to 0x{new:x}: {_strerror(e)}", errno=e.errno
+            ) from None
+        try:
+            self._apply_settings(block, old, new - old)
+        except RamdError:
+            mmap_resize(block.host, new, old)
+            raise
+
+    def remove(self, block_id: str) -> None:
+        """Notify ``removed``, then drop the block from the list and unmap it."""
+        block = self.get(block_id)
+        self.notifiers.notify_removed(block)
+        del self._blocks[block_id]
+        self._space.free(block.offset, block.max_size)
+        mmap_free(block.host, block.max_size)
+
+    def close(self) -> None:
+        """Remove every block (newest first), notifying each removal."""
+        for block_id in reversed(list(self._blocks)):
+            self.remove(block_id)
+        for block in list(self._pending.values()):
+            self.abort(block)
+
+    # -- settings --------------------------------------------------------------------------
+
+    def _apply_settings(self, block: RAMBlock, start: int, length: int) -> None:
+        """madvise/mlock ``[start, start+length)`` of a block as its settings ask.
+
+        Advice the kernel lacks (no KSM, no THP) is logged and skipped, as QEMU does; a
+        failing ``mlock`` is an error, because the user asked for locked memory.
+        """
+        addr = block.host + start
+        advice = []
+        if block.merge:
+            advice.append(("merge", linux.MADV_MERGEABLE))
+        if not block.dump:
+            advice.append(("dump", linux.MADV_DONTDUMP))
+        if block.hugepages:
+            advice.append(("hugepages", linux.MADV_HUGEPAGE))
+        for name, value in advice:
+            try:
+                libc.madvise(addr, length, value)
+            except OSError as e:
+                log.warning("RAM block '%s': setting %s not applied: %s", block.id, name, e)
+        if block.lock:
+            try:
+                libc.mlock(addr, length)
+            except OSError as e:
+                raise RamdError(
+                    f"Cannot lock RAM block '{block.id}': {_strerror(e)}", errno=e.errno
+                ) from None
+
+    # -- memory access ---------------------------------------------------------------------
+
+    def _check_range(self, block: RAMBlock, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > block.size:
+            raise RamdError(
+                f"Range out of bounds: {block.id}: offset 0x{max(offset, 0):x} length"
+                f" 0x{max(length, 0):x} exceeds size 0x{block.size:x}"
+            )
+
+    def read(self, block_id: str, offset: int, length: int) -> bytes:
+        """Copy ``length`` bytes at ``offset`` out of the block's used range."""
+        block = self.get(block_id)
+        self._check_range(block, offset, length)
+        return ctypes.string_at(block.host + offset, length)
+
+    def write(self, block_id: str, offset: int, data: bytes) -> int:
+        """Copy ``data`` into the block's used range at ``offset``; returns its length."""
+        block = self.get(block_id)
+        self._check_range(block, offset, len(data))
+        ctypes.memmove(block.host + offset, data, len(data))
+        return len(data)
+
+    def discard(self, block_id: str, offset: int, length: int) -> None:
+        """Drop the pages of a page-aligned range (QEMU's ``ram_block_discard_range``).
+
+        The range reads back as zeros and its memory is released at once.
+        """
+        block = self.get(block_id)
+        if offset % block.page_size or length % block.page_size:
+            raise RamdError(
+                f"Unaligned discard range: {block.id}: offset 0x{offset:x} length 0x{length:x}"
+                f" must be multiples of the page size 0x{block.page_size:x}"
+            )
+        self._check_range(block, offset, length)
+        if length == 0:
+            return
+        try:
+            libc.madvise(block.host + offset, length, linux.MADV_DONTNEED)
+        except OSError as e:
+            raise RamdError(f"Cannot discard range of {block.id}: {_strerror(e)}") from None
+
+
+def _touch_pages(host: int, size: int, page_size: int) -> None:
+    """Fault in each page by rewriting its first byte (contents are preserved)."""
+    view = memoryview((ctypes.c_char * size).from_address(host)).cast("B")
+    view[::page_size] = bytes(view[::page_size])
+
+
+__all__ = ["ID_PATTERN", "RAMBlock", "RAMList", "RamBlockNotifier"]
