@@ -82,6 +82,10 @@ class RAMList:
         self._pending: dict[str, RAMBlock] = {}
         self._space = RamAddrSpace()
         self.notifiers = NotifierList()
+        #: Sum of ``size`` over all blocks, created or committed.
+        self.used = 0
+        #: Sum of ``max_size`` + guard page over all blocks, created or committed.
+        self.reserved = 0
 
     def __iter__(self) -> Iterator[RAMBlock]:
         return iter(list(self._blocks.values()))
@@ -93,10 +97,18 @@ class RAMList:
         return block_id in self._blocks
 
     def get(self, block_id: str) -> RAMBlock:
-        """The committed block named ``block_id``; ``DeviceNotFound`` otherwise."""
+        """The committed block named ``block_id``.
+
+        ``DeviceNotFound`` if there is none; a "busy" ``RamdError`` while a block of that name
+        is created but not yet committed (being preallocated).
+        """
         try:
             return self._blocks[block_id]
         except KeyError:
+            if block_id in self._pending:
+                raise RamdError(
+                    f"RAM block '{block_id}' is busy: it is being preallocated"
+                ) from None
             raise DeviceNotFound(block_id) from None
 
     # -- notifiers -------------------------------------------------------------------------
@@ -229,6 +241,8 @@ class RAMList:
             raise
         block.offset = self._space.alloc(max_size)
         self._pending[block_id] = block
+        self.used += size
+        self.reserved += max_size + page_size
         return block
 
     def preallocate(self, block: RAMBlock) -> None:
@@ -256,8 +270,7 @@ class RAMList:
     def abort(self, block: RAMBlock) -> None:
         """Undo :meth:`create`: free the mapping, the offset and the id."""
         assert self._pending.pop(block.id) is block
-        self._space.free(block.offset, block.max_size)
-        mmap_free(block.host, block.max_size)
+        self._release(block)
 
     # -- resize / remove -------------------------------------------------------------------
 
@@ -284,10 +297,12 @@ class RAMList:
         if new > old:
             self._grow(block, old, new)
             block.size = new
+            self.used += new - old
             self.notifiers.notify_resized(block, old, new)
         else:
             self.notifiers.notify_resized(block, old, new)
             block.size = new
+            self.used -= old - new
             mmap_resize(block.host, old, new)
         return block
 
@@ -309,8 +324,13 @@ class RAMList:
         block = self.get(block_id)
         self.notifiers.notify_removed(block)
         del self._blocks[block_id]
+        self._release(block)
+
+    def _release(self, block: RAMBlock) -> None:
         self._space.free(block.offset, block.max_size)
         mmap_free(block.host, block.max_size)
+        self.used -= block.size
+        self.reserved -= block.max_size + block.page_size
 
     def close(self) -> None:
         """Remove every block (newest first), notifying each removal."""

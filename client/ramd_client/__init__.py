@@ -1,0 +1,1 @@
+"""ramd_client: the Python client library of ramd (``connect``, ``AsyncClient``, ``Client``)."""

@@ -1,0 +1,133 @@
+"""Events: the envelope (``seq``, timestamp) and the broadcaster notifier.
+
+Path of an event: ``RAMList`` -> :class:`Broadcaster` (a RAM block notifier) -> each
+subscribed :class:`EventSink` (the connection's bounded output). Everything runs on the loop
+thread, synchronously inside the command that caused the event, so on one connection the
+events caused by a command are queued before that command's response.
+
+``seq`` is daemon-wide, +1 per event from 1, and advances whether or not anyone listens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ramd.api.models import (
+    RamBlockAddedData,
+    RamBlockRemovedData,
+    RamBlockResizedData,
+)
+from ramd.ramblock import RAMBlock
+
+
+@dataclass(slots=True)
+class Event:
+    """One event. ``encoded`` caches the wire form per dialect, so fan-out encodes once."""
+
+    name: str
+    data: dict[str, Any]
+    seconds: int
+    microseconds: int
+    encoded: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def seq(self) -> int:
+        return int(self.data["seq"])
+
+    @property
+    def timestamp(self) -> dict[str, int]:
+        return {"seconds": self.seconds, "microseconds": self.microseconds}
+
+
+def make_event(name: str, data: dict[str, Any]) -> Event:
+    """An event stamped with the current wall-clock time."""
+    now = time.time_ns() // 1000
+    return Event(name, data, now // 1_000_000, now % 1_000_000)
+
+
+class EventSink(Protocol):
+    """Where a subscriber's events go (a connection). Must not block or raise."""
+
+    def send_event(self, event: Event) -> None: ...
+
+
+class Subscriber(Protocol):
+    """A session that may want events; filters them itself."""
+
+    def deliver(self, event: Event) -> None: ...
+
+
+def added_data(block: RAMBlock, seq: int, replay: bool) -> dict[str, Any]:
+    """Data of ``RAM_BLOCK_ADDED`` for ``block``."""
+    return RamBlockAddedData(
+        seq=seq,
+        id=block.id,
+        host=block.host,
+        offset=block.offset,
+        size=block.size,
+        max_size=block.max_size,
+        page_size=block.page_size,
+        resizable=block.resizable,
+        backend=block.backend,
+        replay=replay,
+    ).model_dump(by_alias=True)
+
+
+class Broadcaster:
+    """The RAM block notifier that turns block changes into events for subscribers.
+
+    Owns the ``seq`` counter and the set of subscribers (in subscription order). Loop
+    thread only.
+    """
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self._subscribers: dict[Subscriber, None] = {}
+
+    @property
+    def emitted(self) -> int:
+        return self.seq
+
+    def subscribe(self, sub: Subscriber) -> None:
+        self._subscribers[sub] = None
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.pop(sub, None)
+
+    def subscribers(self) -> Iterable[Subscriber]:
+        return self._subscribers.keys()
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        event = make_event(name, data)
+        for sub in list(self._subscribers):
+            sub.deliver(event)
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def added(self, block: RAMBlock) -> None:
+        seq = self._next()
+        self._emit("RAM_BLOCK_ADDED", added_data(block, seq, False))
+
+    def resized(self, block: RAMBlock, old_size: int, new_size: int) -> None:
+        seq = self._next()
+        data = RamBlockResizedData(
+            seq=seq,
+            id=block.id,
+            host=block.host,
+            old_size=old_size,
+            new_size=new_size,
+            max_size=block.max_size,
+        ).model_dump(by_alias=True)
+        self._emit("RAM_BLOCK_RESIZED", data)
+
+    def removed(self, block: RAMBlock) -> None:
+        seq = self._next()
+        data = RamBlockRemovedData(
+            seq=seq, id=block.id, host=block.host, size=block.size, max_size=block.max_size
+        ).model_dump(by_alias=True)
+        self._emit("RAM_BLOCK_REMOVED", data)

@@ -1,0 +1,81 @@
+"""``ramd`` command line: options over the config file over the embedded defaults.
+
+Exit codes: 0 clean shutdown; 1 cannot start (socket in use, no permission); 2 bad usage or
+bad configuration (one message naming the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import ramd
+from ramd.config import Config, ConfigError, load_config
+from ramd.logs import setup_logging
+
+log = logging.getLogger("ramd")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="ramd", description="Serve resizable RAM blocks over JSON-RPC 2.0 and QMP."
+    )
+    p.add_argument(
+        "--socket",
+        type=Path,
+        help="JSON-RPC socket path (default: $RAMD_SOCKET, "
+        "else $XDG_RUNTIME_DIR/ramd/ramd.sock, else /run/ramd/ramd.sock)",
+    )
+    p.add_argument("--qmp-socket", type=Path, help="QMP socket path (default: none)")
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--version", action="version", version=f"ramd {ramd.__version__}")
+    return p.parse_args(argv)
+
+
+def build_config(ns: argparse.Namespace) -> Config:
+    config = load_config(ns.config)
+    overrides = {
+        k: v
+        for k, v in {
+            "socket": ns.socket,
+            "qmp_socket": ns.qmp_socket,
+            "log_level": ns.log_level,
+            "log_format": ns.log_format,
+        }.items()
+        if v is not None
+    }
+    return config.model_copy(update=overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    try:
+        config = build_config(ns)
+    except ConfigError as e:
+        print(f"ramd: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    from ramd.daemon import serve
+    from ramd.transport.server import AlreadyRunning
+
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except AlreadyRunning as e:
+        log.error("cannot start: %s", e)
+        return 1
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

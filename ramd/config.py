@@ -1,0 +1,145 @@
+"""The daemon's configuration: TOML file, command-line overrides, embedded defaults.
+
+Keys are kebab-case; sizes are integers or strings with QEMU suffixes (``64M``, ``1.5G``).
+Every key is validated; the first bad one is reported by :class:`ConfigError` with its dotted
+name (``limits.max-blocks``, ``block[0].size``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
+
+from ramd.sizes import parse_size
+
+U64_MAX = 2**64 - 1
+MiB = 1024 * 1024
+
+
+def _size(value: Any) -> Any:
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return parse_size(value)
+    return value
+
+
+def _mode(value: Any) -> Any:
+    if isinstance(value, str):
+        return int(value, 8)
+    return value
+
+
+ConfigSize = Annotated[StrictInt, BeforeValidator(_size), Field(ge=0, le=U64_MAX)]
+PositiveSize = Annotated[StrictInt, BeforeValidator(_size), Field(gt=0, le=U64_MAX)]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=_kebab, frozen=True)
+
+
+class Limits(_Section):
+    """Bounds on what clients can make the daemon hold. 0 means unlimited where noted."""
+
+    max_message_size: PositiveSize = 8 * MiB
+    max_depth: Annotated[StrictInt, Field(gt=0, le=100_000)] = 1024
+    max_connections: Annotated[StrictInt, Field(gt=0)] = 256
+    max_blocks: Annotated[StrictInt, Field(gt=0)] = 16384
+    #: Sum of ``max-size`` + guard page over all blocks; 0 = unlimited.
+    max_reserved: ConfigSize = 0
+    #: Sum of ``size`` over all blocks; 0 = unlimited.
+    max_used: ConfigSize = 0
+    io_chunk: PositiveSize = 4 * MiB
+    subscriber_queue: Annotated[StrictInt, Field(gt=0)] = 1024
+
+
+class BlockConfig(_Section):
+    """A ``[[block]]`` created at start-up: the arguments of ``ram-block-add``."""
+
+    id: StrictStr
+    size: PositiveSize
+    max_size: PositiveSize | None = None
+    prealloc: StrictBool = False
+    merge: StrictBool = False
+    dump: StrictBool = True
+    hugepages: StrictBool = False
+    lock: StrictBool = False
+    align: PositiveSize | None = None
+
+
+class Config(_Section):
+    socket: Path | None = None
+    qmp_socket: Path | None = None
+    socket_mode: Annotated[StrictInt, BeforeValidator(_mode), Field(ge=0, le=0o777)] = 0o600
+    socket_group: StrictStr | StrictInt | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    allow_uids: list[StrictInt] = []
+    allow_gids: list[StrictInt] = []
+    readonly_uids: list[StrictInt] = []
+    readonly_gids: list[StrictInt] = []
+    limits: Limits = Limits()
+    block: list[BlockConfig] = []
+
+
+class ConfigError(Exception):
+    """A bad configuration; the message names the key."""
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a parsed TOML document."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {_key(err['loc'])}: {msg}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate ``path``; the embedded defaults when ``path`` is None."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return parse_config(data, str(path))
+
+
+def default_socket_path() -> Path:
+    """Protocol rule: ``$RAMD_SOCKET``, else ``$XDG_RUNTIME_DIR/ramd/ramd.sock``, else
+    ``/run/ramd/ramd.sock``."""
+    if env := os.environ.get("RAMD_SOCKET"):
+        return Path(env)
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "ramd" / "ramd.sock"
+    return Path("/run/ramd/ramd.sock")

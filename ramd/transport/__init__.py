@@ -1,0 +1,1 @@
+"""Transports of the daemon: socket servers and the JSON stream splitter."""

@@ -1,0 +1,222 @@
+"""One client connection: split input, one reader task, bounded output.
+
+Ownership and thread: a :class:`Connection` is created by the listener for each accepted
+socket, owns its transport, splitter, dialect and session, and lives on the loop thread.
+
+Flow: ``data_received`` splits bytes into JSON texts and queues them (reading pauses when
+``INBOX_MAX`` are waiting); the reader task answers them one at a time, in order, and waits
+whenever the output is paused, so a client that does not read its answers stops being read.
+Events go through the same ordered output; while it is paused they are queued, and a
+subscriber with more than ``subscriber-queue`` events waiting is disconnected (logged).
+Closing never cancels the command in flight: the reader finishes it, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from ramd.api.events import Event
+from ramd.api.service import Session
+from ramd.transport.dialect import Dialect
+from ramd.transport.splitter import JsonSplitter, SplitError
+
+if TYPE_CHECKING:
+    from ramd.transport.server import Server
+
+log = logging.getLogger("ramd.connection")
+
+#: Complete messages queued before the connection stops reading from its socket.
+INBOX_MAX = 64
+#: Bytes in the transport's buffer above which the output counts as paused.
+WRITE_HIGH_WATER = 256 * 1024
+
+DialectFactory = Callable[[Session], Dialect]
+
+
+def peer_credentials(sock: socket.socket | None) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the peer of a Unix socket (Linux ``SO_PEERCRED``)."""
+    if sock is None:
+        return (0, -1, -1)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class Connection(asyncio.Protocol):
+    """A client connection speaking one dialect."""
+
+    def __init__(self, server: Server, dialect_factory: DialectFactory) -> None:
+        self.server = server
+        self._factory = dialect_factory
+        limits = server.service.limits
+        self._splitter = JsonSplitter(limits.max_message_size, limits.max_depth)
+        self._queue_limit = limits.subscriber_queue
+        self._inbox: deque[bytes | SplitError] = deque()
+        self._out: deque[tuple[bytes, bool]] = deque()
+        self._queued_events = 0
+        self._write_paused = False
+        self._read_paused = False
+        self._eof = False
+        self.closed = False
+        self._wakeup: asyncio.Future[None] | None = None
+        self._transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.dialect: Dialect | None = None
+        self.peer = ""
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        pid, uid, gid = peer_credentials(t.get_extra_info("socket"))
+        self.peer = f"pid={pid} uid={uid} gid={gid}"
+        access, refusal = self.server.admit(self, uid, gid)
+        session = Session(self.server.service, self, readonly=access == "readonly", peer=self.peer)
+        self.dialect = self._factory(session)
+        if refusal is not None:
+            log.warning("refused connection %s: %s", self.peer, refusal)
+            t.write(self.dialect.refusal(refusal))
+            self._finish()
+            return
+        log.info("accepted connection %s (%s, %s)", self.peer, self.dialect.name, access)
+        if hello := self.dialect.greeting():
+            t.write(hello)
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.task is None:
+            return
+        self._inbox.extend(self._splitter.feed(data))
+        if len(self._inbox) >= INBOX_MAX and not self._read_paused:
+            self._read_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+        self.wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self.wake()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.dialect is not None:
+            self.dialect.session.close()
+        self._inbox.clear()
+        self._out.clear()
+        self.wake()
+        self.server.forget(self)
+        log.info("closed connection %s", self.peer)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        t = self._transport
+        while self._out and not self._write_paused and t is not None:
+            data, is_event = self._out.popleft()
+            self._queued_events -= is_event
+            t.write(data)
+        self.wake()
+
+    # -- output ----------------------------------------------------------------------------
+
+    def send(self, data: bytes, is_event: bool = False) -> None:
+        """Write ``data`` after everything queued before it."""
+        if self.closed or self._transport is None:
+            return
+        if self._write_paused or self._out:
+            self._out.append((data, is_event))
+            self._queued_events += is_event
+        else:
+            self._transport.write(data)
+
+    def send_event(self, event: Event) -> None:
+        """Queue an event; disconnect this subscriber if its queue is full. Never blocks."""
+        if self.closed or self.dialect is None:
+            return
+        wire = self.dialect.encode_event(event)
+        if wire is None:
+            return
+        if (self._write_paused or self._out) and self._queued_events >= self._queue_limit:
+            self._drop_slow_subscriber()
+            return
+        self.send(wire, True)
+
+    def _drop_slow_subscriber(self) -> None:
+        log.warning(
+            "disconnecting slow subscriber %s: %d events queued (subscriber-queue)",
+            self.peer,
+            self._queued_events,
+        )
+        self.server.lagged += 1
+        self.closed = True
+        if self.dialect is not None:
+            self.dialect.session.close()
+        assert self._transport is not None
+        self._transport.abort()
+
+    # -- reader task -----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _wait(self) -> None:
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
+    async def _run(self) -> None:
+        """Answer queued messages in order until the connection ends or the server stops."""
+        dialect = self.dialect
+        assert dialect is not None and self._transport is not None
+        try:
+            while not self.closed and not self.server.stopping:
+                if not self._inbox:
+                    if self._eof:
+                        break
+                    await self._wait()
+                    continue
+                item = self._inbox.popleft()
+                if self._read_paused and len(self._inbox) <= INBOX_MAX // 2:
+                    self._read_paused = False
+                    self._transport.resume_reading()
+                reply: bytes | None
+                if isinstance(item, SplitError):
+                    reply = dialect.split_error(item)
+                else:
+                    answer = dialect.handle(item)
+                    reply = await answer if inspect.isawaitable(answer) else answer
+                if reply:
+                    self.send(reply)
+                while (self._write_paused or self._out) and not self.closed:
+                    await self._wait()
+        except Exception:
+            log.exception("connection %s failed", self.peer)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Close after the queued output is written (the transport flushes on close)."""
+        if self._transport is not None and not self._transport.is_closing():
+            for data, _ in self._out:
+                self._transport.write(data)
+            self._out.clear()
+            self._transport.close()
+
+    def close(self) -> None:
+        """Close now (server shutdown); a command in flight still completes."""
+        self._finish()

@@ -1,0 +1,246 @@
+"""The JSON-RPC 2.0 dialect, on ``jsonrpcserver`` behind this one adapter.
+
+What we take from jsonrpcserver: method lookup (-32601), the params binding check, the
+Request/Response types and notification handling, via ``dispatch_to_response_pure`` on one
+request object at a time. What we do ourselves, because its defaults do not fit (see
+design.md): JSON parsing (the splitter hands us one text), a cheap structural validator in
+place of its jsonschema pass (same -32600 semantics), batches run in order one call after the
+other, and every exception mapped to a protocol error (-32602 naming fields, -32000 with
+``data.class``, -32603 with a generic message, never an exception text).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ramd.api import dispatch
+from ramd.api.commands import COMMANDS
+from ramd.api.events import Event
+from ramd.api.service import Session
+from ramd.errors import RamdError
+from ramd.transport.dialect import Reply
+from ramd.transport.splitter import SplitError
+
+with warnings.catch_warnings():
+    # jsonrpcserver 5.0.9 reads its bundled schema with a deprecated importlib API.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message="read_text")
+    from jsonrpcserver import Error, InvalidParams, Success
+    from jsonrpcserver.dispatcher import dispatch_to_response_pure
+    from jsonrpcserver.response import ErrorResponse, SuccessResponse
+    from jsonrpcserver.sentinels import NODATA
+
+log = logging.getLogger(__name__)
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+COMMAND_FAILED = -32000
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class InvalidRequest(Exception):
+    """The request object is not a JSON-RPC 2.0 request."""
+
+
+def validate_request(obj: Any) -> Any:
+    """Structural check of one request object (replaces jsonrpcserver's jsonschema pass)."""
+    if (
+        type(obj) is not dict
+        or obj.get("jsonrpc") != "2.0"
+        or type(obj.get("method")) is not str
+        or not isinstance(obj.get("params", {}), dict | list)
+        or not _valid_id(obj.get("id"))
+        or not obj.keys() <= {"jsonrpc", "method", "params", "id"}
+    ):
+        raise InvalidRequest
+    return obj
+
+
+def _valid_id(value: Any) -> bool:
+    return value is None or type(value) in (str, int, float)
+
+
+def _error(code: int, message: str, req_id: Any, data: Any = NODATA) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not NODATA:
+        err["data"] = data
+    return {"jsonrpc": "2.0", "error": err, "id": req_id}
+
+
+def _line(obj: Any) -> bytes:
+    return (_dumps(obj) + "\n").encode()
+
+
+class _Deferred:
+    """A response that is still being computed (an awaitable of it)."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, pending: Awaitable[Any]) -> None:
+        self.pending = pending
+
+
+def _method(name: str) -> Callable[..., Any]:
+    """The jsonrpcserver method for command ``name``: maps every outcome to a Result.
+
+    A command that must wait leaves its awaitable in ``dialect.deferred`` (jsonrpcserver's
+    dispatcher is synchronous) and returns a placeholder result.
+    """
+
+    def method(dialect: JsonRpcDialect, *positional: Any, **params: Any) -> Any:
+        if positional:
+            return InvalidParams("params must be an object (by-name), not an array")
+        try:
+            result = dispatch.call(dialect.session, name, params)
+        except dispatch.ArgumentError as e:
+            return Error(INVALID_PARAMS, e.message())
+        except RamdError as e:
+            return Error(COMMAND_FAILED, e.desc, {"class": e.error_class})
+        except Exception:
+            log.exception("internal error in %s", name)
+            return Error(INTERNAL_ERROR, "Internal error")
+        if inspect.isawaitable(result):
+            dialect.deferred = result
+            return Success(None)
+        return Success(result)
+
+    return method
+
+
+_METHODS = {name: _method(name) for name in COMMANDS}
+
+
+async def _settle(pending: Awaitable[Any], req_id: Any, name: str) -> dict[str, Any] | None:
+    """Await a deferred command; its response (None for a notification)."""
+    try:
+        result = await pending
+    except RamdError as e:
+        return _error(COMMAND_FAILED, e.desc, req_id, {"class": e.error_class})
+    except Exception:
+        log.exception("internal error in %s", name)
+        return _error(INTERNAL_ERROR, "Internal error", req_id)
+    return {"jsonrpc": "2.0", "result": result, "id": req_id}
+
+
+_NOTIFICATION = object()
+
+
+class JsonRpcDialect:
+    """One JSON-RPC 2.0 connection's protocol logic (see :class:`~.dialect.Dialect`)."""
+
+    name = "jsonrpc"
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        #: Set by a method whose command must wait; consumed right after dispatch.
+        self.deferred: Awaitable[Any] | None = None
+
+    def greeting(self) -> bytes | None:
+        return None
+
+    def split_error(self, error: SplitError) -> bytes:
+        return _line(_error(PARSE_ERROR, "Parse error", None, error.reason))
+
+    def refusal(self, desc: str) -> bytes:
+        return _line(_error(COMMAND_FAILED, desc, None, {"class": "GenericError"}))
+
+    def encode_event(self, event: Event) -> bytes | None:
+        wire = event.encoded.get(self.name)
+        if wire is None:
+            wire = _line(
+                {
+                    "jsonrpc": "2.0",
+                    "method": event.name,
+                    "params": {"data": event.data, "timestamp": event.timestamp},
+                }
+            )
+            event.encoded[self.name] = wire
+        return wire
+
+    def handle(self, message: bytes) -> Reply | Awaitable[Reply]:
+        try:
+            obj = json.loads(message)
+        except (ValueError, RecursionError) as e:
+            return _line(_error(PARSE_ERROR, "Parse error", None, str(e)))
+        if type(obj) is not list:
+            single = self._one(obj)
+            if isinstance(single, _Deferred):
+                return self._later(single.pending)
+            return None if single is None else _line(single)
+        if not obj:
+            return _line(_error(INVALID_REQUEST, "Invalid request", None, "empty batch"))
+        return self._batch(obj)
+
+    def _batch(self, requests: list[Any]) -> Reply | Awaitable[Reply]:
+        """Run batch members in order; goes async at the first member that must wait."""
+        responses: list[dict[str, Any]] = []
+        for i, req in enumerate(requests):
+            one = self._one(req)
+            if isinstance(one, _Deferred):
+                return self._batch_rest(responses, one.pending, requests[i + 1 :])
+            if one is not None:
+                responses.append(one)
+        return _line(responses) if responses else None
+
+    async def _batch_rest(
+        self, responses: list[dict[str, Any]], pending: Awaitable[Any], rest: list[Any]
+    ) -> Reply:
+        first = await pending
+        if first is not None:
+            responses.append(first)
+        for req in rest:
+            one = self._one(req)
+            if isinstance(one, _Deferred):
+                one = await one.pending
+            if one is not None:
+                responses.append(one)
+        return _line(responses) if responses else None
+
+    async def _later(self, pending: Awaitable[dict[str, Any] | None]) -> Reply:
+        response = await pending
+        return None if response is None else _line(response)
+
+    def _one(self, obj: Any) -> dict[str, Any] | _Deferred | None:
+        """Dispatch one request object: its response dict, None for a notification, or a
+        :class:`_Deferred` whose awaitable yields one of those."""
+        try:
+            validate_request(obj)
+        except InvalidRequest:
+            return _error(INVALID_REQUEST, "Invalid request", None, "not a JSON-RPC 2.0 request")
+        self.deferred = None
+        response = dispatch_to_response_pure(
+            deserializer=_identity,
+            validator=_identity,
+            methods=_METHODS,
+            context=self,
+            post_process=_identity,
+            request=obj,
+        )
+        pending, self.deferred = self.deferred, None
+        if pending is not None:
+            req_id = obj.get("id", _NOTIFICATION)
+            return _Deferred(self._settle_one(pending, req_id, obj["method"]))
+        if response is None:
+            return None
+        either: Any = response
+        value = either._value if hasattr(either, "_value") else either._error
+        if isinstance(value, SuccessResponse):
+            return {"jsonrpc": "2.0", "result": value.result, "id": value.id}
+        assert isinstance(value, ErrorResponse)
+        return _error(value.code, value.message, value.id, value.data)
+
+    @staticmethod
+    async def _settle_one(pending: Awaitable[Any], req_id: Any, name: str) -> dict[str, Any] | None:
+        response = await _settle(pending, None if req_id is _NOTIFICATION else req_id, name)
+        return None if req_id is _NOTIFICATION else response
+
+
+def _identity(x: Any) -> Any:
+    return x

@@ -1,0 +1,283 @@
+"""Split a byte stream into separate JSON texts, as QEMU's JSON lexer and streamer do.
+
+The stream is a sequence of JSON texts with optional whitespace between them; there is no
+framing and lines mean nothing. The splitter finds where each text ends without parsing it:
+
+* outside strings it counts the opening ``{`` ``[`` and closing ``}`` ``]`` brackets; a
+  top-level object or array ends when the count returns to zero (the bracket kinds are not
+  matched: ``[1}`` is one text, and the caller's ``json.loads`` rejects it);
+* inside a ``"`` string, brackets mean nothing and a backslash escapes the next byte;
+* a top-level string ends at its closing quote; any other top-level token (a number, a
+  literal, or garbage) ends at the next whitespace byte or at ``{ [ " } ]``. At the end of
+  the data received so far such a token is incomplete (``12`` may become ``123``) and waits;
+* a ``}`` or ``]`` at top level is a stray closer: one error item, and scanning continues
+  after it.
+
+Speed: Python never steps through the bytes one at a time; C code jumps to the next byte that
+matters. Three tiers:
+
+1. Fast path: a whole object or array that is in the chunk, nested at most ``_FAST_DEPTH``
+   deep and without long strings (typical requests) is matched by one regular expression and
+   sliced out of the chunk.
+2. Otherwise a regular expression skips plain bytes and short strings up to the next bracket,
+   so Python does one step per bracket.
+3. Long strings (a RAM block's base64 data) are skipped with ``bytes.find`` (memchr, many GB/s),
+   falling back to a regular expression only if the string has backslash escapes.
+
+The scan state (mode, depth, pending escape) is kept between calls, so each byte is scanned
+once however the stream is chunked (the fast path may scan a message's first chunk twice).
+
+Limits: a message longer than ``max_size`` bytes or nested deeper than ``max_depth`` gets one
+:class:`SplitError`; the splitter then keeps scanning that message without storing it and
+resumes normally after its end.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["JsonSplitter", "SplitError"]
+
+DEFAULT_MAX_SIZE: Final = 8 * 1024 * 1024
+DEFAULT_MAX_DEPTH: Final = 1024
+
+# Scan modes.
+_IDLE: Final = 0  # between messages: skipping whitespace
+_CONTAINER: Final = 1  # inside an object or array, outside strings
+_STRING: Final = 2  # inside a string (a top-level one when depth == 0)
+_BARE: Final = 3  # inside a top-level number, literal or garbage token
+
+_OPENERS: Final = frozenset(b"{[")
+_CLOSERS: Final = frozenset(b"}]")
+_QUOTE: Final = ord('"')
+_BACKSLASH: Final = ord("\\")
+
+# First byte that is not JSON whitespace.
+_NON_WS: Final = re.compile(rb"[^ \t\n\r]")
+# The byte that ends a top-level number or literal.
+_BARE_END: Final = re.compile(rb'[ \t\n\r\[\]{}"]')
+# The rest of a string body: stops at the closing quote, at a lone final backslash or at the end.
+_STRING_REST: Final = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
+
+# Building blocks. A short string has no run of more than 256 unescaped bytes: the regular
+# expressions leave longer strings to bytes.find. All repetitions are possessive (no
+# backtracking), so every match attempt is linear in the bytes it looks at.
+_PLAIN: Final = rb'[^"\[\]{}]++'  # bytes that are neither brackets nor quotes
+_SHORT_STRING: Final = rb'"[^"\\]{0,256}+(?:\\.[^"\\]{0,256}+)*+"'
+_SKIP: Final = rb"(?:" + _PLAIN + rb"|" + _SHORT_STRING + rb")*+"
+
+# Inside a container, from the current position past plain bytes and short strings; then group
+# 1 is an opener, group 2 a closer, group 3 the quote of a string left to bytes.find (long, or
+# unfinished in this chunk), or no group matched and the chunk is done.
+_NEXT: Final = re.compile(_SKIP + rb'(?:([\[{])|([\]}])|("))?', re.DOTALL)
+
+
+def _nested(levels: int) -> bytes:
+    """Return a pattern for a whole object or array nested at most ``levels`` deep."""
+    inner = _SKIP
+    for _ in range(levels - 1):
+        inner = rb"(?:" + _PLAIN + rb"|" + _SHORT_STRING + rb"|[\[{]" + inner + rb"[\]}])*+"
+    return rb"[\[{]" + inner + rb"[\]}]"
+
+
+# The fast path: a whole message in the chunk, nested at most _FAST_DEPTH deep, without long
+# strings. A message it does not fit fails it and is scanned again by the bracket loop.
+_FAST_DEPTH: Final = 4
+_FAST_MESSAGE: Final = re.compile(_nested(_FAST_DEPTH), re.DOTALL)
+
+
+def _no_fast_path(data: bytes, pos: int) -> None:
+    """Stand in for the fast path when ``max_depth`` is below its depth."""
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class SplitError:
+    """A place in the stream where no JSON text could be delimited.
+
+    ``reason`` is human text for the error response: a stray closer (``"unexpected '}'"``), or
+    a message over the size or nesting limit (whose text was dropped).
+    """
+
+    reason: str
+
+
+class JsonSplitter:
+    """Incremental splitter of one connection's byte stream into JSON texts.
+
+    Invariants:
+
+    * Bounded memory: the only data kept between calls is the incomplete message's bytes, at
+      most ``max_size`` of them (see :meth:`pending`), plus a few integers. No input makes it
+      hold more: the bytes of an oversized or overdeep message are dropped, not stored.
+    * Resync: after an error the splitter always recovers. A stray closer costs that one byte.
+      An oversized or overdeep message costs exactly that message (it is still delimited by
+      bracket counting), and the next text after it comes out intact. Any byte sequence is
+      accepted, invalid UTF-8 included; the splitter works on bytes and never raises on input.
+    * Order: :meth:`feed` returns messages and errors in stream order, each exactly once,
+      independently of how the stream is chunked (except which limit an over-limit message is
+      reported against, if it breaks both).
+
+    The splitter does not validate JSON: the caller ``json.loads`` each text and reports the
+    failures. Note that CPython's ``json`` raises ``RecursionError`` (not ``ValueError``) for
+    texts nested close to 1000 levels, below the default ``max_depth``: callers catch both.
+
+    Threads: not thread-safe. It is owned and used by one connection's reader task only.
+    """
+
+    __slots__ = ("_buf", "_depth", "_discarding", "_escape", "_max_depth", "_max_size", "_mode")
+
+    def __init__(
+        self, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEFAULT_MAX_DEPTH
+    ) -> None:
+        """Create a splitter for texts of at most ``max_size`` bytes and ``max_depth`` levels.
+
+        A text of exactly ``max_size`` bytes, or with exactly ``max_depth`` levels of nested
+        objects and arrays, is accepted. Both limits must be at least 1.
+        """
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1, not {max_size}")
+        if max_depth < 1:
+            raise ValueError(f"max_depth must be at least 1, not {max_depth}")
+        self._max_size = max_size
+        self._max_depth = max_depth
+        self._buf = bytearray()  # the incomplete message's bytes so far (empty while discarding)
+        self._mode = _IDLE
+        self._depth = 0  # open brackets of the current message
+        self._escape = False  # in _STRING mode: the previous chunk ended with an escaping "\"
+        self._discarding = False  # the current message was reported over a limit: don't store
+
+    def pending(self) -> int:
+        """Return the number of bytes buffered for an incomplete message (at most max_size).
+
+        It is 0 between messages and while an over-limit message is being skipped.
+        """
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes | SplitError]:
+        """Scan the next chunk of the stream and return what it completes, in stream order.
+
+        Each complete message is the raw bytes of one JSON text, without the whitespace
+        around it. A :class:`SplitError` stands for a stray closer or for a whole message over
+        a limit. Bytes of a message still incomplete at the end of ``data`` are kept (up to
+        ``max_size``) and completed by later calls; no byte is scanned again by a later call.
+        """
+        n = len(data)
+        if n == 0:
+            return []
+        out: list[bytes | SplitError] = []
+        buf = self._buf
+        max_size = self._max_size
+        max_depth = self._max_depth
+        fast = _FAST_MESSAGE.match if max_depth >= _FAST_DEPTH else _no_fast_path
+        mode = self._mode
+        depth = self._depth
+        discarding = self._discarding
+        escape = False
+        pos = 0
+        start = 0  # where the current message's bytes begin in data
+        if mode == _STRING and self._escape:
+            pos = 1  # the byte escaped by the backslash that ended the previous chunk
+
+        while pos < n:
+            end = -1  # set to the end of the current message when it completes
+            if mode == _IDLE:
+                m = _NON_WS.search(data, pos)
+                if m is None:
+                    break
+                start = m.start()
+                c = data[start]
+                pos = start + 1
+                if c in _OPENERS:
+                    mode = _CONTAINER
+                    m = fast(data, start)
+                    if m is None:
+                        depth = 1
+                        continue
+                    pos = end = m.end()  # a whole message: completed below
+                elif c == _QUOTE:
+                    mode = _STRING
+                    continue
+                elif c in _CLOSERS:
+                    out.append(SplitError(f"unexpected '{chr(c)}'"))
+                    continue
+                else:
+                    mode = _BARE
+                    continue
+            elif mode == _CONTAINER:
+                while True:
+                    m = _NEXT.match(data, pos)
+                    assert m is not None  # the pattern matches the empty string
+                    pos = m.end()
+                    group = m.lastindex
+                    if group == 1:
+                        depth += 1
+                        if depth > max_depth and not discarding:
+                            out.append(SplitError(f"message nested deeper than {max_depth}"))
+                            discarding = True
+                            buf.clear()
+                    elif group == 2:
+                        depth -= 1
+                        if depth == 0:
+                            end = pos
+                            break
+                    else:
+                        if group == 3:
+                            mode = _STRING
+                        break
+                if end < 0:
+                    continue
+            elif mode == _STRING:
+                e = data.find(b'"', pos)
+                if e < 0:
+                    e = n
+                if data.find(b"\\", pos, e) >= 0:  # escapes: the quote at e may be escaped
+                    m = _STRING_REST.match(data, pos)
+                    assert m is not None  # the pattern matches the empty string
+                    e = m.end()
+                if e == n:
+                    pos = n
+                    continue
+                if data[e] == _BACKSLASH:  # a lone backslash ending the chunk
+                    escape = True
+                    pos = n
+                    continue
+                pos = e + 1  # past the closing quote
+                if depth > 0:
+                    mode = _CONTAINER
+                    continue
+                end = pos
+            else:  # _BARE
+                m = _BARE_END.search(data, pos)
+                if m is None:
+                    pos = n
+                    continue
+                pos = end = m.start()
+
+            # The current message is complete: it is data[start:end], after buf.
+            mode = _IDLE
+            if discarding:
+                discarding = False  # its error was reported; resume normal operation
+            elif len(buf) + end - start > max_size:
+                out.append(SplitError(f"message exceeds the size limit of {max_size} bytes"))
+                buf.clear()
+            elif buf:
+                out.append(b"".join((buf, memoryview(data)[start:end])))
+                buf.clear()
+            else:
+                out.append(data[start:end])
+
+        if mode != _IDLE and not discarding:  # keep the incomplete message, within the limit
+            if len(buf) + n - start > max_size:
+                out.append(SplitError(f"message exceeds the size limit of {max_size} bytes"))
+                discarding = True
+                buf.clear()
+            else:
+                buf += memoryview(data)[start:]
+        self._mode = mode
+        self._depth = depth
+        self._discarding = discarding
+        self._escape = escape
+        return out

@@ -1,0 +1,31 @@
+"""Shared fixtures: a real daemon subprocess per test, on a socket in ``tmp_path``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from daemon import Daemon
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Factory: ``start_daemon(config_toml="", *extra_args, qmp=False)``; all are stopped
+    (SIGTERM) at the end of the test."""
+    started: list[Daemon] = []
+
+    def start(config: str = "", *args: str, qmp: bool = False) -> Daemon:
+        d = Daemon(tmp_path, config, *args, qmp=qmp)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
+    """A daemon with the embedded defaults."""
+    return start_daemon()

@@ -1,0 +1,141 @@
+"""Run the real daemon as a subprocess on a Unix socket in a temp dir, and talk to it raw."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Daemon:
+    """A ``python -m ramd`` subprocess. ``stop()`` sends SIGTERM and returns the exit code."""
+
+    def __init__(self, tmp: Path, config: str = "", *args: str, qmp: bool = False) -> None:
+        self.dir = tmp
+        self.path = tmp / "ramd.sock"
+        self.qmp_path: Path | None = tmp / "qmp.sock" if qmp else None
+        self.log = tmp / "ramd.log"
+        cmd = [sys.executable, "-m", "ramd", "--socket", str(self.path), "--log-level", "debug"]
+        if self.qmp_path is not None:
+            cmd += ["--qmp-socket", str(self.qmp_path)]
+        if config:
+            cfg = tmp / "ramd.toml"
+            cfg.write_text(config)
+            cmd += ["--config", str(cfg)]
+        cmd += list(args)
+        self._logf = open(self.log, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log_text()}")
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(self.path))
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"daemon not ready: {self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._logf.close()
+        return self.proc.returncode
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+class Raw:
+    """A blocking JSON-RPC connection that keeps events apart from responses."""
+
+    def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []
+        self.next_id = 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> dict[str, Any] | list[Any]:
+        """The next message (one line) from the daemon."""
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("daemon closed the connection")
+            self.buf += chunk
+        raw, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(raw)  # type: ignore[no-any-return]
+
+    def reply(self) -> Any:
+        """The next non-event message; events seen meanwhile go to ``self.events``."""
+        while True:
+            msg = self.line()
+            if isinstance(msg, dict) and "id" not in msg and "method" in msg:
+                self.events.append(msg)
+                continue
+            return msg
+
+    def request(self, method: str, params: Any = None, **kw: Any) -> dict[str, Any]:
+        """Send one request, return its whole response object."""
+        req: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": self.next_id}
+        self.next_id += 1
+        if params is not None or kw:
+            req["params"] = {**(params or {}), **kw}
+        self.send(json.dumps(req).encode())
+        resp = self.reply()
+        assert resp["id"] == req["id"], resp
+        return resp  # type: ignore[no-any-return]
+
+    def call(self, method: str, params: Any = None, **kw: Any) -> Any:
+        """The ``result`` of a request that must succeed."""
+        resp = self.request(method, params, **kw)
+        assert "result" in resp, resp
+        return resp["result"]
+
+    def error(self, method: str, params: Any = None, **kw: Any) -> dict[str, Any]:
+        """The ``error`` of a request that must fail."""
+        resp = self.request(method, params, **kw)
+        assert "error" in resp, resp
+        return resp["error"]  # type: ignore[no-any-return]
