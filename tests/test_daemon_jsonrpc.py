@@ -71,7 +71,8 @@ def test_resize_error_texts(rpc: Raw) -> None:
     assert err["message"] == "Size too large: r: 0x9000 > 0x8000: Invalid argument"
     assert err["data"] == {"class": "GenericError"}
     err = rpc.error("ram-block-resize", id="none", size=PAGE)
-    assert (err["message"], err["data"]["class"]) == ("RAM block 'none' not found", "DeviceNotFound")
+    assert err["message"] == "RAM block 'none' not found"
+    assert err["data"]["class"] == "DeviceNotFound"
 
 
 def test_grow_the_kernel_refuses_changes_nothing_and_emits_nothing(daemon: Daemon) -> None:

@@ -197,13 +197,9 @@ def test_socket_activation_serves_inherited_socket_and_leaves_it(tmp_path: Path)
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
     env.pop("RAMD_SOCKET", None)
     env["XDG_RUNTIME_DIR"] = str(tmp_path / "xdg")
-    proc = subprocess.Popen(
-        [
-            "systemd-socket-activate", "-l", str(path), "-E", "NOTIFY_SOCKET",
-            "-E", "XDG_RUNTIME_DIR", "--fdname=jsonrpc", *RAMD,
-        ],  # fmt: skip
-        env=env,
-    )
+    activate = ["systemd-socket-activate", "-l", str(path), "--fdname=jsonrpc"]
+    activate += ["-E", "NOTIFY_SOCKET", "-E", "XDG_RUNTIME_DIR"]
+    proc = subprocess.Popen([*activate, *RAMD], env=env)
     try:
         deadline = time.monotonic() + 10
         while not path.exists() and time.monotonic() < deadline:
