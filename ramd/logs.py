@@ -10,7 +10,8 @@ from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"ts", "level", "logger", "msg"}`` plus ``exc`` when there is a traceback."""
+    """``{"ts", "level", "logger", "msg"}``, the record's structured ``fields`` (passed as
+    ``extra={"fields": {...}}``) and ``exc`` when there is a traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -19,6 +20,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

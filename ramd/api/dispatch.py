@@ -8,6 +8,7 @@ and :class:`~ramd.errors.RamdError`. Anything else is an internal bug.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Awaitable
 from typing import Any
 
@@ -17,6 +18,8 @@ from pydantic_core import ErrorDetails
 from ramd.api.commands import COMMANDS, Command
 from ramd.api.service import Session
 from ramd.errors import RamdError
+
+log = logging.getLogger("ramd.requests")
 
 
 class CommandNotFound(Exception):
@@ -59,17 +62,44 @@ def lookup(session: Session, name: str) -> Command:
 
 
 def call(session: Session, name: str, params: dict[str, Any]) -> Any:
-    """Run command ``name``; returns JSON-ready data, or an awaitable of it."""
-    cmd = lookup(session, name)
+    """Run command ``name``; returns JSON-ready data, or an awaitable of it.
+
+    Every refusal is logged once, with the peer and the reason.
+    """
     try:
-        args = cmd.args.model_validate(params)
-    except ValidationError as e:
-        raise ArgumentError(e.errors(include_url=False, include_context=False)) from None
-    result = cmd.handler(session, args)
+        cmd = lookup(session, name)
+        try:
+            args = cmd.args.model_validate(params)
+        except ValidationError as e:
+            raise ArgumentError(e.errors(include_url=False, include_context=False)) from None
+        result = cmd.handler(session, args)
+    except (RamdError, ArgumentError, CommandNotFound) as e:
+        _log_refusal(session, name, e)
+        raise
     if inspect.isawaitable(result):
-        return _finish(result)
+        return _finish(session, name, result)
     return encode(result)
 
 
-async def _finish(pending: Awaitable[BaseModel]) -> Any:
-    return encode(await pending)
+async def _finish(session: Session, name: str, pending: Awaitable[BaseModel]) -> Any:
+    try:
+        return encode(await pending)
+    except RamdError as e:
+        _log_refusal(session, name, e)
+        raise
+
+
+def _log_refusal(session: Session, name: str, e: Exception) -> None:
+    if isinstance(e, RamdError):
+        why = f"{e.error_class}: {e.desc}"
+    elif isinstance(e, ArgumentError):
+        why = f"invalid arguments: {e.message()}"
+    else:
+        why = "unknown command"
+    log.info(
+        "refused %s from %s: %s",
+        name[:64],
+        session.peer,
+        why,
+        extra={"fields": {"event": "refused-request", "command": name[:64], "reason": why}},
+    )

@@ -70,6 +70,7 @@ class Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.dialect: Dialect | None = None
         self.peer = ""
+        self.fields: dict[str, object] = {}
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -78,15 +79,28 @@ class Connection(asyncio.Protocol):
         t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         pid, uid, gid = peer_credentials(t.get_extra_info("socket"))
         self.peer = f"pid={pid} uid={uid} gid={gid}"
+        self.fields = {"pid": pid, "uid": uid, "gid": gid}
         access, refusal = self.server.admit(self, uid, gid)
         session = Session(self.server.service, self, readonly=access == "readonly", peer=self.peer)
         self.dialect = self._factory(session)
+        self.fields["dialect"] = self.dialect.name
         if refusal is not None:
-            log.warning("refused connection %s: %s", self.peer, refusal)
+            log.warning(
+                "refused connection %s: %s",
+                self.peer,
+                refusal,
+                extra={"fields": {**self.fields, "event": "refused", "reason": refusal}},
+            )
             t.write(self.dialect.refusal(refusal))
             self._finish()
             return
-        log.info("accepted connection %s (%s, %s)", self.peer, self.dialect.name, access)
+        log.info(
+            "accepted connection %s (%s, %s)",
+            self.peer,
+            self.dialect.name,
+            access,
+            extra={"fields": {**self.fields, "event": "accepted", "access": access}},
+        )
         if hello := self.dialect.greeting():
             t.write(hello)
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -114,7 +128,9 @@ class Connection(asyncio.Protocol):
         self._out.clear()
         self.wake()
         self.server.forget(self)
-        log.info("closed connection %s", self.peer)
+        log.info(
+            "closed connection %s", self.peer, extra={"fields": {**self.fields, "event": "closed"}}
+        )
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -157,6 +173,7 @@ class Connection(asyncio.Protocol):
             "disconnecting slow subscriber %s: %d events queued (subscriber-queue)",
             self.peer,
             self._queued_events,
+            extra={"fields": {**self.fields, "event": "slow-subscriber"}},
         )
         self.server.lagged += 1
         self.closed = True

@@ -1,0 +1,483 @@
+"""ramd beside QEMU's own QMP server and a bare asyncio server, in one run, as one table.
+
+Rows (medians over repeats; clients are blocking Python sockets, like the issue's reference):
+- round trip p50/p99 on one connection: `query-ram-blocks` (empty daemon) and `query-version`
+  over ramd JSON-RPC and ramd QMP, `query-version` over QEMU QMP, and the asyncio echo floor;
+- requests/s over 8 connections (8 client processes), same servers;
+- `ram-block-resize` grow + shrink by 64 MiB, one round trip each;
+- one event's delivery to 1, 100 and 1,000 subscribers, measured from the moment the command's
+  response reached its sender until the last subscriber has read the event;
+- `ram-block-add` (+ del) with `max-size` 1 GiB, 64 GiB and 1 TiB;
+- prealloc bandwidth of `ram-block-add prealloc=true` vs `MADV_POPULATE_WRITE` from C;
+- daemon RSS idle and with 10,000 one-page blocks.
+
+Usage: python bench/compare.py [--quick] [--out bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited {proc.returncode}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{path} never accepted")
+
+
+def start_ramd(tmp: Path, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    cfg = tmp / "bench.toml"
+    cfg.write_text(
+        'log-level = "warning"\n[limits]\nmax-connections = 4000\nmax-blocks = 20000\n'
+        "subscriber-queue = 4096\n"
+    )
+    cmd = [sys.executable, "-m", "ramd", "--socket", str(tmp / "ramd.sock")]
+    cmd += ["--qmp-socket", str(tmp / "qmp.sock"), "--config", str(cfg), *(extra or [])]
+    proc = subprocess.Popen(cmd)
+    wait_socket(tmp / "ramd.sock", proc)
+    return proc
+
+
+def start_qemu(tmp: Path) -> subprocess.Popen[bytes] | None:
+    exe = shutil.which("qemu-system-x86_64")
+    if exe is None:
+        return None
+    path = tmp / "qemu.sock"
+    cmd = [exe, "-machine", "none", "-nodefaults", "-display", "none"]
+    cmd += ["-qmp", f"unix:{path},server=on,wait=off"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_socket(path, proc)
+    return proc
+
+
+def start_echo(tmp: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, str(HERE / "echo_server.py"), str(tmp / "echo.sock")])
+    wait_socket(tmp / "echo.sock", proc)
+    return proc
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# -- clients ------------------------------------------------------------------------------------
+
+
+class Conn:
+    """A blocking line-oriented connection speaking JSON-RPC or QMP."""
+
+    def __init__(self, path: Path, qmp: bool = False) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(str(path))
+        self.f = self.s.makefile("rb")
+        self.qmp = qmp
+        self.n = 0
+        if qmp:
+            self.f.readline()
+            self.send_raw(b'{"execute":"qmp_capabilities"}\n')
+            self.f.readline()
+
+    def send_raw(self, data: bytes) -> None:
+        self.s.sendall(data)
+
+    def request_bytes(self, method: str, params: dict[str, object] | None = None) -> bytes:
+        self.n += 1
+        if self.qmp:
+            msg: dict[str, object] = {"execute": method, "id": self.n}
+            if params:
+                msg["arguments"] = params
+        else:
+            msg = {"jsonrpc": "2.0", "method": method, "id": self.n}
+            if params:
+                msg["params"] = params
+        return json.dumps(msg).encode() + b"\n"
+
+    def reply(self) -> dict[str, object]:
+        while True:
+            msg = json.loads(self.f.readline())
+            if "id" in msg:
+                return msg  # type: ignore[no-any-return]
+
+    def call(self, method: str, params: dict[str, object] | None = None) -> dict[str, object]:
+        self.send_raw(self.request_bytes(method, params))
+        return self.reply()
+
+    def close(self) -> None:
+        self.f.close()
+        self.s.close()
+
+
+def round_trips(path: Path, qmp: bool, method: str, n: int) -> tuple[float, float]:
+    c = Conn(path, qmp)
+    req = c.request_bytes(method)
+    for _ in range(min(200, n)):
+        c.send_raw(req)
+        c.f.readline()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        c.send_raw(req)
+        c.f.readline()
+        times.append(time.perf_counter() - t0)
+    c.close()
+    times.sort()
+    return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
+
+
+def _worker(path: str, qmp: bool, method: str, seconds: float, start: float, q: mp.Queue) -> None:  # type: ignore[type-arg]
+    c = Conn(Path(path), qmp)
+    req = c.request_bytes(method)
+    while time.time() < start:
+        time.sleep(0.001)
+    end = start + seconds
+    count = 0
+    while time.time() < end:
+        c.send_raw(req)
+        c.f.readline()
+        count += 1
+    c.close()
+    q.put(count)
+
+
+def throughput(path: Path, qmp: bool, method: str, conns: int = 8, seconds: float = 3.0) -> float:
+    ctx = mp.get_context("fork")
+    q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    start = time.time() + 0.5
+    procs = [
+        ctx.Process(target=_worker, args=(str(path), qmp, method, seconds, start, q))
+        for _ in range(conns)
+    ]
+    for p in procs:
+        p.start()
+    total = sum(q.get() for _ in procs)
+    for p in procs:
+        p.join()
+    return total / seconds
+
+
+def median_time(fn: Callable[[], None], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fanout(path: Path, subscribers: int, repeat: int) -> float:
+    """Median ms from the command's response to the last subscriber's event."""
+    subs = []
+    sel = selectors.DefaultSelector()
+    for _ in range(subscribers):
+        c = Conn(path)
+        c.call("subscribe", {"replay": False})
+        c.s.setblocking(False)
+        sel.register(c.s, selectors.EVENT_READ, c)
+        subs.append(c)
+    trig = Conn(path)
+    trig.call("ram-block-add", {"id": "fan", "size": 4096, "max-size": MiB})
+    for c in subs:  # drain the ADDED event
+        _read_event(c)
+    results = []
+    for i in range(repeat):
+        trig.send_raw(
+            trig.request_bytes("ram-block-resize", {"id": "fan", "size": 8192 * (1 + i % 2)})
+        )
+        trig.reply()
+        t_resp = time.perf_counter()
+        pending = set(subs)
+        while pending:
+            for key, _ in sel.select(5):
+                c = key.data
+                if c in pending and _read_event(c):
+                    pending.discard(c)
+        results.append((time.perf_counter() - t_resp) * 1e3)
+    trig.call("ram-block-del", {"id": "fan"})
+    for c in subs:
+        sel.unregister(c.s)
+        c.s.close()
+    trig.close()
+    return statistics.median(results)
+
+
+def _read_event(c: Conn) -> bool:
+    c.s.setblocking(True)
+    line = c.f.readline()
+    c.s.setblocking(False)
+    return b"RAM_BLOCK" in line
+
+
+def add_time(path: Path, max_size: int, repeat: int) -> float:
+    c = Conn(path)
+
+    def once() -> None:
+        c.call("ram-block-add", {"id": "t", "size": 64 * MiB, "max-size": max_size})
+        c.call("ram-block-del", {"id": "t"})
+
+    t = median_time(once, repeat)
+    c.close()
+    return t * 1e6
+
+
+def resize_time(path: Path, repeat: int) -> tuple[float, float]:
+    c = Conn(path)
+    c.call("ram-block-add", {"id": "rs", "size": 64 * MiB, "max-size": GiB})
+    grow, shrink = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        c.call("ram-block-resize", {"id": "rs", "size": 128 * MiB})
+        t1 = time.perf_counter()
+        c.call("ram-block-resize", {"id": "rs", "size": 64 * MiB})
+        t2 = time.perf_counter()
+        grow.append(t1 - t0)
+        shrink.append(t2 - t1)
+    c.call("ram-block-del", {"id": "rs"})
+    c.close()
+    return statistics.median(grow) * 1e6, statistics.median(shrink) * 1e6
+
+
+def prealloc_bw(path: Path, size: int, hugepages: bool, repeat: int) -> float:
+    c = Conn(path)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        r = c.call(
+            "ram-block-add", {"id": "pa", "size": size, "prealloc": True, "hugepages": hugepages}
+        )
+        times.append(time.perf_counter() - t0)
+        assert "result" in r, r
+        c.call("ram-block-del", {"id": "pa"})
+    c.close()
+    return size / statistics.median(times) / GiB
+
+
+def c_populate_bw(size: int, hugepages: bool, repeat: int) -> float | None:
+    """GiB/s of MADV_POPULATE_WRITE from C (compiled now), or None without gcc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        return None
+    src = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include <time.h>
+int main(int argc, char **argv) {
+    size_t size = strtoull(argv[1], 0, 10); int huge = atoi(argv[2]);
+    size_t align = 2 << 20;
+    char *raw = mmap(0, size + align, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+    char *p = (char *)(((uintptr_t)raw + align - 1) & ~(align - 1));
+    if (huge) madvise(p, size, 14);
+    struct timespec a, b; clock_gettime(CLOCK_MONOTONIC, &a);
+    if (madvise(p, size, 23)) { perror("madvise"); return 1; }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%.9f\n", (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9);
+    return 0;
+}
+"""
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "p.c").write_text(src)
+        exe = Path(d) / "p"
+        subprocess.run([gcc, "-O2", "-o", str(exe), str(Path(d) / "p.c")], check=True)
+        times = [
+            float(
+                subprocess.run(
+                    [str(exe), str(size), str(int(hugepages))],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            for _ in range(repeat)
+        ]
+    return size / statistics.median(times) / GiB
+
+
+def rss_with_blocks(path: Path, pid: int, count: int) -> tuple[int, int]:
+    """(idle RSS, RSS with ``count`` one-page blocks)."""
+    idle = rss(pid)
+    c = Conn(path)
+    batch = 500
+    for start in range(0, count, batch):
+        reqs = [
+            {
+                "jsonrpc": "2.0",
+                "method": "ram-block-add",
+                "params": {"id": f"b{i}", "size": 4096},
+                "id": i,
+            }
+            for i in range(start, min(count, start + batch))
+        ]
+        c.send_raw(json.dumps(reqs).encode() + b"\n")
+        c.f.readline()
+    full = rss(pid)
+    for start in range(0, count, batch):
+        reqs = [
+            {"jsonrpc": "2.0", "method": "ram-block-del", "params": {"id": f"b{i}"}, "id": i}
+            for i in range(start, min(count, start + batch))
+        ]
+        c.send_raw(json.dumps(reqs).encode() + b"\n")
+        c.f.readline()
+    c.close()
+    return idle, full
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    ns = ap.parse_args()
+    n_rt = 500 if ns.quick else 5000
+    secs = 1.0 if ns.quick else 3.0
+    rep = 5 if ns.quick else 30
+    rows: list[tuple[str, str]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="ramd-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        ramd = start_ramd(tmp)
+        procs.append(ramd)
+        idle_rss = rss(ramd.pid)
+        qemu = start_qemu(tmp)
+        if qemu is not None:
+            procs.append(qemu)
+        procs.append(start_echo(tmp))
+        qmp_ok = (tmp / "qmp.sock").exists()
+
+        def fmt_rt(v: tuple[float, float]) -> str:
+            return f"{v[0]:.0f} / {v[1]:.0f} µs"
+
+        rt = {}
+        rt["ramd JSON-RPC query-ram-blocks"] = round_trips(
+            tmp / "ramd.sock", False, "query-ram-blocks", n_rt
+        )
+        rt["ramd JSON-RPC query-version"] = round_trips(
+            tmp / "ramd.sock", False, "query-version", n_rt
+        )
+        if qmp_ok:
+            rt["ramd QMP query-ram-blocks"] = round_trips(
+                tmp / "qmp.sock", True, "query-ram-blocks", n_rt
+            )
+            rt["ramd QMP query-version"] = round_trips(
+                tmp / "qmp.sock", True, "query-version", n_rt
+            )
+        if qemu is not None:
+            rt["QEMU QMP query-version"] = round_trips(
+                tmp / "qemu.sock", True, "query-version", n_rt
+            )
+        rt["asyncio echo floor"] = round_trips(tmp / "echo.sock", False, "echo", n_rt)
+        qemu_rt = rt.get("QEMU QMP query-version", (0.0, 0.0))[0]
+        for name, v in rt.items():
+            ratio = f" ({v[0] / qemu_rt:.2f}x QEMU)" if qemu_rt and "QEMU" not in name else ""
+            rows.append((f"round trip p50 / p99: {name}", fmt_rt(v) + ratio))
+
+        tp = {}
+        tp["ramd JSON-RPC query-version"] = throughput(
+            tmp / "ramd.sock", False, "query-version", 8, secs
+        )
+        if qmp_ok:
+            tp["ramd QMP query-version"] = throughput(
+                tmp / "qmp.sock", True, "query-version", 8, secs
+            )
+        if qemu is not None:
+            tp["QEMU QMP query-version"] = throughput(
+                tmp / "qemu.sock", True, "query-version", 8, secs
+            )
+        tp["asyncio echo floor"] = throughput(tmp / "echo.sock", False, "echo", 8, secs)
+        qemu_tp = tp.get("QEMU QMP query-version", 0.0)
+        for name, v in tp.items():
+            ratio = f" ({v / qemu_tp:.2f}x QEMU)" if qemu_tp and "QEMU" not in name else ""
+            rows.append((f"requests/s over 8 connections: {name}", f"{v:,.0f}{ratio}"))
+        if qemu is None:
+            rows.append(("QEMU QMP", "n/a: qemu-system-x86_64 not installed"))
+
+        g, s = resize_time(tmp / "ramd.sock", rep)
+        rows.append(("ram-block-resize +64 MiB / -64 MiB round trip", f"{g:.0f} / {s:.0f} µs"))
+        for k in (1, 100, 1000):
+            ms = fanout(tmp / "ramd.sock", k, max(3, rep // 3))
+            rows.append((f"event delivery to {k} subscriber(s) after the response", f"{ms:.2f} ms"))
+        adds = {
+            label: add_time(tmp / "ramd.sock", size, rep)
+            for label, size in (("1 GiB", GiB), ("64 GiB", 64 * GiB), ("1 TiB", 1 << 40))
+        }
+        for label, v in adds.items():
+            rows.append((f"ram-block-add + del, max-size {label}", f"{v:.0f} µs"))
+        rows.append(("add time ratio 1 TiB / 1 GiB", f"{adds['1 TiB'] / adds['1 GiB']:.2f}"))
+        size = (256 * MiB) if ns.quick else GiB
+        prep = 3 if ns.quick else 5
+        for huge in (False, True):
+            ours = prealloc_bw(tmp / "ramd.sock", size, huge, prep)
+            theirs = c_populate_bw(size, huge, prep)
+            label = "THP" if huge else "4 KiB pages"
+            ref = f"{theirs:.2f} GiB/s, ratio {ours / theirs:.2f}" if theirs else "n/a (no gcc)"
+            rows.append(
+                (
+                    f"prealloc {size // MiB} MiB ({label}): ramd vs C MADV_POPULATE_WRITE",
+                    f"{ours:.2f} GiB/s vs {ref}",
+                )
+            )
+        idle2, full = rss_with_blocks(tmp / "ramd.sock", ramd.pid, 10_000)
+        rows.append(("daemon RSS idle (at start)", f"{idle_rss / MiB:.1f} MiB"))
+        rows.append(
+            (
+                "daemon RSS with 10,000 blocks",
+                f"{full / MiB:.1f} MiB ({(full - idle2) / 10_000:.0f} B per block)",
+            )
+        )
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(20)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    header = (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; Linux {platform.release()}; "
+        f"{os.cpu_count()} CPUs; Python {platform.python_version()}; command: bench/run"
+        + (" --quick" if ns.quick else "")
+    )
+    width = max(len(r[0]) for r in rows)
+    lines = [f"| {'measure':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {a:<{width}} | {b} |" for a, b in rows]
+    table = "\n".join(lines)
+    print(header)
+    print(table)
+    ns.out.write_text(f"# ramd benchmark results\n\n{header}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
