@@ -10,6 +10,7 @@ construction. Adding a command is one model plus one handler here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import base64
 import binascii
 import time
@@ -193,7 +194,8 @@ def ram_block_read(session: Session, args: m.RamBlockReadArgs) -> m.ReadResult:
 @command("ram-block-write", m.RamBlockWriteArgs, m.WriteResult)
 def ram_block_write(session: Session, args: m.RamBlockWriteArgs) -> m.WriteResult:
     """Write base64 ``data`` at ``offset`` of the used range."""
-    _check_io(session.service, len(args.data) // 4 * 3)
+    # Decoded length: 3 bytes per 4 characters, less the "=" padding of the last group.
+    _check_io(session.service, len(args.data) // 4 * 3 - args.data[-2:].count("="))
     try:
         data = base64.b64decode(args.data, validate=True)
     except (binascii.Error, ValueError):
@@ -246,6 +248,7 @@ def query_stats(session: Session, args: m.NoArgs) -> m.StatsResult:
     )
 
 
+@functools.cache
 def version_triple() -> m.VersionTriple:
     major, minor, micro = (int(x) for x in ramd.__version__.split(".")[:3])
     return m.VersionTriple(major=major, minor=minor, micro=micro)
