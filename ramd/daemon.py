@@ -15,11 +15,12 @@ from ramd.config import Config, ConfigError, default_socket_path
 from ramd.errors import RamdError
 from ramd.transport.connection import DialectFactory
 from ramd.transport.jsonrpc import JsonRpcDialect
+from ramd.transport.qmp import QmpDialect
 from ramd.transport.server import Listener, Server
 
 log = logging.getLogger("ramd")
 
-DIALECTS: dict[str, DialectFactory] = {"jsonrpc": JsonRpcDialect}
+DIALECTS: dict[str, DialectFactory] = {"jsonrpc": JsonRpcDialect, "qmp": QmpDialect}
 
 
 class _NoSink:

@@ -35,17 +35,20 @@ class Daemon:
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 15.0) -> None:
+        """Until every socket of the daemon accepts connections."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log_text()}")
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(self.path))
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"daemon not ready: {self.log_text()}")
+        for path in (self.path, self.qmp_path):
+            while path is not None:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log_text()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon not ready: {self.log_text()}")
+                try:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(str(path))
+                    break
+                except OSError:
+                    time.sleep(0.02)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

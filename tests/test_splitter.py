@@ -11,7 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ramd.transport.splitter import JsonSplitter, SplitError
+from ramd.transport.splitter import (
+    JsonSplitter,
+    SplitError,
+    depth_error,
+    size_error,
+    stray_error,
+)
 
 Item = bytes | SplitError
 
@@ -109,9 +115,7 @@ def test_long_and_short_strings(length: int, escapes: bytes) -> None:
 @pytest.mark.parametrize("max_depth", [1, 3, 4, 5, 8])
 def test_depths_around_the_limit(depth: int, max_depth: int) -> None:
     msg = b'{"a": ' * depth + b'"}"' + b"}" * depth
-    expected = (
-        [msg] if depth <= max_depth else [SplitError(f"message nested deeper than {max_depth}")]
-    )
+    expected = [msg] if depth <= max_depth else [depth_error(max_depth)]
     assert split(msg + b" 5 ", max_depth=max_depth) == [*expected, b"5"]
     assert feed_all(JsonSplitter(max_depth=max_depth), [*bytewise(msg), b" 5 "]) == [
         *expected,
@@ -181,18 +185,18 @@ def test_scalar_at_end_of_data_waits() -> None:
 
 
 def test_scalar_ended_by_closer() -> None:
-    assert split(b"12]") == [b"12", SplitError("unexpected ']'")]
+    assert split(b"12]") == [b"12", stray_error(ord("]"))]
 
 
 def test_stray_closers() -> None:
     s = JsonSplitter()
     assert s.feed(b'}{"a": 1}]\n]  [1]}') == [
-        SplitError("unexpected '}'"),
+        stray_error(ord("}")),
         b'{"a": 1}',
-        SplitError("unexpected ']'"),
-        SplitError("unexpected ']'"),
+        stray_error(ord("]")),
+        stray_error(ord("]")),
         b"[1]",
-        SplitError("unexpected '}'"),
+        stray_error(ord("}")),
     ]
     assert s.pending() == 0
 
@@ -217,7 +221,7 @@ def test_exact_limits_are_accepted() -> None:
 def test_too_large_message_in_one_feed() -> None:
     big = b'{"a": "' + b"x" * 200 + b'"}'
     out = split(big + b'\n{"next": 1}', max_size=100)
-    assert out == [SplitError("message exceeds the size limit of 100 bytes"), b'{"next": 1}']
+    assert out == [size_error(100), b'{"next": 1}']
 
 
 def test_too_large_message_streamed_in_chunks() -> None:
@@ -230,7 +234,7 @@ def test_too_large_message_streamed_in_chunks() -> None:
     for chunk in chunks:
         out += s.feed(chunk)
         assert s.pending() <= limit
-    assert out == [SplitError("message exceeds the size limit of 1000 bytes"), b'{"next": [1]}']
+    assert out == [size_error(1000), b'{"next": [1]}']
     assert s.pending() == 0
 
 
@@ -244,7 +248,7 @@ def test_too_large_top_level_scalars() -> None:
 
 def test_too_deep_message() -> None:
     out = split(b"[" * 1025 + b"]" * 1025 + b'{"next": 1}')
-    assert out == [SplitError("message nested deeper than 1024"), b'{"next": 1}']
+    assert out == [depth_error(1024), b'{"next": 1}']
 
 
 def test_too_deep_message_streamed_in_chunks() -> None:
@@ -253,13 +257,13 @@ def test_too_deep_message_streamed_in_chunks() -> None:
     for chunk in [b'{"a": '] + [b'[{"b": '] * 10_000 + [b"0}]"] * 10_000 + [b'}\n[["ok"]]']:
         out += s.feed(chunk)
         assert s.pending() <= 64  # nothing stored after the error
-    assert out == [SplitError("message nested deeper than 8"), b'[["ok"]]']
+    assert out == [depth_error(8), b'[["ok"]]']
     assert s.pending() == 0
 
 
 def test_too_deep_and_too_large_gets_one_error() -> None:
     out = split(b"[" * 50 + b"0" * 500 + b"]" * 50 + b" 1 ", max_size=100, max_depth=10)
-    assert out == [SplitError("message nested deeper than 10"), b"1"]
+    assert out == [depth_error(10), b"1"]
 
 
 def test_invalid_utf8() -> None:
@@ -267,7 +271,7 @@ def test_invalid_utf8() -> None:
     assert split(inside) == [inside]
     # Garbage at top level is a token of its own (the caller fails to parse it), then resync.
     assert split(b'\xff\xff{"b": 1}\xc3\x28 2 ') == [b"\xff\xff", b'{"b": 1}', b"\xc3\x28", b"2"]
-    assert split(b"\x00\xff}") == [b"\x00\xff", SplitError("unexpected '}'")]
+    assert split(b"\x00\xff}") == [b"\x00\xff", stray_error(ord("}"))]
 
 
 def test_empty_feed() -> None:
@@ -302,7 +306,7 @@ def reference(data: bytes, max_size: int, max_depth: int) -> tuple[list[Item | s
             i += 1
             continue
         if c in closers:
-            items.append(SplitError(f"unexpected '{chr(c)}'"))
+            items.append(stray_error(c))
             i += 1
             continue
         start, depth, deepest, in_string, escape, done = i, 0, 0, False, False, False

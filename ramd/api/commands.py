@@ -10,9 +10,9 @@ construction. Adding a command is one model plus one handler here.
 from __future__ import annotations
 
 import asyncio
-import functools
 import base64
 import binascii
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass

@@ -97,11 +97,24 @@ def _no_fast_path(data: bytes, pos: int) -> None:
 class SplitError:
     """A place in the stream where no JSON text could be delimited.
 
-    ``reason`` is human text for the error response: a stray closer (``"unexpected '}'"``), or
-    a message over the size or nesting limit (whose text was dropped).
+    ``kind`` says which: ``"stray"`` (a closer outside any text), ``"size"`` or ``"depth"`` (a
+    message over a limit, whose text was dropped); ``reason`` is human text for the response.
     """
 
+    kind: str
     reason: str
+
+
+def stray_error(closer: int) -> SplitError:
+    return SplitError("stray", f"unexpected '{chr(closer)}'")
+
+
+def size_error(limit: int) -> SplitError:
+    return SplitError("size", f"message exceeds the size limit of {limit} bytes")
+
+
+def depth_error(limit: int) -> SplitError:
+    return SplitError("depth", f"message nested deeper than {limit}")
 
 
 class JsonSplitter:
@@ -201,7 +214,7 @@ class JsonSplitter:
                     mode = _STRING
                     continue
                 elif c in _CLOSERS:
-                    out.append(SplitError(f"unexpected '{chr(c)}'"))
+                    out.append(stray_error(c))
                     continue
                 else:
                     mode = _BARE
@@ -215,7 +228,7 @@ class JsonSplitter:
                     if group == 1:
                         depth += 1
                         if depth > max_depth and not discarding:
-                            out.append(SplitError(f"message nested deeper than {max_depth}"))
+                            out.append(depth_error(max_depth))
                             discarding = True
                             buf.clear()
                     elif group == 2:
@@ -261,7 +274,7 @@ class JsonSplitter:
             if discarding:
                 discarding = False  # its error was reported; resume normal operation
             elif len(buf) + end - start > max_size:
-                out.append(SplitError(f"message exceeds the size limit of {max_size} bytes"))
+                out.append(size_error(max_size))
                 buf.clear()
             elif buf:
                 out.append(b"".join((buf, memoryview(data)[start:end])))
@@ -271,7 +284,7 @@ class JsonSplitter:
 
         if mode != _IDLE and not discarding:  # keep the incomplete message, within the limit
             if len(buf) + n - start > max_size:
-                out.append(SplitError(f"message exceeds the size limit of {max_size} bytes"))
+                out.append(size_error(max_size))
                 discarding = True
                 buf.clear()
             else:
