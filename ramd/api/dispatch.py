@@ -64,7 +64,8 @@ def lookup(session: Session, name: str) -> Command:
 def call(session: Session, name: str, params: dict[str, Any]) -> Any:
     """Run command ``name``; returns JSON-ready data, or an awaitable of it.
 
-    Every refusal is logged once, with the peer and the reason.
+    Every refusal of a peer's request is logged once, with the peer and the reason (the
+    daemon's own start-up session has no peer: its failures are reported by the caller).
     """
     try:
         cmd = lookup(session, name)
@@ -90,6 +91,8 @@ async def _finish(session: Session, name: str, pending: Awaitable[BaseModel]) ->
 
 
 def _log_refusal(session: Session, name: str, e: Exception) -> None:
+    if not session.peer:
+        return
     if isinstance(e, RamdError):
         why = f"{e.error_class}: {e.desc}"
     elif isinstance(e, ArgumentError):
