@@ -1,0 +1,129 @@
+"""The JSON-RPC 2.0 messages of ramd's wire protocol, as plain data. No I/O here.
+
+Requests go out as one compact JSON text followed by ``\\n``; the daemon answers with one
+compact JSON text per line (protocol §1), so incoming messages are split on newlines and
+decoded by :func:`decode`, which sorts each into a :class:`Response`, an :class:`ErrorReply` or
+a :class:`Notification` (an event), and refuses anything else with
+:class:`~ramd_client.error.ProtocolError`.
+
+Both the asynchronous protocol and anything else that speaks to the daemon (tests, a
+blocking implementation) share these functions, so the wire format lives in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ramd_client.error import CLASS_OF_CODE, ProtocolError, RamdError
+
+__all__ = [
+    "ErrorReply",
+    "Message",
+    "Notification",
+    "Response",
+    "decode",
+    "encode_request",
+    "refusal",
+    "request",
+]
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A successful answer: ``result`` of request ``id``."""
+
+    id: int | str | None
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """An error answer of request ``id`` (None: not tied to a request, e.g. a refused
+    connection or a parse error)."""
+
+    id: int | str | None
+    code: int
+    message: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A message without ``id``: an event, ``method`` its name, ``params`` its envelope."""
+
+    method: str
+    params: dict[str, Any]
+
+
+Message = Response | ErrorReply | Notification
+
+
+def request(method: str, params: Mapping[str, Any], req_id: int) -> dict[str, Any]:
+    """The request object of ``method`` (``params`` omitted when empty, meaning ``{}``)."""
+    obj: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": req_id}
+    if params:
+        obj["params"] = dict(params)
+    return obj
+
+
+def encode_request(obj: Mapping[str, Any]) -> bytes:
+    """The wire form of a request object: compact JSON and a newline."""
+    return (_encode(obj) + "\n").encode()
+
+
+def decode(line: bytes) -> tuple[Message, dict[str, Any]]:
+    """Parse one line from the daemon: the message and the raw decoded object.
+
+    Raises :class:`ProtocolError` when the line is not a JSON-RPC 2.0 response or
+    notification (a batch answer is never expected: this client sends no batches).
+    """
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(f"malformed message from the daemon: {e}") from None
+    if type(obj) is not dict:
+        raise ProtocolError(f"unexpected message from the daemon: {_preview(line)}")
+    if "QMP" in obj:
+        raise ProtocolError(
+            "the peer greets in QMP: this is a QMP socket, connect to the JSON-RPC one"
+        )
+    if obj.get("jsonrpc") != "2.0":
+        raise ProtocolError(f"not a JSON-RPC 2.0 message: {_preview(line)}")
+    if "id" not in obj:
+        method, params = obj.get("method"), obj.get("params", {})
+        if type(method) is not str or type(params) is not dict:
+            raise ProtocolError(f"malformed notification: {_preview(line)}")
+        return Notification(method, params), obj
+    req_id = obj["id"]
+    if "result" in obj:
+        return Response(req_id, obj["result"]), obj
+    err = obj.get("error")
+    if type(err) is dict and type(err.get("code")) is int and type(err.get("message")) is str:
+        return ErrorReply(req_id, err["code"], err["message"], err.get("data")), obj
+    raise ProtocolError(f"malformed response: {_preview(line)}")
+
+
+def refusal(reply: ErrorReply) -> RamdError:
+    """The :class:`RamdError` of an error answer.
+
+    The class is ``data.class`` for a command failure (-32000) and the QMP class of the
+    JSON-RPC code otherwise (see :data:`~ramd_client.error.CLASS_OF_CODE`).
+    """
+    data = reply.data
+    error_class: str | None = None
+    if isinstance(data, dict):
+        cls = data.get("class")
+        error_class = cls if isinstance(cls, str) else None
+    if error_class is None:
+        error_class = CLASS_OF_CODE.get(reply.code, "GenericError")
+    return RamdError(error_class, reply.message, reply.code, data)
+
+
+def _preview(line: bytes, limit: int = 200) -> str:
+    text = line[:limit].decode("utf-8", "replace").rstrip()
+    return text + ("..." if len(line) > limit else "")
