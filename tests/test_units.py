@@ -94,3 +94,11 @@ def test_example_block_parses_when_uncommented() -> None:
     assert block["id"] == "ram0"
     assert parse_size(block["size"]) == 64 << 20
     assert parse_size(block["max-size"]) == 1 << 30
+
+
+def test_example_config_states_the_embedded_defaults() -> None:
+    from ramd.config import Config, parse_config
+
+    with open(UNIT_DIR / "ramd.toml", "rb") as f:
+        example = parse_config(tomllib.load(f))
+    assert example.model_dump(exclude={"socket"}) == Config().model_dump(exclude={"socket"})
