@@ -137,3 +137,15 @@ def test_impossible_populate_fails_with_enomem_and_keeps_the_reservation() -> No
         ]
     finally:
         mmap_free(ptr, max_size)
+
+
+def test_mlock_and_munlock_set_and_clear_the_locked_flag() -> None:
+    ptr = mmap_alloc(4 * PAGE, 4 * PAGE, PAGE)
+    try:
+        libc.mlock(ptr, 4 * PAGE)
+        assert "lo" in covering(ptr, ptr + 4 * PAGE)[0].flags
+        assert libc.mincore_resident(ptr, 4 * PAGE) == 4
+        libc.munlock(ptr, 4 * PAGE)
+        assert "lo" not in covering(ptr, ptr + 4 * PAGE)[0].flags
+    finally:
+        mmap_free(ptr, 4 * PAGE)

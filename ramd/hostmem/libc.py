@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap as _mmap
 import os
 
@@ -45,7 +46,6 @@ def _int_fn(name: str, *argtypes: type) -> ctypes._CFuncPtr:  # type: ignore[nam
 
 
 _munmap = _int_fn("munmap", ctypes.c_void_p, ctypes.c_size_t)
-_mprotect = _int_fn("mprotect", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _madvise = _int_fn("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _mincore = _int_fn("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 _mlock = _int_fn("mlock", ctypes.c_void_p, ctypes.c_size_t)
@@ -57,13 +57,27 @@ def _raise(call: str) -> None:
     raise OSError(err, f"{call}: {os.strerror(err)}")
 
 
+#: The largest address or length a C ``size_t`` holds. ctypes silently keeps only the low
+#: bits of a larger Python int, so a span past it would reach the kernel wrapped around (a
+#: huge reservation turned into a page or two): such spans are refused here instead.
+_SPAN_MAX = (1 << (8 * ctypes.sizeof(ctypes.c_size_t))) - 1
+
+
+def _check_span(call: str, addr: int, length: int, err: int = errno.EINVAL) -> None:
+    """Raise ``OSError(err)`` unless ``[addr, addr+length)`` fits in the address type."""
+    if addr < 0 or length < 0 or addr + length > _SPAN_MAX:
+        raise OSError(err, f"{call}: {os.strerror(err)}")
+
+
 def host_page_size() -> int:
     """The host page size for anonymous memory."""
     return os.sysconf("SC_PAGESIZE")
 
 
 def mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
-    """``mmap(2)``; returns the address of the mapping."""
+    """``mmap(2)``; returns the address of the mapping. A span past the address type is
+    ENOMEM, as the kernel answers for a length beyond the address space."""
+    _check_span("mmap", addr, length, errno.ENOMEM)
     ptr = _mmap_fn(addr or None, length, prot, flags, fd, offset)
     if ptr is None or ptr == MAP_FAILED:
         _raise("mmap")
@@ -73,30 +87,28 @@ def mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: in
 
 def munmap(addr: int, length: int) -> None:
     """``munmap(2)``."""
+    _check_span("munmap", addr, length)
     if _munmap(addr, length) != 0:
         _raise("munmap")
 
 
-def mprotect(addr: int, length: int, prot: int) -> None:
-    """``mprotect(2)``."""
-    if _mprotect(addr, length, prot) != 0:
-        _raise("mprotect")
-
-
 def madvise(addr: int, length: int, advice: int) -> None:
     """``madvise(2)`` with a raw advice value."""
+    _check_span("madvise", addr, length)
     if _madvise(addr, length, advice) != 0:
         _raise("madvise")
 
 
 def mlock(addr: int, length: int) -> None:
     """``mlock(2)``."""
+    _check_span("mlock", addr, length)
     if _mlock(addr, length) != 0:
         _raise("mlock")
 
 
 def munlock(addr: int, length: int) -> None:
     """``munlock(2)``."""
+    _check_span("munlock", addr, length)
     if _munlock(addr, length) != 0:
         _raise("munlock")
 
@@ -111,6 +123,7 @@ def mincore_resident(addr: int, length: int) -> int:
     ``addr`` must be page-aligned. The range is walked in chunks, so the temporary vector
     never exceeds 256 KiB whatever the length.
     """
+    _check_span("mincore", addr, length)
     page = host_page_size()
     pages = (length + page - 1) // page
     vec = (ctypes.c_ubyte * min(pages, _MINCORE_CHUNK_PAGES))()

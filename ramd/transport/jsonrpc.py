@@ -23,13 +23,14 @@ from ramd.api.commands import COMMANDS
 from ramd.api.events import Event
 from ramd.api.service import Session
 from ramd.errors import RamdError
+from ramd.transport import jsontext
 from ramd.transport.dialect import Reply
 from ramd.transport.splitter import SplitError
 
 with warnings.catch_warnings():
     # jsonrpcserver 5.0.9 reads its bundled schema with a deprecated importlib API.
     warnings.filterwarnings("ignore", category=DeprecationWarning, message="read_text")
-    from jsonrpcserver import Error, InvalidParams, Success
+    from jsonrpcserver import Error, Success
     from jsonrpcserver.dispatcher import dispatch_to_response_pure
     from jsonrpcserver.response import ErrorResponse, SuccessResponse
     from jsonrpcserver.sentinels import NODATA
@@ -96,9 +97,9 @@ def _method(name: str) -> Callable[..., Any]:
     dispatcher is synchronous) and returns a placeholder result.
     """
 
-    def method(dialect: JsonRpcDialect, *positional: Any, **params: Any) -> Any:
-        if positional:
-            return InvalidParams("params must be an object (by-name), not an array")
+    # ``dialect`` is positional-only, so a client parameter of that name lands in ``params``
+    # (and is refused by name like any other unknown member). Array params never get here.
+    def method(dialect: JsonRpcDialect, /, **params: Any) -> Any:
         try:
             result = dispatch.call(dialect.session, name, params)
         except dispatch.ArgumentError as e:
@@ -171,7 +172,7 @@ class JsonRpcDialect:
 
     def handle(self, message: bytes) -> Reply | Awaitable[Reply]:
         try:
-            obj = json.loads(message)
+            obj = jsontext.loads(message)
         except (ValueError, RecursionError) as e:
             return _line(_error(PARSE_ERROR, "Parse error", None, str(e)))
         if type(obj) is not list:
@@ -219,6 +220,10 @@ class JsonRpcDialect:
             validate_request(obj)
         except InvalidRequest:
             return _error(INVALID_REQUEST, "Invalid request", None, "not a JSON-RPC 2.0 request")
+        if type(obj.get("params")) is list and obj["method"] in _METHODS:
+            if "id" not in obj:
+                return None
+            return _error(INVALID_PARAMS, "Invalid params", obj["id"], _BY_NAME)
         self.deferred = None
         response = dispatch_to_response_pure(
             deserializer=_identity,
@@ -249,3 +254,6 @@ class JsonRpcDialect:
 
 def _identity(x: Any) -> Any:
     return x
+
+
+_BY_NAME = "params must be an object (by-name), not an array"

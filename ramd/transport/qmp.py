@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 from collections.abc import Awaitable
 from typing import Any
 
@@ -37,6 +36,7 @@ from ramd.api.events import Event
 from ramd.api.models import Args
 from ramd.api.service import Session
 from ramd.errors import RamdError
+from ramd.transport import jsontext
 from ramd.transport.dialect import Reply
 from ramd.transport.splitter import SplitError
 
@@ -95,22 +95,11 @@ def _greeting() -> bytes:
 _GREETING = _greeting()
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"invalid keyword '{name}'")
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number out of range '{text}'")
-    return value
-
-
 def parse(message: bytes) -> Any:
     """One JSON text as Python data, strictly (no NaN, no Infinity, no float overflow, which
     would not encode back). ``ValueError`` carries QEMU's wording: ``JSON parse error, ...``."""
     try:
-        return json.loads(message, parse_constant=_reject_constant, parse_float=_parse_float)
+        return jsontext.loads(message)
     except RecursionError:
         raise ValueError("JSON nesting depth limit exceeded") from None
     except ValueError as e:
