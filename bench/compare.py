@@ -55,6 +55,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) 
 
 
 def start_ramd(tmp: Path, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    tmp.mkdir(exist_ok=True)
     cfg = tmp / "bench.toml"
     cfg.write_text(
         'log-level = "warning"\n[limits]\nmax-connections = 4000\nmax-blocks = 20000\n'
@@ -140,21 +141,36 @@ class Conn:
         self.s.close()
 
 
-def round_trips(path: Path, qmp: bool, method: str, n: int) -> tuple[float, float]:
-    c = Conn(path, qmp)
-    req = c.request_bytes(method)
-    for _ in range(min(200, n)):
-        c.send_raw(req)
-        c.f.readline()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        c.send_raw(req)
-        c.f.readline()
-        times.append(time.perf_counter() - t0)
-    c.close()
-    times.sort()
-    return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
+Target = tuple[Path, bool, str]  # socket, speaks QMP, method
+
+
+def round_trips(
+    targets: dict[str, Target], n: int, rounds: int = 10
+) -> dict[str, tuple[float, float]]:
+    """p50/p99 µs of one request at a time on one connection per target. The targets take
+    turns in ``rounds`` slices, so a burst of noise on this shared machine hits them all."""
+    conns = {}
+    for label, (path, qmp, method) in targets.items():
+        c = Conn(path, qmp)
+        req = c.request_bytes(method)
+        for _ in range(200):
+            c.send_raw(req)
+            c.f.readline()
+        conns[label] = (c, req)
+    times: dict[str, list[float]] = {label: [] for label in targets}
+    for _ in range(rounds):
+        for label, (c, req) in conns.items():
+            for _ in range(n // rounds):
+                t0 = time.perf_counter()
+                c.send_raw(req)
+                c.f.readline()
+                times[label].append(time.perf_counter() - t0)
+    out = {}
+    for label, ts in times.items():
+        conns[label][0].close()
+        ts.sort()
+        out[label] = (ts[len(ts) // 2] * 1e6, ts[int(len(ts) * 0.99)] * 1e6)
+    return out
 
 
 def _worker(path: str, qmp: bool, method: str, seconds: float, start: float, q: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -172,10 +188,10 @@ def _worker(path: str, qmp: bool, method: str, seconds: float, start: float, q: 
     q.put(count)
 
 
-def throughput(path: Path, qmp: bool, method: str, conns: int = 8, seconds: float = 3.0) -> float:
+def _throughput(path: Path, qmp: bool, method: str, conns: int, seconds: float) -> int:
     ctx = mp.get_context("fork")
     q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    start = time.time() + 0.5
+    start = time.time() + 0.3
     procs = [
         ctx.Process(target=_worker, args=(str(path), qmp, method, seconds, start, q))
         for _ in range(conns)
@@ -185,7 +201,18 @@ def throughput(path: Path, qmp: bool, method: str, conns: int = 8, seconds: floa
     total = sum(q.get() for _ in procs)
     for p in procs:
         p.join()
-    return total / seconds
+    return total
+
+
+def throughput(
+    targets: dict[str, Target], seconds: float, conns: int = 8, rounds: int = 3
+) -> dict[str, float]:
+    """Requests/s over ``conns`` connections (one client process each), targets in turns."""
+    counts = dict.fromkeys(targets, 0)
+    for _ in range(rounds):
+        for label, (path, qmp, method) in targets.items():
+            counts[label] += _throughput(path, qmp, method, conns, seconds / rounds)
+    return {label: count / seconds for label, count in counts.items()}
 
 
 def median_time(fn: Callable[[], None], repeat: int) -> float:
@@ -269,7 +296,7 @@ def resize_time(path: Path, repeat: int) -> tuple[float, float]:
     return statistics.median(grow) * 1e6, statistics.median(shrink) * 1e6
 
 
-def prealloc_bw(path: Path, size: int, hugepages: bool, repeat: int) -> float:
+def prealloc_bw(path: Path, size: int, hugepages: bool, repeat: int) -> tuple[float, float]:
     """GiB/s of ``ram-block-add prealloc=true``. Each timed add follows an untimed one of the
     same size: this VM hands freed memory back to its host, and faulting such memory in is
     many times slower, so only back-to-back runs compare fairly (see bench/blocks.py)."""
@@ -287,10 +314,10 @@ def prealloc_bw(path: Path, size: int, hugepages: bool, repeat: int) -> float:
         assert "result" in r, r
         c.call("ram-block-del", {"id": "pa"})
     c.close()
-    return size / statistics.median(times) / GiB
+    return size / statistics.median(times) / GiB, size / min(times) / GiB
 
 
-def c_populate_bw(size: int, hugepages: bool, repeat: int) -> float | None:
+def c_populate_bw(size: int, hugepages: bool, repeat: int) -> tuple[float, float] | None:
     """GiB/s of MADV_POPULATE_WRITE from C (compiled now), or None without gcc; like
     :func:`prealloc_bw`, the timed populate follows an untimed one."""
     gcc = shutil.which("gcc")
@@ -334,7 +361,7 @@ int main(int argc, char **argv) {
             )
             for _ in range(repeat)
         ]
-    return size / statistics.median(times) / GiB
+    return size / statistics.median(times) / GiB, size / min(times) / GiB
 
 
 def rss_with_blocks(path: Path, pid: int, count: int) -> tuple[int, int]:
@@ -389,47 +416,42 @@ def main() -> None:
             procs.append(qemu)
         procs.append(start_echo(tmp))
         qmp_ok = (tmp / "qmp.sock").exists()
+        uv = tmp / "uv"
+        try:
+            import uvloop  # noqa: F401
+
+            procs.append(start_ramd(uv, ["--event-loop", "uvloop"]))
+        except ImportError:
+            rows.append(("ramd on uvloop", "n/a: uvloop not installed (extra 'fast')"))
+            uv = None  # type: ignore[assignment]
 
         def fmt_rt(v: tuple[float, float]) -> str:
             return f"{v[0]:.0f} / {v[1]:.0f} µs"
 
-        rt = {}
-        rt["ramd JSON-RPC query-ram-blocks"] = round_trips(
-            tmp / "ramd.sock", False, "query-ram-blocks", n_rt
-        )
-        rt["ramd JSON-RPC query-version"] = round_trips(
-            tmp / "ramd.sock", False, "query-version", n_rt
-        )
+        targets: dict[str, Target] = {
+            "ramd JSON-RPC query-ram-blocks": (tmp / "ramd.sock", False, "query-ram-blocks"),
+            "ramd JSON-RPC query-version": (tmp / "ramd.sock", False, "query-version"),
+        }
         if qmp_ok:
-            rt["ramd QMP query-ram-blocks"] = round_trips(
-                tmp / "qmp.sock", True, "query-ram-blocks", n_rt
+            targets["ramd QMP query-ram-blocks"] = (tmp / "qmp.sock", True, "query-ram-blocks")
+            targets["ramd QMP query-version"] = (tmp / "qmp.sock", True, "query-version")
+        if uv is not None:
+            targets["ramd JSON-RPC query-version, uvloop"] = (
+                uv / "ramd.sock",
+                False,
+                "query-version",
             )
-            rt["ramd QMP query-version"] = round_trips(
-                tmp / "qmp.sock", True, "query-version", n_rt
-            )
+            targets["ramd QMP query-version, uvloop"] = (uv / "qmp.sock", True, "query-version")
         if qemu is not None:
-            rt["QEMU QMP query-version"] = round_trips(
-                tmp / "qemu.sock", True, "query-version", n_rt
-            )
-        rt["asyncio echo floor"] = round_trips(tmp / "echo.sock", False, "echo", n_rt)
+            targets["QEMU QMP query-version"] = (tmp / "qemu.sock", True, "query-version")
+        targets["asyncio echo floor"] = (tmp / "echo.sock", False, "echo")
+        rt = round_trips(targets, n_rt)
         qemu_rt = rt.get("QEMU QMP query-version", (0.0, 0.0))[0]
         for name, v in rt.items():
             ratio = f" ({v[0] / qemu_rt:.2f}x QEMU)" if qemu_rt and "QEMU" not in name else ""
             rows.append((f"round trip p50 / p99: {name}", fmt_rt(v) + ratio))
 
-        tp = {}
-        tp["ramd JSON-RPC query-version"] = throughput(
-            tmp / "ramd.sock", False, "query-version", 8, secs
-        )
-        if qmp_ok:
-            tp["ramd QMP query-version"] = throughput(
-                tmp / "qmp.sock", True, "query-version", 8, secs
-            )
-        if qemu is not None:
-            tp["QEMU QMP query-version"] = throughput(
-                tmp / "qemu.sock", True, "query-version", 8, secs
-            )
-        tp["asyncio echo floor"] = throughput(tmp / "echo.sock", False, "echo", 8, secs)
+        tp = throughput({k: v for k, v in targets.items() if "query-ram-blocks" not in k}, 3 * secs)
         qemu_tp = tp.get("QEMU QMP query-version", 0.0)
         for name, v in tp.items():
             ratio = f" ({v / qemu_tp:.2f}x QEMU)" if qemu_tp and "QEMU" not in name else ""
@@ -450,16 +472,22 @@ def main() -> None:
             rows.append((f"ram-block-add + del, max-size {label}", f"{v:.0f} µs"))
         rows.append(("add time ratio 1 TiB / 1 GiB", f"{adds['1 TiB'] / adds['1 GiB']:.2f}"))
         size = (256 * MiB) if ns.quick else GiB
-        prep = 3 if ns.quick else 5
+        prep = 3 if ns.quick else 9
         for huge in (False, True):
             ours = prealloc_bw(tmp / "ramd.sock", size, huge, prep)
             theirs = c_populate_bw(size, huge, prep)
             label = "THP" if huge else "4 KiB pages"
-            ref = f"{theirs:.2f} GiB/s, ratio {ours / theirs:.2f}" if theirs else "n/a (no gcc)"
+            if theirs is None:
+                ref = "n/a (no gcc)"
+            else:
+                ref = (
+                    f"{theirs[0]:.2f} GiB/s; ratio {ours[0] / theirs[0]:.2f}"
+                    f" (best runs: {ours[1]:.2f} vs {theirs[1]:.2f}, {ours[1] / theirs[1]:.2f})"
+                )
             rows.append(
                 (
-                    f"prealloc {size // MiB} MiB ({label}): ramd vs C MADV_POPULATE_WRITE",
-                    f"{ours:.2f} GiB/s vs {ref}",
+                    f"prealloc {size // MiB} MiB ({label}), median: ramd vs C MADV_POPULATE_WRITE",
+                    f"{ours[0]:.2f} GiB/s vs {ref}",
                 )
             )
         idle2, full = rss_with_blocks(tmp / "ramd.sock", ramd.pid, 10_000)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import ramd
@@ -33,6 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument(
+        "--event-loop",
+        choices=["asyncio", "uvloop"],
+        help="event loop implementation (uvloop needs the 'fast' extra; default asyncio)",
+    )
     p.add_argument("--version", action="version", version=f"ramd {ramd.__version__}")
     return p.parse_args(argv)
 
@@ -46,10 +52,20 @@ def build_config(ns: argparse.Namespace) -> Config:
             "qmp_socket": ns.qmp_socket,
             "log_level": ns.log_level,
             "log_format": ns.log_format,
+            "event_loop": ns.event_loop,
         }.items()
         if v is not None
     }
     return config.model_copy(update=overrides)
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory for ``event-loop``; None means asyncio's default loop."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     from ramd.transport.server import AlreadyRunning
 
     try:
-        asyncio.run(serve(config))
+        loop_factory = _loop_factory(config.event_loop)
+    except ImportError:
+        print(
+            "ramd: event-loop uvloop: uvloop is not installed (pip install 'ramd[fast]')",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(config))
     except ConfigError as e:
         log.error("%s", e)
         return 2

@@ -89,6 +89,8 @@ class Config(_Section):
     socket_group: StrictStr | StrictInt | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    #: ``uvloop`` needs the optional ``fast`` extra; the plain asyncio loop is the default.
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
     allow_uids: list[StrictInt] = []
     allow_gids: list[StrictInt] = []
     readonly_uids: list[StrictInt] = []

@@ -75,7 +75,11 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         server = Server(service, config, listeners_for(config), DIALECTS)
         await server.start()
         systemd.notify(f"READY=1\nSTATUS=serving {len(service.ram)} RAM blocks")
-        log.info("ready: %d RAM blocks", len(service.ram))
+        log.info(
+            "ready: %d RAM blocks, %s event loop",
+            len(service.ram),
+            type(loop).__module__.split(".")[0],
+        )
         watchdog = _start_watchdog()
         await stop.wait()
         if watchdog is not None:

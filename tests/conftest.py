@@ -25,7 +25,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         d.stop()
 
 
-@pytest.fixture
-def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
-    """A daemon with the embedded defaults."""
-    return start_daemon()
+@pytest.fixture(params=["asyncio", "uvloop"])
+def daemon(request: pytest.FixtureRequest, start_daemon: Callable[..., Daemon]) -> Daemon:
+    """A daemon with the embedded defaults, on each event loop implementation."""
+    return start_daemon("", "--event-loop", request.param)

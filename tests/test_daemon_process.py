@@ -216,6 +216,19 @@ def test_socket_activation_serves_inherited_socket_and_leaves_it(tmp_path: Path)
     assert path.exists(), "the daemon unlinked a socket it did not create"
 
 
-def test_daemon_fixture_stops_cleanly(daemon: Daemon) -> None:
+def test_daemon_fixture_runs_the_requested_event_loop(daemon: Daemon) -> None:
     assert daemon.alive()
     assert daemon.stop() == 0
+    loop = "uvloop" if "uvloop" in " ".join(map(str, daemon.proc.args)) else "asyncio"
+    assert f"{loop} event loop" in daemon.log_text()
+
+
+def test_uvloop_missing_is_a_usage_error(tmp_path: Path) -> None:
+    code = "import sys; sys.modules['uvloop'] = None; from ramd.cli import main; sys.exit(main())"
+    res = subprocess.run(
+        [sys.executable, "-c", code, "--socket", str(tmp_path / "s"), "--event-loop", "uvloop"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2 and "uvloop is not installed" in res.stderr
