@@ -3,7 +3,9 @@
 Ownership and thread: a :class:`Connection` is created by the listener for each accepted
 socket, owns its transport, splitter, dialect and session, and lives on the loop thread.
 
-Flow: ``data_received`` splits bytes into JSON texts and queues them (reading pauses when
+Flow: the transport reads into one reusable buffer per connection (``BufferedProtocol``: no
+allocation or ``mmap`` per read); ``buffer_updated`` splits the bytes into JSON texts and
+queues them (reading pauses when
 ``INBOX_MAX`` are waiting); the reader task answers them one at a time, in order, and waits
 whenever the output is paused, so a client that does not read its answers stops being read.
 Events go through the same ordered output; while it is paused they are queued, and a
@@ -36,6 +38,8 @@ log = logging.getLogger("ramd.connection")
 INBOX_MAX = 64
 #: Bytes in the transport's buffer above which the output counts as paused.
 WRITE_HIGH_WATER = 256 * 1024
+#: Size of the reusable read buffer of each connection.
+READ_BUFFER = 64 * 1024
 
 DialectFactory = Callable[[Session], Dialect]
 
@@ -49,7 +53,7 @@ def peer_credentials(sock: socket.socket | None) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """A client connection speaking one dialect."""
 
     def __init__(self, server: Server, dialect_factory: DialectFactory) -> None:
@@ -67,6 +71,8 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self._wakeup: asyncio.Future[None] | None = None
         self._transport: asyncio.Transport | None = None
+        self._read_buffer = memoryview(bytearray(READ_BUFFER))
+        self._loop = asyncio.get_running_loop()
         self.task: asyncio.Task[None] | None = None
         self.dialect: Dialect | None = None
         self.peer = ""
@@ -103,12 +109,15 @@ class Connection(asyncio.Protocol):
         )
         if hello := self.dialect.greeting():
             t.write(hello)
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        self.task = self._loop.create_task(self._run())
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.closed or self.task is None:
             return
-        self._inbox.extend(self._splitter.feed(data))
+        self._inbox.extend(self._splitter.feed(bytes(self._read_buffer[:nbytes])))
         if len(self._inbox) >= INBOX_MAX and not self._read_paused:
             self._read_paused = True
             assert self._transport is not None
@@ -190,7 +199,7 @@ class Connection(asyncio.Protocol):
             w.set_result(None)
 
     async def _wait(self) -> None:
-        self._wakeup = asyncio.get_running_loop().create_future()
+        self._wakeup = self._loop.create_future()
         try:
             await self._wakeup
         finally:
