@@ -364,6 +364,30 @@ int main(int argc, char **argv) {
     return size / statistics.median(times) / GiB, size / min(times) / GiB
 
 
+def syscalls_per_request(path: Path, pid: int, qmp: bool, n: int = 2000) -> str:
+    """Daemon syscalls per ``query-version`` round trip, by ``strace -c`` (if installed)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return "n/a (no strace)"
+    c = Conn(path, qmp)
+    req = c.request_bytes("query-version")
+    st = subprocess.Popen([strace, "-c", "-f", "-p", str(pid)], stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    for _ in range(n):
+        c.send_raw(req)
+        c.f.readline()
+    st.send_signal(2)
+    report = st.communicate()[1]
+    c.close()
+    calls = {}
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+            calls[parts[-1]] = int(parts[3])
+    per = {name: round(count / n, 2) for name, count in calls.items() if count >= n // 2}
+    return f"{sum(per.values()):.1f} (" + ", ".join(f"{k} {v:g}" for k, v in per.items()) + ")"
+
+
 def rss_with_blocks(path: Path, pid: int, count: int) -> tuple[int, int]:
     """(idle RSS, RSS with ``count`` one-page blocks)."""
     idle = rss(pid)
@@ -400,6 +424,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument(
+        "--loops",
+        default="asyncio,uvloop",
+        help="event loops to run ramd on (comma-separated; uvloop needs the 'fast' extra)",
+    )
     ns = ap.parse_args()
     n_rt = 500 if ns.quick else 5000
     secs = 1.0 if ns.quick else 3.0
@@ -418,11 +447,13 @@ def main() -> None:
         qmp_ok = (tmp / "qmp.sock").exists()
         uv = tmp / "uv"
         try:
+            if "uvloop" not in ns.loops.split(","):
+                raise ImportError("not asked for")
             import uvloop  # noqa: F401
 
             procs.append(start_ramd(uv, ["--event-loop", "uvloop"]))
-        except ImportError:
-            rows.append(("ramd on uvloop", "n/a: uvloop not installed (extra 'fast')"))
+        except ImportError as e:
+            rows.append(("ramd on uvloop", f"n/a: {e}"))
             uv = None  # type: ignore[assignment]
 
         def fmt_rt(v: tuple[float, float]) -> str:
@@ -459,6 +490,12 @@ def main() -> None:
         if qemu is None:
             rows.append(("QEMU QMP", "n/a: qemu-system-x86_64 not installed"))
 
+        rows.append(
+            (
+                "daemon syscalls per JSON-RPC round trip (strace -c)",
+                syscalls_per_request(tmp / "ramd.sock", ramd.pid, False),
+            )
+        )
         g, s = resize_time(tmp / "ramd.sock", rep)
         rows.append(("ram-block-resize +64 MiB / -64 MiB round trip", f"{g:.0f} / {s:.0f} µs"))
         for k in (1, 100, 1000):
@@ -490,11 +527,13 @@ def main() -> None:
                     f"{ours[0]:.2f} GiB/s vs {ref}",
                 )
             )
-        idle2, full = rss_with_blocks(tmp / "ramd.sock", ramd.pid, 10_000)
+        fresh = start_ramd(tmp / "rss")
+        procs.append(fresh)
+        idle2, full = rss_with_blocks(tmp / "rss" / "ramd.sock", fresh.pid, 10_000)
         rows.append(("daemon RSS idle (at start)", f"{idle_rss / MiB:.1f} MiB"))
         rows.append(
             (
-                "daemon RSS with 10,000 blocks",
+                "daemon RSS with 10,000 blocks (a fresh daemon)",
                 f"{full / MiB:.1f} MiB ({(full - idle2) / 10_000:.0f} B per block)",
             )
         )

@@ -39,7 +39,7 @@ INBOX_MAX = 64
 #: Bytes in the transport's buffer above which the output counts as paused.
 WRITE_HIGH_WATER = 256 * 1024
 #: Size of the reusable read buffer of each connection.
-READ_BUFFER = 64 * 1024
+READ_BUFFER = 16 * 1024
 
 DialectFactory = Callable[[Session], Dialect]
 
