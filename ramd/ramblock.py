@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from ramd.errors import DeviceNotFound, RamdError
 from ramd.hostmem import libc, linux
 from ramd.hostmem.mmap_alloc import mmap_alloc, mmap_free, mmap_pagesize, mmap_resize
+from ramd.ids import ID_PATTERN
 from ramd.notifiers import NotifierList, RamBlockNotifier
 from ramd.ramaddr import RamAddrSpace
 
 log = logging.getLogger(__name__)
 
-ID_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]{0,63}$"
 _ID_RE = re.compile(ID_PATTERN)
 
 #: Alignment of anonymous blocks when ``hugepages`` is set, so THP can back them
@@ -416,4 +416,4 @@ def _touch_pages(host: int, size: int, page_size: int) -> None:
     view[::page_size] = bytes(view[::page_size])
 
 
-__all__ = ["ID_PATTERN", "RAMBlock", "RAMList", "RamBlockNotifier"]
+__all__ = ["RAMBlock", "RAMList", "RamBlockNotifier"]

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, StrictStr
 
-from ramd.ramblock import ID_PATTERN
+from ramd.ids import ID_PATTERN
 
 U64_MAX = 2**64 - 1
 
