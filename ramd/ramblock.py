@@ -333,11 +333,14 @@ class RAMList:
         self.reserved -= block.max_size + block.page_size
 
     def close(self) -> None:
-        """Remove every block (newest first), notifying each removal."""
+        """Remove every committed block (newest first), notifying each removal.
+
+        Blocks still being created are left to their creator, who commits or aborts them: a
+        worker thread may be faulting one in, and unmapping it under that thread would kill
+        the process.
+        """
         for block_id in reversed(list(self._blocks)):
             self.remove(block_id)
-        for block in list(self._pending.values()):
-            self.abort(block)
 
     # -- settings --------------------------------------------------------------------------
 

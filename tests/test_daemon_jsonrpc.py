@@ -258,3 +258,26 @@ def test_query_version_commands_schema_stats(rpc: Raw) -> None:
     assert stats["blocks"] == 1 and stats["used"] == MiB and stats["reserved"] == GiB + PAGE
     assert stats["resident"] == PAGE and stats["clients"] == 1 and stats["subscribers"] == 0
     assert stats["events-emitted"] == 1 and stats["uptime"] >= 0
+
+
+def test_batch_answer_is_bounded_by_max_message_size(start_daemon: Any) -> None:
+    d = start_daemon('[limits]\nmax-message-size = "64K"\nio-chunk = "16K"\n')
+    with Raw(d.path) as rpc:
+        rpc.call("ram-block-add", id="m", size=16 * 1024)
+        read = {"id": "m", "offset": 0, "length": 16 * 1024}
+        batch = [
+            {"jsonrpc": "2.0", "method": "ram-block-read", "params": read, "id": i}
+            for i in range(8)
+        ]
+        batch.insert(6, {"jsonrpc": "2.0", "method": "ram-block-del", "params": {"id": "m"}})
+        rpc.send(json.dumps(batch).encode())
+        resp = rpc.reply()
+        assert [r["id"] for r in resp] == list(range(8))
+        ran = [r for r in resp if "result" in r]
+        refused = [r for r in resp if "error" in r]
+        assert len(ran) == 3 and len(refused) == 5
+        assert all(len(base64.b64decode(r["result"]["data"])) == 16 * 1024 for r in ran)
+        for r in refused:
+            assert r["error"]["data"] == {"class": "GenericError"}
+            assert r["error"]["message"].startswith("Limit exceeded: max-message-size is 65536")
+        assert [b["id"] for b in rpc.call("query-ram-blocks")] == ["m"]

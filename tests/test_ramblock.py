@@ -342,3 +342,14 @@ def test_remove_unmaps_and_close_frees_everything() -> None:
     rl.close()
     assert covering(f.host, f.host + 5 * PAGE) == []
     assert len(rl) == 0
+
+
+def test_close_leaves_a_block_being_created_to_its_creator() -> None:
+    rl = RAMList()
+    pending = rl.create("p", 4 * PAGE)
+    with pytest.raises(RamdError, match="busy: it is being preallocated"):
+        rl.get("p")
+    rl.close()
+    assert covering(pending.host, pending.host + PAGE)[0].perms == "rw-p"
+    rl.abort(pending)
+    assert covering(pending.host, pending.host + 5 * PAGE) == []

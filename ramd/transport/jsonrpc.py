@@ -81,6 +81,43 @@ def _line(obj: Any) -> bytes:
     return (_dumps(obj) + "\n").encode("utf-8", "backslashreplace")
 
 
+class _BatchReply:
+    """The responses of one batch, encoded as they come. Once they pass ``budget`` bytes
+    (``max-message-size``), the remaining calls are refused unrun, so a batch of large reads
+    cannot make the daemon build an answer of unbounded size."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.parts: list[str] = []
+        self.size = 0
+
+    @property
+    def full(self) -> bool:
+        return self.size > self.budget
+
+    def add(self, response: dict[str, Any] | None) -> None:
+        if response is not None:
+            text = _dumps(response)
+            self.parts.append(text)
+            self.size += len(text)
+
+    def refuse(self, req: Any) -> dict[str, Any] | None:
+        """The error for a call not run because the batch's answer is full."""
+        if type(req) is dict and "id" not in req:
+            return None
+        req_id = req.get("id") if type(req) is dict and _valid_id(req.get("id")) else None
+        desc = (
+            f"Limit exceeded: max-message-size is {self.budget}: the batch's answer is full,"
+            " this call was not run"
+        )
+        return _error(COMMAND_FAILED, desc, req_id, {"class": "GenericError"})
+
+    def reply(self) -> Reply:
+        if not self.parts:
+            return None
+        return ("[" + ",".join(self.parts) + "]\n").encode("utf-8", "backslashreplace")
+
+
 class _Deferred:
     """A response that is still being computed (an awaitable of it)."""
 
@@ -186,28 +223,22 @@ class JsonRpcDialect:
 
     def _batch(self, requests: list[Any]) -> Reply | Awaitable[Reply]:
         """Run batch members in order; goes async at the first member that must wait."""
-        responses: list[dict[str, Any]] = []
+        out = _BatchReply(self.session.service.limits.max_message_size)
         for i, req in enumerate(requests):
-            one = self._one(req)
+            one = out.refuse(req) if out.full else self._one(req)
             if isinstance(one, _Deferred):
-                return self._batch_rest(responses, one.pending, requests[i + 1 :])
-            if one is not None:
-                responses.append(one)
-        return _line(responses) if responses else None
+                return self._batch_rest(out, one.pending, requests[i + 1 :])
+            out.add(one)
+        return out.reply()
 
     async def _batch_rest(
-        self, responses: list[dict[str, Any]], pending: Awaitable[Any], rest: list[Any]
+        self, out: _BatchReply, pending: Awaitable[Any], rest: list[Any]
     ) -> Reply:
-        first = await pending
-        if first is not None:
-            responses.append(first)
+        out.add(await pending)
         for req in rest:
-            one = self._one(req)
-            if isinstance(one, _Deferred):
-                one = await one.pending
-            if one is not None:
-                responses.append(one)
-        return _line(responses) if responses else None
+            one = out.refuse(req) if out.full else self._one(req)
+            out.add(await one.pending if isinstance(one, _Deferred) else one)
+        return out.reply()
 
     async def _later(self, pending: Awaitable[dict[str, Any] | None]) -> Reply:
         response = await pending
