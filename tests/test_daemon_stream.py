@@ -165,3 +165,29 @@ def test_slow_subscriber_is_dropped_others_get_everything(start_daemon: Any) -> 
         total += len(chunk)
     slow.close()
     assert total > 0
+
+
+def test_client_that_writes_but_never_reads_is_held_to_bounded_memory(start_daemon: Any) -> None:
+    d = start_daemon('[limits]\nio-chunk = "4M"\n')
+    with Raw(d.path) as setup:
+        setup.call("ram-block-add", id="m", size=4 * MiB)
+    rss0 = d.rss()
+    hog = socket.socket(socket.AF_UNIX)
+    hog.connect(str(d.path))
+    for i in range(4):  # large answers nobody reads: the daemon's output backs up
+        hog.sendall(_req("ram-block-read", i, id="m", offset=0, length=4 * MiB))
+    payload = "A" * (4 * MiB // 3 * 4)
+    write = _req("ram-block-write", 99, id="m", offset=0, data=payload)
+    hog.settimeout(2.0)
+    sent = 0
+    try:
+        for _ in range(40):
+            hog.sendall(write)
+            sent += 1
+    except TimeoutError:
+        pass
+    assert sent < 40, "the daemon kept reading from a client whose answers pile up"
+    assert d.rss() - rss0 < 160 * MiB
+    with Raw(d.path) as other:
+        assert other.call("query-ram-blocks", id="m")[0]["size"] == 4 * MiB
+    hog.close()

@@ -5,9 +5,10 @@ socket, owns its transport, splitter, dialect and session, and lives on the loop
 
 Flow: the transport reads into one reusable buffer per connection (``BufferedProtocol``: no
 allocation or ``mmap`` per read); ``buffer_updated`` splits the bytes into JSON texts and
-queues them (reading pauses when
-``INBOX_MAX`` are waiting); the reader task answers them one at a time, in order, and waits
-whenever the output is paused, so a client that does not read its answers stops being read.
+queues them. Reading pauses when ``INBOX_MAX`` messages or ``INBOX_BYTES`` wait, so a
+connection holds about two messages' worth of input at most. The reader task answers them
+one at a time, in order, and waits whenever the output is paused, so a client that does not
+read its answers stops being read.
 Events go through the same ordered output; while it is paused they are queued, and a
 subscriber with more than ``subscriber-queue`` events waiting is disconnected (logged).
 Closing never cancels the command in flight: the reader finishes it, then exits.
@@ -36,6 +37,8 @@ log = logging.getLogger("ramd.connection")
 
 #: Complete messages queued before the connection stops reading from its socket.
 INBOX_MAX = 64
+#: Bytes of complete messages queued before the connection stops reading.
+INBOX_BYTES = 1024 * 1024
 #: Bytes in the transport's buffer above which the output counts as paused.
 WRITE_HIGH_WATER = 256 * 1024
 #: Size of the reusable read buffer of each connection.
@@ -63,6 +66,7 @@ class Connection(asyncio.BufferedProtocol):
         self._splitter = JsonSplitter(limits.max_message_size, limits.max_depth)
         self._queue_limit = limits.subscriber_queue
         self._inbox: deque[bytes | SplitError] = deque()
+        self._inbox_bytes = 0
         self._out: deque[tuple[bytes, bool]] = deque()
         self._queued_events = 0
         self._write_paused = False
@@ -117,8 +121,10 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.closed or self.task is None:
             return
-        self._inbox.extend(self._splitter.feed(bytes(self._read_buffer[:nbytes])))
-        if len(self._inbox) >= INBOX_MAX and not self._read_paused:
+        for item in self._splitter.feed(bytes(self._read_buffer[:nbytes])):
+            self._inbox.append(item)
+            self._inbox_bytes += len(item) if isinstance(item, bytes) else 0
+        if self._inbox_full() and not self._read_paused:
             self._read_paused = True
             assert self._transport is not None
             self._transport.pause_reading()
@@ -134,6 +140,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.dialect is not None:
             self.dialect.session.close()
         self._inbox.clear()
+        self._inbox_bytes = 0
         self._out.clear()
         self.wake()
         self.server.forget(self)
@@ -193,6 +200,9 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- reader task -----------------------------------------------------------------------
 
+    def _inbox_full(self) -> bool:
+        return len(self._inbox) >= INBOX_MAX or self._inbox_bytes > INBOX_BYTES
+
     def wake(self) -> None:
         w = self._wakeup
         if w is not None and not w.done():
@@ -217,7 +227,8 @@ class Connection(asyncio.BufferedProtocol):
                     await self._wait()
                     continue
                 item = self._inbox.popleft()
-                if self._read_paused and len(self._inbox) <= INBOX_MAX // 2:
+                self._inbox_bytes -= len(item) if isinstance(item, bytes) else 0
+                if self._read_paused and not self._inbox_full():
                     self._read_paused = False
                     self._transport.resume_reading()
                 reply: bytes | None
