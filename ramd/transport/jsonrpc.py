@@ -1,12 +1,15 @@
 """The JSON-RPC 2.0 dialect, on ``jsonrpcserver`` behind this one adapter.
 
-What we take from jsonrpcserver: method lookup (-32601), the params binding check, the
-Request/Response types and notification handling, via ``dispatch_to_response_pure`` on one
-request object at a time. What we do ourselves, because its defaults do not fit (see
-design.md): JSON parsing (the splitter hands us one text), a cheap structural validator in
-place of its jsonschema pass (same -32600 semantics), batches run in order one call after the
-other, and every exception mapped to a protocol error (-32602 naming fields, -32000 with
-``data.class``, -32603 with a generic message, never an exception text).
+What we take from jsonrpcserver: the request/response types, method lookup (-32601), the
+params binding check and the call with its Result, through its per-request core
+(``create_request`` -> ``dispatch_request`` -> ``to_response``). What we do ourselves,
+because its defaults do not fit (see design.md) or cost more than they give: JSON parsing
+(the splitter hands us one text), a cheap structural validator in place of its jsonschema
+pass (same -32600 semantics), batches run in order one call after the other (its async
+dispatcher gathers them), notifications detected by id, and every exception mapped to a
+protocol error (-32602 naming fields, -32000 with ``data.class``, -32603 with a generic
+message, never an exception text). Skipping its whole-message pipeline (deserialize,
+validate, list handling) saves about 3 of its 11 µs per request.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ with warnings.catch_warnings():
     # jsonrpcserver 5.0.9 reads its bundled schema with a deprecated importlib API.
     warnings.filterwarnings("ignore", category=DeprecationWarning, message="read_text")
     from jsonrpcserver import Error, Success
-    from jsonrpcserver.dispatcher import dispatch_to_response_pure
+    from jsonrpcserver.dispatcher import create_request, dispatch_request, to_response
     from jsonrpcserver.response import ErrorResponse, SuccessResponse
-    from jsonrpcserver.sentinels import NODATA
+    from jsonrpcserver.sentinels import NODATA, NOID
 
 log = logging.getLogger(__name__)
 
@@ -256,21 +259,14 @@ class JsonRpcDialect:
                 return None
             return _error(INVALID_PARAMS, "Invalid params", obj["id"], _BY_NAME)
         self.deferred = None
-        response = dispatch_to_response_pure(
-            deserializer=_identity,
-            validator=_identity,
-            methods=_METHODS,
-            context=self,
-            post_process=_identity,
-            request=obj,
-        )
+        request, result = dispatch_request(_METHODS, self, create_request(obj))
         pending, self.deferred = self.deferred, None
         if pending is not None:
             req_id = obj.get("id", _NOTIFICATION)
             return _Deferred(self._settle_one(pending, req_id, obj["method"]))
-        if response is None:
+        if request.id is NOID:
             return None
-        either: Any = response
+        either: Any = to_response(request, result)
         value = either._value if hasattr(either, "_value") else either._error
         if isinstance(value, SuccessResponse):
             return {"jsonrpc": "2.0", "result": value.result, "id": value.id}
@@ -281,10 +277,6 @@ class JsonRpcDialect:
     async def _settle_one(pending: Awaitable[Any], req_id: Any, name: str) -> dict[str, Any] | None:
         response = await _settle(pending, None if req_id is _NOTIFICATION else req_id, name)
         return None if req_id is _NOTIFICATION else response
-
-
-def _identity(x: Any) -> Any:
-    return x
 
 
 _BY_NAME = "params must be an object (by-name), not an array"
