@@ -26,7 +26,7 @@ DIALECTS: dict[str, DialectFactory] = {"jsonrpc": JsonRpcDialect, "qmp": QmpDial
 class _NoSink:
     """Event sink of the start-up session: nobody listens yet."""
 
-    def send_event(self, event: object) -> None:
+    def send_event(self, event: object, live: bool = True) -> None:
         return None
 
 

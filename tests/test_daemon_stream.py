@@ -191,3 +191,28 @@ def test_client_that_writes_but_never_reads_is_held_to_bounded_memory(start_daem
     with Raw(d.path) as other:
         assert other.call("query-ram-blocks", id="m")[0]["size"] == 4 * MiB
     hog.close()
+
+
+def test_replay_of_many_blocks_is_not_a_slow_subscriber(start_daemon: Any) -> None:
+    d = start_daemon("[limits]\nsubscriber-queue = 16\n")
+    count = 3000
+    with Raw(d.path) as rpc:
+        batch = [
+            {
+                "jsonrpc": "2.0",
+                "method": "ram-block-add",
+                "params": {"id": f"b{i}", "size": 1},
+                "id": i,
+            }
+            for i in range(count)
+        ]
+        rpc.send(json.dumps(batch).encode())
+        assert len(rpc.reply()) == count
+    with Raw(d.path) as late:
+        late.send(_req("subscribe", "s"))
+        time.sleep(0.5)  # not reading while the replay is written
+        replayed = [late.line() for _ in range(count)]
+        assert late.line()["result"]["seq"] == count
+        assert [e["params"]["data"]["id"] for e in replayed] == [f"b{i}" for i in range(count)]
+        assert late.call("query-version")
+    assert "slow subscriber" not in d.log_text()

@@ -219,7 +219,8 @@ def subscribe(session: Session, args: m.SubscribeArgs) -> m.SubscribeResult:
     seq = service.broadcaster.seq
     if args.replay and "RAM_BLOCK_ADDED" in names:
         for block in service.ram:
-            session.sink.send_event(make_event("RAM_BLOCK_ADDED", added_data(block, seq, True)))
+            event = make_event("RAM_BLOCK_ADDED", added_data(block, seq, True))
+            session.sink.send_event(event, live=False)
     return m.SubscribeResult(seq=seq, events=[n for n in m.EVENT_NAMES if n in names])
 
 

@@ -49,9 +49,14 @@ def make_event(name: str, data: dict[str, Any]) -> Event:
 
 
 class EventSink(Protocol):
-    """Where a subscriber's events go (a connection). Must not block or raise."""
+    """Where a subscriber's events go (a connection). Must not block or raise.
 
-    def send_event(self, event: Event) -> None: ...
+    ``live`` events count against the subscriber's bounded queue; replay events are part of
+    the answer to the client's own ``subscribe`` (one per block, so bounded by the block
+    limit) and never make it count as slow.
+    """
+
+    def send_event(self, event: Event, live: bool = True) -> None: ...
 
 
 class Subscriber(Protocol):

@@ -172,17 +172,19 @@ class Connection(asyncio.BufferedProtocol):
         else:
             self._transport.write(data)
 
-    def send_event(self, event: Event) -> None:
-        """Queue an event; disconnect this subscriber if its queue is full. Never blocks."""
+    def send_event(self, event: Event, live: bool = True) -> None:
+        """Queue an event; disconnect this subscriber if its queue of live events is full.
+        Never blocks. Replay events (``live=False``) are queued like a response."""
         if self.closed or self.dialect is None:
             return
         wire = self.dialect.encode_event(event)
         if wire is None:
             return
-        if (self._write_paused or self._out) and self._queued_events >= self._queue_limit:
+        backed_up = self._write_paused or self._out
+        if live and backed_up and self._queued_events >= self._queue_limit:
             self._drop_slow_subscriber()
             return
-        self.send(wire, True)
+        self.send(wire, live)
 
     def _drop_slow_subscriber(self) -> None:
         log.warning(
