@@ -57,7 +57,7 @@ class Limits(_Section):
     """Bounds on what clients can make the daemon hold. 0 means unlimited where noted."""
 
     max_message_size: PositiveSize = 8 * MiB
-    max_depth: Annotated[StrictInt, Field(gt=0, le=100_000)] = 1024
+    max_depth: Annotated[StrictInt, Field(gt=0, le=10_000)] = 1024
     max_connections: Annotated[StrictInt, Field(gt=0)] = 256
     max_blocks: Annotated[StrictInt, Field(gt=0)] = 16384
     #: Sum of ``max-size`` + guard page over all blocks; 0 = unlimited.

@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import logging
 import signal
+import sys
 
 from ramd import systemd
 from ramd.api import dispatch
@@ -66,6 +67,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     """Run the daemon until ``stop`` is set (by SIGTERM/SIGINT when not given)."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+    # json.loads recurses once per nesting level; let it reach the configured depth (the
+    # splitter refuses anything deeper before it is parsed).
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), config.limits.max_depth + 1000))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     service = Service(config.limits)

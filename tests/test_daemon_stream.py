@@ -216,3 +216,20 @@ def test_replay_of_many_blocks_is_not_a_slow_subscriber(start_daemon: Any) -> No
         assert [e["params"]["data"]["id"] for e in replayed] == [f"b{i}" for i in range(count)]
         assert late.call("query-version")
     assert "slow subscriber" not in d.log_text()
+
+
+def test_nesting_up_to_the_limit_parses_and_long_integers_are_worded(daemon: Daemon) -> None:
+    with Raw(daemon.path) as rpc:
+        deep = "[" * 1022 + "]" * 1022  # 1024 levels with the request and its params
+        rpc.send(b'{"jsonrpc":"2.0","method":"query-version","params":{"x":' + deep.encode())
+        rpc.send(b'},"id":1}')
+        err = rpc.reply()["error"]
+        assert err["code"] == -32602 and err["message"].startswith("x: Extra inputs")
+        rpc.send(b'{"jsonrpc":"2.0","method":"ram-block-add","params":{"id":"x","size":')
+        rpc.send(b"9" * 5000 + b'},"id":2}')
+        err = rpc.reply()
+        assert err["error"]["code"] == -32700
+        assert err["error"]["data"] == "integer with too many digits"
+        rpc.send(b"[" * 1025 + b"]" * 1025)
+        assert rpc.reply()["error"]["code"] == -32700
+        assert rpc.call("query-version")

@@ -213,7 +213,7 @@ class JsonRpcDialect:
     def handle(self, message: bytes) -> Reply | Awaitable[Reply]:
         try:
             obj = jsontext.loads(message)
-        except (ValueError, RecursionError) as e:
+        except ValueError as e:
             return _line(_error(PARSE_ERROR, "Parse error", None, str(e)))
         if type(obj) is not list:
             single = self._one(obj)

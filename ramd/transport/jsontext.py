@@ -2,8 +2,7 @@
 
 Python's ``json`` accepts ``NaN``, ``Infinity`` and numbers that overflow to infinity; none of
 them is JSON, and an ``id`` holding one could not be echoed back as valid JSON. They are parse
-errors here (``ValueError``), like malformed text; ``RecursionError`` passes through for the
-caller to word.
+errors here (``ValueError``), like malformed text.
 """
 
 from __future__ import annotations
@@ -25,5 +24,16 @@ def _finite_float(text: str) -> float:
 
 
 def loads(message: bytes) -> Any:
-    """One JSON text as Python data, strictly."""
-    return json.loads(message, parse_constant=_reject_constant, parse_float=_finite_float)
+    """One JSON text as Python data, strictly. Every failure is a ``ValueError`` whose text
+    describes the input, never the interpreter (an integer past Python's 4,300-digit
+    conversion limit is reported as such; converting it would cost quadratic time)."""
+    try:
+        return json.loads(message, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise ValueError("nesting too deep") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):
+            raise ValueError("integer with too many digits") from None
+        raise

@@ -100,8 +100,6 @@ def parse(message: bytes) -> Any:
     would not encode back). ``ValueError`` carries QEMU's wording: ``JSON parse error, ...``."""
     try:
         return jsontext.loads(message)
-    except RecursionError:
-        raise ValueError("JSON nesting depth limit exceeded") from None
     except ValueError as e:
         reason = str(e)
         raise ValueError(f"JSON parse error, {reason[:1].lower()}{reason[1:]}") from None

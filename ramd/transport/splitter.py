@@ -133,9 +133,9 @@ class JsonSplitter:
       independently of how the stream is chunked (except which limit an over-limit message is
       reported against, if it breaks both).
 
-    The splitter does not validate JSON: the caller ``json.loads`` each text and reports the
-    failures. Note that CPython's ``json`` raises ``RecursionError`` (not ``ValueError``) for
-    texts nested close to 1000 levels, below the default ``max_depth``: callers catch both.
+    The splitter does not validate JSON: the caller parses each text and reports the failures
+    (CPython's ``json`` recurses once per level: the daemon raises the recursion limit above
+    ``max_depth``).
 
     Threads: not thread-safe. It is owned and used by one connection's reader task only.
     """
