@@ -396,7 +396,8 @@ class RAMList:
     def discard(self, block_id: str, offset: int, length: int) -> None:
         """Drop the pages of a page-aligned range (QEMU's ``ram_block_discard_range``).
 
-        The range reads back as zeros and its memory is released at once.
+        The range reads back as zeros and its memory is released at once (for a locked block,
+        the range is locked again afterwards, which faults in fresh zero pages).
         """
         block = self.get(block_id)
         if offset % block.page_size or length % block.page_size:
@@ -407,8 +408,15 @@ class RAMList:
         self._check_range(block, offset, length)
         if length == 0:
             return
+        addr = block.host + offset
         try:
-            libc.madvise(block.host + offset, length, linux.MADV_DONTNEED)
+            if block.lock:
+                # Locked pages refuse MADV_DONTNEED: unlock, drop, and lock the (now zero)
+                # range again, so the block stays locked as its settings ask.
+                libc.munlock(addr, length)
+            libc.madvise(addr, length, linux.MADV_DONTNEED)
+            if block.lock:
+                libc.mlock(addr, length)
         except OSError as e:
             raise RamdError(f"Cannot discard range of {block.id}: {_strerror(e)}") from None
 

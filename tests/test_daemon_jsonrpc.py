@@ -107,7 +107,13 @@ def test_add_errors(rpc: Raw) -> None:
     small = rpc.error("ram-block-add", id="s", size=2 * PAGE, **{"max-size": PAGE})
     assert small["message"] == "Size too large: s: 0x2000 > 0x1000: Invalid argument"
     align = rpc.error("ram-block-add", id="al", size=PAGE, align=3 * PAGE)
-    assert align["data"] == {"class": "GenericError"} and "align" in align["message"]
+    assert align == {
+        "code": -32602,
+        "message": "align: Value error, must be a power of two",
+    }
+    small = rpc.error("ram-block-add", id="al", size=PAGE, align=PAGE // 2)
+    assert small["data"] == {"class": "GenericError"}
+    assert small["message"].startswith("Invalid align: al: 0x800: must be a power of two")
 
 
 def test_del(rpc: Raw) -> None:
@@ -157,7 +163,9 @@ def test_bad_base64_and_io_chunk_limit(start_daemon: Any) -> None:
     with Raw(d.path) as rpc:
         rpc.call("ram-block-add", id="m", size=64 * PAGE)
         err = rpc.error("ram-block-write", id="m", offset=0, data="not base64!")
-        assert err["data"] == {"class": "GenericError"} and "base64" in err["message"]
+        assert err == {"code": -32602, "message": "data: Value error, not valid base64"}
+        err = rpc.error("ram-block-write", id="m", offset=0, data=12)
+        assert err == {"code": -32602, "message": "data: Input should be a valid string"}
         err = rpc.error("ram-block-read", id="m", offset=0, length=8 * 1024 + 1)
         assert err["message"].startswith("Limit exceeded: io-chunk is 8192")
         assert len(rpc.call("ram-block-read", id="m", offset=0, length=8 * 1024)["data"]) > 0

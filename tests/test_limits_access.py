@@ -129,11 +129,13 @@ def test_peer_credentials_decide_access(start_daemon: Any, shared_dir: Path) -> 
         full = _as_user(4242, 4242, d.path, [add, query])
         assert full[0]["result"]["id"] == "x" and len(full[1]["result"]) == 1
         sub = {"method": "subscribe", "params": {"replay": False}}
-        ro = _as_user(4243, 4243, d.path, [query, add, sub])
+        read = {"method": "ram-block-read", "params": {"id": "x", "offset": 0, "length": 8}}
+        ro = _as_user(4243, 4243, d.path, [query, add, sub, read])
         assert [b["id"] for b in ro[0]["result"]] == ["x"]
         assert ro[1]["error"]["data"] == {"class": "GenericError"}
         assert ro[1]["error"]["message"].startswith("Permission denied")
         assert ro[2]["result"]["seq"] == 1
+        assert ro[3]["error"]["message"].startswith("Permission denied")
         ro_group = _as_user(
             4999, 4300, d.path, [{"method": "ram-block-del", "params": {"id": "x"}}]
         )

@@ -353,3 +353,12 @@ def test_close_leaves_a_block_being_created_to_its_creator() -> None:
     assert covering(pending.host, pending.host + PAGE)[0].perms == "rw-p"
     rl.abort(pending)
     assert covering(pending.host, pending.host + 5 * PAGE) == []
+
+
+def test_discard_on_a_locked_block_zeroes_and_keeps_it_locked(ram: RAMList) -> None:
+    b = ram.add("l", 8 * PAGE, lock=True)
+    ram.write("l", 0, b"\xee" * (8 * PAGE))
+    ram.discard("l", 2 * PAGE, 4 * PAGE)
+    assert ram.read("l", 2 * PAGE, 4 * PAGE) == bytes(4 * PAGE)
+    assert ram.read("l", 0, 2 * PAGE) == b"\xee" * (2 * PAGE)
+    assert all("lo" in m.flags for m in covering(b.host, b.host + b.size))

@@ -8,9 +8,23 @@ of the wrong JSON type (no coercion of ``"1"`` to ``1`` or ``1`` to ``true``).
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
 
 from ramd.ids import ID_PATTERN
 
@@ -36,6 +50,31 @@ class Result(BaseModel):
 BlockId = Annotated[StrictStr, Field(pattern=ID_PATTERN, description="RAM block name")]
 Size = Annotated[StrictInt, Field(gt=0, le=U64_MAX, description="bytes")]
 Offset = Annotated[StrictInt, Field(ge=0, le=U64_MAX, description="bytes")]
+
+
+def _power_of_two(value: int) -> int:
+    if value & (value - 1):
+        raise ValueError("must be a power of two")
+    return value
+
+
+def _base64(value: object) -> bytes:
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "Input should be a valid string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+
+
+Align = Annotated[
+    Size, AfterValidator(_power_of_two), Field(description="power of two >= page size")
+]
+Base64 = Annotated[
+    bytes,
+    BeforeValidator(_base64),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64"}),
+]
 EventName = Literal["RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED"]
 EVENT_NAMES: tuple[EventName, ...] = ("RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED")
 
@@ -56,7 +95,7 @@ class RamBlockAddArgs(Args):
     dump: StrictBool = True
     hugepages: StrictBool = False
     lock: StrictBool = False
-    align: Size | None = Field(None, description="power of two >= page size")
+    align: Align | None = None
 
 
 class BlockIdArgs(Args):
@@ -81,7 +120,7 @@ class RamBlockReadArgs(Args):
 class RamBlockWriteArgs(Args):
     id: BlockId
     offset: Offset
-    data: StrictStr = Field(description="the bytes to write, base64-encoded")
+    data: Base64 = Field(description="the bytes to write, base64-encoded")
 
 
 class RamBlockDiscardArgs(Args):
