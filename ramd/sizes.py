@@ -9,8 +9,8 @@ Invariants of :func:`parse_size`:
 
 - the result is an exact ``int`` in ``[0, SIZE_MAX]``: decimals are computed in integer
   arithmetic, never through ``float``, so ``"1.5K"`` is exactly 1536;
-- a value that is not a whole number of bytes (``"0.5"``, ``"1.3B"``, ``"0.1K"``) is refused,
-  never rounded;
+- a fraction without a multiplying suffix (``"0.5"``, ``"1.3B"``) is refused; with one, a
+  fraction of a byte is dropped as QEMU does (``"0.3G"`` is 322122547, ``"0.1K"`` is 102);
 - every refusal is a :class:`ValueError` whose message quotes the input, so a caller (config
   loader, argparse ``type=``) only ever has one exception type to catch.
 """
@@ -30,10 +30,8 @@ _SIZE_RE = re.compile(r"([0-9]+)(?:\.([0-9]*))?([BKMGTPE]?)", re.ASCII | re.IGNO
 
 _SYNTAX_HINT = "expected a number with an optional K, M, G, T, P or E suffix"
 
-# After stripping trailing zeros, a fraction of k > 60 digits ends in a digit that is not 0,
-# so its denominator keeps a factor 2**k or 5**k that no power of 1024 (at most 2**60) can
-# cancel: such a value is never a whole number of bytes. Bounding the digits also keeps the
-# integer arithmetic below small and far from Python's int-from-str digit limit.
+# Fraction digits past the 60th cannot change a truncated result; dropping them keeps the
+# integer arithmetic small and far from Python's int-from-str digit limit.
 _MAX_FRACTION_DIGITS = 60
 _MAX_INTEGER_DIGITS = len(str(SIZE_MAX))
 
@@ -66,16 +64,14 @@ def parse_size(text: str | int) -> int:
 
     if len(integer_digits) > _MAX_INTEGER_DIGITS:
         raise ValueError(f"invalid size {text!r}: larger than the maximum of {SIZE_MAX} bytes")
-    if len(fraction_digits) > _MAX_FRACTION_DIGITS:
+    if fraction_digits and shift == 0:
         raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
-
-    # value = (integer_digits . fraction_digits) * 2**shift, exactly:
+    # As qemu_strtosz: with a suffix, a fraction of a byte is dropped ("0.3G" = 322122547).
+    # Digits past the 60th cannot change the result (2**60 < 10**19).
+    fraction_digits = fraction_digits[:_MAX_FRACTION_DIGITS]
     scale = 10 ** len(fraction_digits)
     numerator = int(integer_digits + fraction_digits or "0") << shift
-    result, remainder = divmod(numerator, scale)
-    if remainder:
-        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
-    return _check_range(result, text)
+    return _check_range(numerator // scale, text)
 
 
 def _check_range(value: int, text: str | int) -> int:
