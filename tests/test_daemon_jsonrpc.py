@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import select
+import time
 from typing import Any
 
 import pytest
@@ -289,3 +291,17 @@ def test_batch_answer_is_bounded_by_max_message_size(start_daemon: Any) -> None:
             assert r["error"]["data"] == {"class": "GenericError"}
             assert r["error"]["message"].startswith("Limit exceeded: max-message-size is 65536")
         assert [b["id"] for b in rpc.call("query-ram-blocks")] == ["m"]
+
+
+def test_a_large_batch_does_not_stall_other_clients(daemon: Daemon) -> None:
+    note = {"jsonrpc": "2.0", "method": "query-version"}
+    batch = [note] * 100_000 + [{**note, "id": "last"}]
+    with Raw(daemon.path, timeout=60) as big, Raw(daemon.path) as other:
+        big.send(json.dumps(batch).encode())
+        time.sleep(0.05)
+        assert other.call("query-version")
+        batch_done = select.select([big.sock], [], [], 0)[0] != []
+        assert big.reply() == [
+            {"jsonrpc": "2.0", "result": other.call("query-version"), "id": "last"}
+        ]
+        assert not batch_done, "the other client was answered only after the whole batch"
