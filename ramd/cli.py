@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(config))
     except ConfigError as e:
-        log.error("%s", e)
+        print(f"ramd: {e}", file=sys.stderr)
         return 2
     except AlreadyRunning as e:
         log.error("cannot start: %s", e)

@@ -215,8 +215,9 @@ class RAMList:
         try:
             host = mmap_alloc(size, max_size, align)
         except OSError as e:
+            what = f"0x{size:x}" + (f" (max-size 0x{max_size:x})" if resizable else "")
             raise RamdError(
-                f"Cannot allocate RAM block '{block_id}' of 0x{size:x}: {_strerror(e)}",
+                f"Cannot allocate RAM block '{block_id}' of {what}: {_strerror(e)}",
                 errno=e.errno,
             ) from None
         block = RAMBlock(

@@ -747,9 +747,12 @@ def test_reservations_past_the_address_space_are_refused_cleanly(
     with Rpc(d.path) as rpc:
         maps_before = Path(f"/proc/{d.pid}/maps").read_text().count("\n")
         kind, desc = rpc.outcome("ram-block-add", {"id": "wrap", **args})
+        what = f"0x{_up(args['size']):x}"
+        if "max-size" in args:
+            what += f" (max-size 0x{_up(args['max-size']):x})"
         assert (kind, desc) == (
             "GenericError",
-            f"Cannot allocate RAM block 'wrap' of 0x{_up(args['size']):x}: Cannot allocate memory",
+            f"Cannot allocate RAM block 'wrap' of {what}: Cannot allocate memory",
         )
         kind, _ = rpc.outcome("ram-block-resize", {"id": "wrap", "size": 2**30})
         assert kind == "DeviceNotFound"
