@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeGuard, runtime_checkable
 
 from ramd.errors import RamdError
 
@@ -53,7 +53,7 @@ class ResizeAwareNotifier(RamBlockNotifier, Protocol):
     def resized(self, block: RAMBlock, old_size: int, new_size: int) -> None: ...
 
 
-def supports_resize(notifier: RamBlockNotifier) -> bool:
+def supports_resize(notifier: RamBlockNotifier) -> TypeGuard[ResizeAwareNotifier]:
     """True if ``notifier`` has a callable ``resized``."""
     return callable(getattr(notifier, "resized", None))
 

@@ -157,7 +157,8 @@ def test_slow_subscriber_is_dropped_others_get_everything(start_daemon: Any) -> 
         reader.join(60)
         assert seqs == list(range(1, rounds + 2))
         assert "disconnecting slow subscriber" in d.log_text()
-        assert writer.call("query-stats")["subscribers"] == 1
+        stats = writer.call("query-stats")
+        assert stats["subscribers"] == 1 and stats["dropped-subscribers"] == 1
         assert d.rss() - rss0 < 64 * MiB
     slow.settimeout(5)
     total = 0

@@ -238,6 +238,7 @@ def query_stats(session: Session, args: m.NoArgs) -> m.StatsResult:
         clients=len(service.sessions),
         subscribers=sum(1 for _ in service.broadcaster.subscribers()),
         events_emitted=service.broadcaster.emitted,
+        dropped_subscribers=service.dropped_subscribers,
         uptime=round(time.monotonic() - service.started, 3),
         limits=service.limits.model_dump(by_alias=True),
     )

@@ -25,6 +25,8 @@ class Service:
         self.broadcaster = Broadcaster()
         self.ram.register_notifier(self.broadcaster)
         self.sessions: set[Session] = set()
+        #: Subscribers disconnected for falling behind (counted by the transport).
+        self.dropped_subscribers = 0
         self.started = time.monotonic()
 
     def close(self) -> None:

@@ -193,7 +193,7 @@ class Connection(asyncio.BufferedProtocol):
             self._queued_events,
             extra={"fields": {**self.fields, "event": "slow-subscriber"}},
         )
-        self.server.lagged += 1
+        self.server.service.dropped_subscribers += 1
         self.closed = True
         if self.dialect is not None:
             self.dialect.session.close()

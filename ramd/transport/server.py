@@ -101,8 +101,6 @@ class Server:
         self.dialects = dialects
         self.connections: set[Connection] = set()
         self.stopping = False
-        #: Subscribers disconnected for falling behind.
-        self.lagged = 0
         self._servers: list[asyncio.Server] = []
         self._created: list[Path] = []
 
