@@ -120,25 +120,10 @@ def generic(desc: str) -> dict[str, str]:
     return {"class": "GenericError", "desc": desc}
 
 
-def qmp_ready(d: Daemon, timeout: float = 10.0) -> Daemon:
-    """Wait until the QMP socket accepts too: ``Daemon`` only waits for the JSON-RPC one, which
-    is bound first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(d.qmp_path))
-            return d
-        except OSError:
-            if time.monotonic() > deadline or not d.alive():
-                raise
-            time.sleep(0.02)
-
-
 @pytest.fixture
 def qd(start_daemon: Callable[..., Daemon]) -> Daemon:
     """A daemon with a QMP socket."""
-    return qmp_ready(start_daemon(qmp=True))
+    return start_daemon(qmp=True)
 
 
 @pytest.fixture
@@ -490,7 +475,7 @@ def test_stray_closer_is_a_parse_error(qmp: Qmp) -> None:
 def test_too_large_and_too_deep_messages_are_parse_errors(
     start_daemon: Callable[..., Daemon],
 ) -> None:
-    d = qmp_ready(start_daemon("[limits]\nmax-message-size = 1024\nmax-depth = 8\n", qmp=True))
+    d = start_daemon("[limits]\nmax-message-size = 1024\nmax-depth = 8\n", qmp=True)
     with Qmp(d.qmp_path) as q:
         big = _compact({"execute": "query-version", "id": "x" * 2000})
         q.send(big + b'{"execute":"query-ram-blocks","id":1}')
@@ -598,7 +583,7 @@ def test_subscribe_filters_and_replays_unsubscribe_stops(qmp: Qmp) -> None:
 def test_refused_connection_gets_a_generic_error_without_id(
     start_daemon: Callable[..., Daemon],
 ) -> None:
-    d = qmp_ready(start_daemon("[limits]\nmax-connections = 1\n", qmp=True))
+    d = start_daemon("[limits]\nmax-connections = 1\n", qmp=True)
     deadline = time.monotonic() + 10
     while True:  # the daemon's readiness probe may still hold the only slot for a moment
         first = Qmp(d.qmp_path, negotiate=False)
@@ -710,7 +695,7 @@ def test_same_session_same_results_in_both_dialects(tmp_path: Path) -> None:
     try:
         for name in ("jsonrpc", "qmp"):
             (tmp_path / name).mkdir()
-            daemons.append(qmp_ready(Daemon(tmp_path / name, qmp=True)))
+            daemons.append(Daemon(tmp_path / name, qmp=True))
         rpc, qmp = _via_jsonrpc(daemons[0].path), _via_qmp(daemons[1].qmp_path)
     finally:
         for d in daemons:
