@@ -399,3 +399,18 @@ def test_watch_exits_3_when_the_daemon_goes_away(
     daemon.stop()
     assert w.proc.wait(20) == 3
     assert "lost the connection" in w.stop_and_stderr()
+
+
+def test_a_connection_the_daemon_refuses_is_exit_1_with_its_message(start_daemon: Any) -> None:
+    d = start_daemon("[limits]\nmax-connections = 1\n")
+    while True:  # until the start-up probe has gone and this connection holds the one slot
+        held = Raw(d.path)
+        held.send(b'{"jsonrpc":"2.0","method":"query-version","id":1}')
+        if "result" in held.reply():
+            break
+        held.close()
+    with held:
+        p = ramctl(d.path, "version")
+    assert p.returncode == 1, p.stderr
+    assert "GenericError: Limit exceeded: max-connections is 1" in p.stderr.decode()
+    assert ok(d.path, "version")

@@ -27,7 +27,13 @@ from pydantic import BaseModel, ValidationError
 
 from ramd.api import models as m
 from ramd.config import default_socket_path
-from ramd_client.error import ConnectError, ConnectionLost, ProtocolError, RamdClientError
+from ramd_client.error import (
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+    RamdClientError,
+    RamdError,
+)
 from ramd_client.events import MAX_QUEUE, MAX_REPLAY, Event, EventStream, check_names
 from ramd_client.message import Notification
 from ramd_client.protocol import MAX_MESSAGE_SIZE, MAX_PENDING, JsonRpcProtocol, Trace
@@ -280,7 +286,8 @@ async def connect(
     here. ``trace`` is installed before the first request (see
     :data:`ramd_client.protocol.Trace`).
 
-    Raises :class:`~ramd_client.error.ConnectError` naming the path.
+    Raises :class:`~ramd_client.error.ConnectError` naming the path, or
+    :class:`~ramd_client.error.RamdError` when the daemon answers by refusing the connection.
     """
     where = os.fspath(path) if path is not None else str(default_socket_path())
     client = AsyncClient(max_pending=max_pending, max_message_size=max_message_size)
@@ -289,7 +296,10 @@ async def connect(
     try:
         client.version = await client.query_version()
     except RamdClientError as e:
+        refused = client._last_refusal
         await client.close()
+        if refused is not None:
+            raise RamdError("GenericError", refused) from None
         raise ConnectError(where, str(e)) from None
     except BaseException:
         await client.close()

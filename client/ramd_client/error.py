@@ -77,7 +77,10 @@ class RamdError(RamdClientError):
 
 
 class ConnectError(RamdClientError):
-    """The connection to the daemon could not be made, or the daemon refused it.
+    """The connection to the daemon could not be made (no daemon, wrong socket, lost at once).
+
+    A daemon that answers and then closes (past ``max-connections``, or a peer it does not
+    allow) is a refusal, raised as :class:`RamdError` with its class and message.
 
     ``path`` is the socket path tried; ``errno`` the OS error number when the OS refused
     (``ENOENT``: no socket there, ``ECONNREFUSED``: nobody listening, ``EACCES``), else None.
