@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -232,3 +233,24 @@ def test_uvloop_missing_is_a_usage_error(tmp_path: Path) -> None:
         timeout=30,
     )
     assert res.returncode == 2 and "uvloop is not installed" in res.stderr
+
+
+def test_sigterm_finishes_the_command_in_flight(start_daemon: Any) -> None:
+    d = start_daemon()
+    with Raw(d.path, timeout=60) as rpc, Raw(d.path) as probe:
+        req = {"id": "big", "size": 2 << 30, "prealloc": True}
+        rpc.send(
+            b'{"jsonrpc":"2.0","method":"ram-block-add","params":'
+            + json.dumps(req).encode()
+            + b',"id":1}'
+        )
+        deadline = time.monotonic() + 10
+        while "busy" not in json.dumps(probe.request("query-ram-blocks", id="big")):
+            assert time.monotonic() < deadline, "the prealloc never started"
+        d.proc.send_signal(signal.SIGTERM)
+        answer = rpc.reply()
+        assert answer["result"]["resident"] == 2 << 30
+        with pytest.raises(ConnectionError):
+            rpc.line()
+    assert d.stop() == 0
+    assert not d.path.exists()
