@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 from ramd.errors import DeviceNotFound, RamdError
 from ramd.hostmem import libc, linux
@@ -43,6 +44,17 @@ def _align_up(value: int, align: int) -> int:
 
 def _strerror(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
+
+
+class BlockSettings(TypedDict, total=False):
+    """The optional settings of a block, as :meth:`RAMList.create` takes them."""
+
+    prealloc: bool
+    merge: bool
+    dump: bool
+    hugepages: bool
+    lock: bool
+    align: int | None
 
 
 @dataclass(eq=False)
@@ -127,28 +139,13 @@ class RAMList:
         block_id: str,
         size: int,
         max_size: int | None = None,
-        *,
-        prealloc: bool = False,
-        merge: bool = False,
-        dump: bool = True,
-        hugepages: bool = False,
-        lock: bool = False,
-        align: int | None = None,
+        **settings: Unpack[BlockSettings],
     ) -> RAMBlock:
-        """Create, preallocate if asked, and commit a block in one step."""
-        block = self.create(
-            block_id,
-            size,
-            max_size,
-            prealloc=prealloc,
-            merge=merge,
-            dump=dump,
-            hugepages=hugepages,
-            lock=lock,
-            align=align,
-        )
+        """Create, preallocate if asked, and commit a block in one step (the settings are
+        those of :meth:`create`)."""
+        block = self.create(block_id, size, max_size, **settings)
         try:
-            if prealloc:
+            if block.prealloc:
                 self.preallocate(block)
         except BaseException:
             self.abort(block)
