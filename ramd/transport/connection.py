@@ -6,9 +6,11 @@ socket, owns its transport, splitter, dialect and session, and lives on the loop
 Flow: the transport reads into one reusable buffer per connection (``BufferedProtocol``: no
 allocation or ``mmap`` per read); ``buffer_updated`` splits the bytes into JSON texts and
 queues them. Reading pauses when ``INBOX_MAX`` messages or ``INBOX_BYTES`` wait, so a
-connection holds about two messages' worth of input at most. The reader task answers them
-one at a time, in order, and waits whenever the output is paused, so a client that does not
-read its answers stops being read.
+connection holds about two messages' worth of input at most. Messages are answered one at a
+time, in order: inline in the protocol callback while the reader task is parked with nothing
+in flight (the common case: no task switch per request), otherwise by the reader task, which
+also awaits answers that must wait and waits whenever the output is paused, so a client that
+does not read its answers stops being read.
 Events go through the same ordered output; while it is paused they are queued, and a
 subscriber with more than ``subscriber-queue`` events waiting is disconnected (logged).
 Closing never cancels the command in flight: the reader finishes it, then exits.
@@ -22,12 +24,12 @@ import logging
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
 from ramd.api.events import Event
 from ramd.api.service import Session
-from ramd.transport.dialect import Dialect
+from ramd.transport.dialect import Dialect, Reply
 from ramd.transport.splitter import JsonSplitter, SplitError
 
 if TYPE_CHECKING:
@@ -72,6 +74,10 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._read_paused = False
         self._eof = False
+        #: The reader task waits for input with nothing in flight: input is answered inline.
+        self._parked = False
+        #: An answer that must wait, handed from the inline path to the reader task.
+        self._deferred: Awaitable[Reply] | None = None
         self.closed = False
         self._wakeup: asyncio.Future[None] | None = None
         self._transport: asyncio.Transport | None = None
@@ -128,7 +134,10 @@ class Connection(asyncio.BufferedProtocol):
             self._read_paused = True
             assert self._transport is not None
             self._transport.pause_reading()
-        self.wake()
+        if self._parked:
+            self._answer_inline()
+        if self._inbox or self._deferred is not None:
+            self.wake()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -217,28 +226,66 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             self._wakeup = None
 
+    def _take(self) -> bytes | SplitError:
+        """The next queued message; reading resumes once the queue has room again."""
+        item = self._inbox.popleft()
+        self._inbox_bytes -= len(item) if isinstance(item, bytes) else 0
+        if self._read_paused and not self._inbox_full():
+            self._read_paused = False
+            assert self._transport is not None
+            self._transport.resume_reading()
+        return item
+
+    def _answer(self, item: bytes | SplitError) -> Reply | Awaitable[Reply]:
+        assert self.dialect is not None
+        if isinstance(item, SplitError):
+            return self.dialect.split_error(item)
+        return self.dialect.handle(item)
+
+    def _answer_inline(self) -> None:
+        """Answer queued messages right here, in the protocol callback, while the reader task
+        is parked with nothing in flight (so order is kept and no task switch is paid per
+        request). Stops at an answer that must wait (handed to the reader task), when the
+        output backs up, or when the connection or the server is closing."""
+        try:
+            while self._inbox and not (
+                self._write_paused or self._out or self.closed or self.server.stopping
+            ):
+                answer = self._answer(self._take())
+                if inspect.isawaitable(answer):
+                    self._deferred = answer
+                    return
+                if answer:
+                    self.send(answer)
+        except Exception:
+            log.exception("connection %s failed", self.peer)
+            self._finish()
+
     async def _run(self) -> None:
-        """Answer queued messages in order until the connection ends or the server stops."""
-        dialect = self.dialect
-        assert dialect is not None and self._transport is not None
+        """Answer queued messages in order until the connection ends or the server stops.
+
+        While it waits for input the task is *parked*: new input is then answered inline by
+        :meth:`_answer_inline`, and the task only wakes for answers that must wait, for a
+        backed-up output, for end of input, or to stop.
+        """
         try:
             while not self.closed and not self.server.stopping:
-                if not self._inbox:
-                    if self._eof:
-                        break
-                    await self._wait()
-                    continue
-                item = self._inbox.popleft()
-                self._inbox_bytes -= len(item) if isinstance(item, bytes) else 0
-                if self._read_paused and not self._inbox_full():
-                    self._read_paused = False
-                    self._transport.resume_reading()
                 reply: bytes | None
-                if isinstance(item, SplitError):
-                    reply = dialect.split_error(item)
-                else:
-                    answer = dialect.handle(item)
+                if self._deferred is not None:
+                    pending, self._deferred = self._deferred, None
+                    reply = await pending
+                elif self._inbox:
+                    answer = self._answer(self._take())
                     reply = await answer if inspect.isawaitable(answer) else answer
+                elif self._eof:
+                    break
+                else:
+                    self._parked = True
+                    try:
+                        await self._wait()
+                    finally:
+                        self._parked = False
+                    continue
                 if reply:
                     self.send(reply)
                 while (self._write_paused or self._out) and not self.closed:
