@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(config))
+            runner.run(serve(config, reread=lambda: build_config(ns)))
     except ConfigError as e:
         print(f"ramd: {e}", file=sys.stderr)
         return 2

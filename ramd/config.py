@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -66,6 +67,11 @@ class Limits(_Section):
     max_used: ConfigSize = 0
     io_chunk: PositiveSize = 4 * MiB
     subscriber_queue: Annotated[StrictInt, Field(gt=0)] = 1024
+    #: Members of one JSON-RPC batch.
+    max_batch: Annotated[StrictInt, Field(gt=0)] = 1024
+    #: Seconds after which a connection that sent nothing and receives no events is closed;
+    #: 0 = never.
+    idle_timeout: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 300
 
 
 class BlockConfig(_Section):
@@ -95,6 +101,9 @@ class Config(_Section):
     allow_gids: list[StrictInt] = []
     readonly_uids: list[StrictInt] = []
     readonly_gids: list[StrictInt] = []
+    #: Seconds SIGTERM waits for commands in flight (a prealloc, a lock) before exiting;
+    #: systemd's default stop timeout, which the unit's ``TimeoutStopSec=`` matches.
+    stop_timeout: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 90
     limits: Limits = Limits()
     block: list[BlockConfig] = []
 

@@ -4,16 +4,16 @@ SIGTERM/SIGINT, then shut down in order. Runs on one asyncio loop (the main thre
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
-from ramd import systemd
+from ramd import heap, systemd
 from ramd.api import dispatch
+from ramd.api.outcome import BadArguments, Failed, Internal, Pending
 from ramd.api.service import Service, Session
 from ramd.config import Config, ConfigError, default_socket_path
-from ramd.errors import RamdError
 from ramd.transport.connection import DialectFactory
 from ramd.transport.jsonrpc import JsonRpcDialect
 from ramd.transport.qmp import QmpDialect
@@ -30,6 +30,9 @@ class _NoSink:
     def send_event(self, event: object, live: bool = True) -> None:
         return None
 
+    async def drained(self) -> None:
+        return None
+
 
 async def create_config_blocks(service: Service, config: Config) -> None:
     """Create every ``[[block]]`` through the ``ram-block-add`` command; ConfigError on the
@@ -38,14 +41,15 @@ async def create_config_blocks(service: Service, config: Config) -> None:
     try:
         for i, block in enumerate(config.block):
             params = block.model_dump(by_alias=True, exclude_none=True)
-            try:
-                result = dispatch.call(session, "ram-block-add", params)
-                if inspect.isawaitable(result):
-                    await result
-            except dispatch.ArgumentError as e:
-                raise ConfigError(f"config: block[{i}].{e.message()}") from None
-            except RamdError as e:
-                raise ConfigError(f"config: block[{i}]: {e.desc}") from None
+            outcome = dispatch.call(session, "ram-block-add", params)
+            if isinstance(outcome, Pending):
+                outcome = await outcome.result
+            if isinstance(outcome, BadArguments):
+                raise ConfigError(f"config: block[{i}].{outcome.message()}")
+            if isinstance(outcome, Failed):
+                raise ConfigError(f"config: block[{i}]: {outcome.desc}")
+            if isinstance(outcome, Internal):
+                raise ConfigError(f"config: block[{i}]: internal error (see the log)")
     finally:
         session.close()
 
@@ -63,18 +67,25 @@ def listeners_for(config: Config) -> list[Listener]:
     return [lst for lst in out if lst.dialect in DIALECTS]
 
 
-async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
-    """Run the daemon until ``stop`` is set (by SIGTERM/SIGINT when not given)."""
+async def serve(
+    config: Config,
+    stop: asyncio.Event | None = None,
+    reread: Callable[[], Config] | None = None,
+) -> None:
+    """Run the daemon until ``stop`` is set (by SIGTERM/SIGINT when not given). SIGHUP
+    applies what can change while running from ``reread()`` (see :func:`reload`)."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     # json.loads recurses once per nesting level; let it reach the configured depth (the
     # splitter refuses anything deeper before it is parsed).
     sys.setrecursionlimit(max(sys.getrecursionlimit(), config.limits.max_depth + 1000))
+    heap.return_large_buffers()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     service = Service(config.limits)
     server: Server | None = None
     try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
         await create_config_blocks(service, config)
         server = Server(service, config, listeners_for(config), DIALECTS)
         await server.start()
@@ -92,10 +103,46 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         log.info("shutting down")
     finally:
         if server is not None:
-            await server.shutdown()
+            await server.shutdown(config.stop_timeout)
         service.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+#: Keys SIGHUP applies to the running daemon; any other change needs a restart.
+RELOADABLE = ("log_level", "allow_uids", "allow_gids", "readonly_uids", "readonly_gids")
+
+
+def reload(server: Server | None, reread: Callable[[], Config] | None) -> None:
+    """Re-read the configuration: apply the log level and the access lists (to connections
+    accepted from now on), and log every other changed key as needing a restart."""
+    if server is None or reread is None:
+        log.info("SIGHUP: no configuration file to reload")
+        return
+    try:
+        new = reread()
+    except ConfigError as e:
+        log.error("SIGHUP: configuration not reloaded: %s", e)
+        return
+    old = server.config
+    update = {k: getattr(new, k) for k in RELOADABLE}
+    changed = [k for k in RELOADABLE if getattr(old, k) != update[k]]
+    fixed = [
+        k
+        for k in type(old).model_fields
+        if k not in RELOADABLE and getattr(old, k) != getattr(new, k)
+    ]
+    server.config = old.model_copy(update=update)
+    logging.getLogger().setLevel(new.log_level.upper())
+    log.info(
+        "SIGHUP: configuration reloaded: %s%s",
+        ", ".join(_kebab(k) for k in changed) or "nothing changed",
+        f"; changes to {', '.join(map(_kebab, fixed))} need a restart" if fixed else "",
+    )
+
+
+def _kebab(key: str) -> str:
+    return key.replace("_", "-")
 
 
 def _start_watchdog() -> asyncio.Task[None] | None:

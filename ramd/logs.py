@@ -40,3 +40,35 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class LogBudget:
+    """Rate limit for the log lines one peer can cause: ``burst`` lines, then one more per
+    ``1/rate`` seconds. Lines over the budget are counted, and the next line allowed says how
+    many were suppressed, so a peer cannot flood the journal and nothing is silently lost.
+    Loop thread only."""
+
+    __slots__ = ("_burst", "_rate", "_stamp", "_suppressed", "_tokens")
+
+    def __init__(self, rate: float = 1.0, burst: int = 20) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+        self._suppressed = 0
+
+    def allow(self) -> bool:
+        """Whether one more line may be logged now."""
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self._suppressed += 1
+        return False
+
+    def suppressed_note(self) -> str:
+        """`` (N similar lines suppressed)`` once after lines were dropped, else ``""``."""
+        n, self._suppressed = self._suppressed, 0
+        return f" ({n} similar lines suppressed)" if n else ""

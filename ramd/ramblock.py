@@ -7,14 +7,18 @@ settings, calls the notifiers (order in :mod:`ramd.notifiers`) and bounds-checks
 to block memory.
 
 Ownership and threads: one thread owns a ``RAMList`` and calls all its methods (the asyncio
-loop thread in the daemon). The only exception is :meth:`RAMList.preallocate` on a block
-returned by :meth:`RAMList.create` and not yet committed: nobody else can see that block, so a
-worker thread may fault it in.
+loop thread in the daemon). The exceptions are the *fill* methods (:meth:`RAMList.preallocate`,
+:meth:`RAMList.lock_range`), which a worker thread may run on memory nobody else can change
+meanwhile: a block returned by :meth:`RAMList.create` and not yet committed (invisible), or a
+range of a *pinned* block (:meth:`RAMList.pin`). A pinned block answers "busy" to every
+command that would change it (resize, remove, discard, write), so the worker never touches
+memory that the loop thread just made inaccessible.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import re
@@ -80,6 +84,8 @@ class RAMBlock:
     hugepages: bool = False
     lock: bool = False
     backend: str = "anonymous"
+    #: Why the block is pinned (work off the loop thread holds it), or None.
+    busy: str | None = None
 
     def resident(self) -> int:
         """Bytes of the used range resident in RAM right now (``mincore``)."""
@@ -117,11 +123,32 @@ class RAMList:
         try:
             return self._blocks[block_id]
         except KeyError:
-            if block_id in self._pending:
-                raise RamdError(
-                    f"RAM block '{block_id}' is busy: it is being preallocated"
-                ) from None
+            pending = self._pending.get(block_id)
+            if pending is not None:
+                raise RamdError(f"RAM block '{block_id}' is busy: {pending.busy}") from None
             raise DeviceNotFound(block_id) from None
+
+    def changeable(self, block_id: str) -> RAMBlock:
+        """The committed block named ``block_id`` if it may be changed now; a "busy"
+        ``RamdError`` while it is pinned."""
+        block = self.get(block_id)
+        if block.busy is not None:
+            raise RamdError(f"RAM block '{block_id}' is busy: {block.busy}")
+        return block
+
+    def pin(self, block: RAMBlock, why: str) -> None:
+        """Hold ``block`` against change while work off the loop thread uses it; ``why``
+        completes the "busy" answer (``it is being locked``)."""
+        assert block.busy is None
+        block.busy = why
+
+    def unpin(self, block: RAMBlock) -> None:
+        block.busy = None
+
+    @property
+    def pending(self) -> int:
+        """Blocks created and not yet committed or aborted (being filled)."""
+        return len(self._pending)
 
     # -- notifiers -------------------------------------------------------------------------
 
@@ -145,8 +172,7 @@ class RAMList:
         those of :meth:`create`)."""
         block = self.create(block_id, size, max_size, **settings)
         try:
-            if block.prealloc:
-                self.preallocate(block)
+            self.fill(block)
         except BaseException:
             self.abort(block)
             raise
@@ -166,11 +192,11 @@ class RAMList:
         lock: bool = False,
         align: int | None = None,
     ) -> RAMBlock:
-        """Validate, map and configure a block, reserving its id; not yet visible.
+        """Validate, map and advise a block, reserving its id; not yet visible.
 
-        The caller must then :meth:`commit` or :meth:`abort` it, after an optional
-        :meth:`preallocate`. Raises :class:`RamdError` for bad arguments or when the kernel
-        refuses the mapping.
+        The caller must then :meth:`fill` it (which locks and preallocates it as its settings
+        ask; a worker thread may do that) and :meth:`commit` or :meth:`abort` it. Raises
+        :class:`RamdError` for bad arguments or when the kernel refuses the mapping.
         """
         if not isinstance(block_id, str) or not _ID_RE.match(block_id):
             raise RamdError(
@@ -231,25 +257,26 @@ class RAMList:
             dump=dump,
             hugepages=hugepages,
             lock=lock,
+            busy=_creating(prealloc, lock),
         )
-        try:
-            self._apply_settings(block, 0, size)
-        except RamdError:
-            mmap_free(host, max_size)
-            raise
+        self._advise(block, 0, size)
         block.offset = self._space.alloc(max_size)
         self._pending[block_id] = block
         self.used += size
         self.reserved += max_size + page_size
         return block
 
-    def preallocate(self, block: RAMBlock) -> None:
-        """Fault in every page of a created, uncommitted block.
+    def fill(self, block: RAMBlock) -> None:
+        """Lock (``lock``) and fault in (``prealloc``) a created, uncommitted block.
 
-        Uses ``MADV_POPULATE_WRITE``; on kernels without it, touches each page. May run in a
-        worker thread: the block is invisible to every other caller until committed.
+        May run in a worker thread: the block is invisible to every other caller until
+        committed. Raises :class:`RamdError`; the caller then aborts the block.
         """
         assert self._pending.get(block.id) is block
+        if block.lock:
+            self.lock_range(block, 0, block.size)
+        if not block.prealloc:
+            return
         try:
             if not linux.populate_write(block.host, block.size):
                 _touch_pages(block.host, block.size, block.page_size)
@@ -262,6 +289,7 @@ class RAMList:
     def commit(self, block: RAMBlock) -> None:
         """Make a created block visible (creation order) and notify ``added``."""
         assert self._pending.pop(block.id) is block
+        block.busy = None
         self._blocks[block.id] = block
         self.notifiers.notify_added(block)
 
@@ -277,13 +305,33 @@ class RAMList:
 
         Same aligned size: no-op, no notification. Grow: map ``[old, new)`` (fresh zero
         pages, settings applied), then notify. Shrink: notify, then release ``[new, old)``.
-        A grow the kernel refuses leaves the block exactly as it was and notifies nobody.
+        A grow or shrink the kernel refuses leaves the block exactly as it was and notifies
+        nobody. The steps are public so that a caller can lock a large grown tail off the
+        loop thread (:meth:`check_resize`, :meth:`grow_map`, :meth:`lock_range`,
+        :meth:`grow_commit` or :meth:`grow_undo`).
         """
-        block = self.get(block_id)
+        block, new = self.check_resize(block_id, size)
+        old = block.size
+        if new > old:
+            self.grow_map(block, old, new)
+            if block.lock:
+                try:
+                    self.lock_range(block, old, new - old)
+                except RamdError:
+                    self.grow_undo(block, old, new)
+                    raise
+            self.grow_commit(block, old, new)
+        elif new < old:
+            self.shrink(block, new)
+        return block
+
+    def check_resize(self, block_id: str, size: int) -> tuple[RAMBlock, int]:
+        """The block and its new aligned size, or the protocol's refusal."""
+        block = self.changeable(block_id)
         new = _align_up(max(size, 0), block.page_size)
         old = block.size
         if new == old:
-            return block
+            return block, new
         if not block.resizable:
             raise RamdError(f"Size mismatch: {block_id}: 0x{new:x} != 0x{old:x}: Invalid argument")
         if new > block.max_size:
@@ -292,34 +340,55 @@ class RAMList:
             )
         if new == 0:
             raise RamdError(f"Invalid size: {block_id}: 0x0: Invalid argument")
-        if new > old:
-            self._grow(block, old, new)
-            block.size = new
-            self.used += new - old
-            self.notifiers.notify_resized(block, old, new)
-        else:
-            self.notifiers.notify_resized(block, old, new)
-            block.size = new
-            self.used -= old - new
-            mmap_resize(block.host, old, new)
-        return block
+        return block, new
 
-    def _grow(self, block: RAMBlock, old: int, new: int) -> None:
+    def grow_map(self, block: RAMBlock, old: int, new: int) -> None:
+        """Map ``[old, new)`` with the block's advice; ``block.size`` is still ``old``, so
+        nothing reads or writes the new range until :meth:`grow_commit`."""
         try:
             mmap_resize(block.host, old, new)
         except OSError as e:
             raise RamdError(
                 f"Cannot grow {block.id} to 0x{new:x}: {_strerror(e)}", errno=e.errno
             ) from None
+        self._advise(block, old, new - old)
+
+    def grow_undo(self, block: RAMBlock, old: int, new: int) -> None:
+        """Release a tail mapped by :meth:`grow_map` whose grow failed afterwards."""
+        mmap_resize(block.host, new, old)
+
+    def grow_commit(self, block: RAMBlock, old: int, new: int) -> None:
+        """The grown tail is ready: the block takes its new size, then notifiers run."""
+        block.size = new
+        self.used += new - old
+        self.notifiers.notify_resized(block, old, new)
+
+    def shrink(self, block: RAMBlock, new: int) -> None:
+        """Notify, then release ``[new, size)``.
+
+        The kernel may refuse to split the block's mapping at ``new`` (ENOMEM when the
+        process has ``vm.max_map_count`` mappings). The split is therefore made first, by an
+        advice that only the tail takes (``MADV_DONTFORK``; the daemon never forks): if it
+        fails, nothing has been notified and the block is unchanged. Re-reserving exactly
+        that tail afterwards replaces one mapping by one, which cannot fail for that reason.
+        """
+        old = block.size
         try:
-            self._apply_settings(block, old, new - old)
-        except RamdError:
-            mmap_resize(block.host, new, old)
-            raise
+            libc.madvise(block.host + new, old - new, linux.MADV_DONTFORK)
+        except OSError as e:
+            # madvise words the failure to split (ENOMEM) as EAGAIN
+            err = errno.ENOMEM if e.errno == errno.EAGAIN else e.errno
+            raise RamdError(
+                f"Cannot shrink {block.id} to 0x{new:x}: {os.strerror(err or 0)}", errno=err
+            ) from None
+        self.notifiers.notify_resized(block, old, new)
+        block.size = new
+        self.used -= old - new
+        mmap_resize(block.host, old, new)
 
     def remove(self, block_id: str) -> None:
         """Notify ``removed``, then drop the block from the list and unmap it."""
-        block = self.get(block_id)
+        block = self.changeable(block_id)
         self.notifiers.notify_removed(block)
         del self._blocks[block_id]
         self._release(block)
@@ -333,20 +402,23 @@ class RAMList:
     def close(self) -> None:
         """Remove every committed block (newest first), notifying each removal.
 
-        Blocks still being created are left to their creator, who commits or aborts them: a
-        worker thread may be faulting one in, and unmapping it under that thread would kill
-        the process.
+        Blocks still being created, and pinned blocks, are left alone: a worker thread may be
+        using their memory, and unmapping it under that thread would kill the process (the
+        process is about to exit, which releases them anyway).
         """
         for block_id in reversed(list(self._blocks)):
-            self.remove(block_id)
+            block = self._blocks[block_id]
+            if block.busy is None:
+                self.remove(block_id)
+            else:
+                log.warning("RAM block '%s' left mapped at exit: %s", block_id, block.busy)
 
     # -- settings --------------------------------------------------------------------------
 
-    def _apply_settings(self, block: RAMBlock, start: int, length: int) -> None:
-        """madvise/mlock ``[start, start+length)`` of a block as its settings ask.
+    def _advise(self, block: RAMBlock, start: int, length: int) -> None:
+        """madvise ``[start, start+length)`` of a block as its settings ask.
 
-        Advice the kernel lacks (no KSM, no THP) is logged and skipped, as QEMU does; a
-        failing ``mlock`` is an error, because the user asked for locked memory.
+        Advice the kernel lacks (no KSM, no THP) is logged and skipped, as QEMU does.
         """
         addr = block.host + start
         advice = []
@@ -361,13 +433,19 @@ class RAMList:
                 libc.madvise(addr, length, value)
             except OSError as e:
                 log.warning("RAM block '%s': setting %s not applied: %s", block.id, name, e)
-        if block.lock:
-            try:
-                libc.mlock(addr, length)
-            except OSError as e:
-                raise RamdError(
-                    f"Cannot lock RAM block '{block.id}': {_strerror(e)}", errno=e.errno
-                ) from None
+
+    def lock_range(self, block: RAMBlock, start: int, length: int) -> None:
+        """``mlock`` ``[start, start+length)`` of a ``lock`` block (which faults it in).
+
+        A failure is an error, because the user asked for locked memory. Its cost grows with
+        ``length``: a worker thread may run it on a pinned or uncommitted block.
+        """
+        try:
+            libc.mlock(block.host + start, length)
+        except OSError as e:
+            raise RamdError(
+                f"Cannot lock RAM block '{block.id}': {_strerror(e)}", errno=e.errno
+            ) from None
 
     # -- memory access ---------------------------------------------------------------------
 
@@ -386,7 +464,7 @@ class RAMList:
 
     def write(self, block_id: str, offset: int, data: bytes) -> int:
         """Copy ``data`` into the block's used range at ``offset``; returns its length."""
-        block = self.get(block_id)
+        block = self.changeable(block_id)
         self._check_range(block, offset, len(data))
         ctypes.memmove(block.host + offset, data, len(data))
         return len(data)
@@ -397,7 +475,7 @@ class RAMList:
         The range reads back as zeros and its memory is released at once (for a locked block,
         the range is locked again afterwards, which faults in fresh zero pages).
         """
-        block = self.get(block_id)
+        block = self.changeable(block_id)
         if offset % block.page_size or length % block.page_size:
             raise RamdError(
                 f"Unaligned discard range: {block.id}: offset 0x{offset:x} length 0x{length:x}"
@@ -417,6 +495,13 @@ class RAMList:
                 libc.mlock(addr, length)
         except OSError as e:
             raise RamdError(f"Cannot discard range of {block.id}: {_strerror(e)}") from None
+
+
+def _creating(prealloc: bool, lock: bool) -> str:
+    """Why a block being created is busy."""
+    if prealloc:
+        return "it is being preallocated"
+    return "it is being locked" if lock else "it is being created"
 
 
 def _touch_pages(host: int, size: int, page_size: int) -> None:

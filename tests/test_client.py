@@ -158,7 +158,9 @@ async def test_every_command_async(daemon: Daemon, aconnect: Connect) -> None:
         assert added.merge and not added.dump and added.host % (2 * MiB) == 0
         fixed = await c.ram_block_add("fixed", 5000, prealloc=True, lock=True)
         assert (fixed.size, fixed.max_size, fixed.resizable) == (2 * PAGE, 2 * PAGE, False)
-        assert fixed.prealloc and fixed.lock and fixed.resident == fixed.size
+        assert fixed.prealloc and fixed.lock and fixed.resident is None
+        (listed,) = await c.query_ram_blocks("fixed", resident=True)
+        assert listed.resident == fixed.size
 
         assert [b.id for b in await c.query_ram_blocks()] == ["ram0", "fixed"]
         (only,) = await c.query_ram_blocks("fixed")

@@ -505,7 +505,9 @@ def test_storm_of_grows_the_kernel_refuses(start_daemon: StartDaemon) -> None:
             probe.check()
             assert d.rss() <= rss0 + RSS_SLACK, burst
         assert layout() == before
-        assert rpc.call("query-ram-blocks", {"id": "big"}) == [{**info, "resident": 2 * PAGE}]
+        assert rpc.call("query-ram-blocks", {"id": "big", "resident": True}) == [
+            {**info, "resident": 2 * PAGE}
+        ]
         got = rpc.call("ram-block-read", {"id": "big", "offset": PAGE - 2, "length": 4})
         assert got == {"data": b64(b"keep")}
         assert rpc.call("query-stats")["events-emitted"] == seq

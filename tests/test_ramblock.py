@@ -346,7 +346,7 @@ def test_remove_unmaps_and_close_frees_everything() -> None:
 
 def test_close_leaves_a_block_being_created_to_its_creator() -> None:
     rl = RAMList()
-    pending = rl.create("p", 4 * PAGE)
+    pending = rl.create("p", 4 * PAGE, prealloc=True)
     with pytest.raises(RamdError, match="busy: it is being preallocated"):
         rl.get("p")
     rl.close()

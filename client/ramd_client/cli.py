@@ -213,7 +213,7 @@ def block_table(blocks: Sequence[m.RamBlockInfo]) -> str:
             b.id,
             human(b.size),
             human(b.max_size),
-            human(b.resident),
+            "-" if b.resident is None else human(b.resident),
             human(b.page_size),
             hex(b.offset),
             flags(b),
@@ -234,8 +234,8 @@ def block_details(b: m.RamBlockInfo) -> str:
             ("max-size", f"{human(b.max_size)} ({b.max_size})"),
             ("resizable", yes(b.resizable)),
             ("page-size", human(b.page_size)),
-            ("resident", f"{human(b.resident)} ({b.resident})"),
-            ("host", hex(b.host)),
+            ("resident", "-" if b.resident is None else f"{human(b.resident)} ({b.resident})"),
+            ("host", "-" if b.host is None else hex(b.host)),
             ("offset", hex(b.offset)),
             ("backend", b.backend),
             ("prealloc", yes(b.prealloc)),
@@ -324,7 +324,7 @@ async def cmd_resize(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_list(client: AsyncClient, args: argparse.Namespace) -> int:
-    blocks = await client.query_ram_blocks()
+    blocks = await client.query_ram_blocks(resident=True)
     if args.json:
         emit_json([b.model_dump(mode="json", by_alias=True) for b in blocks])
     else:
@@ -333,7 +333,7 @@ async def cmd_list(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_info(client: AsyncClient, args: argparse.Namespace) -> int:
-    (block,) = await client.query_ram_blocks(args.id)
+    (block,) = await client.query_ram_blocks(args.id, resident=True)
     show_block(args, block)
     return EXIT_OK
 

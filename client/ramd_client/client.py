@@ -142,9 +142,12 @@ class AsyncClient(JsonRpcProtocol):
         params = wire_params(m.RamBlockResizeArgs, id=id, size=size)
         return parse_result(m.RamBlockInfo, await self.call("ram-block-resize", params))
 
-    async def query_ram_blocks(self, id: str | None = None) -> list[m.RamBlockInfo]:
-        """``query-ram-blocks``: every block in creation order, or only block ``id``."""
-        params = wire_params(m.QueryRamBlocksArgs, id=id)
+    async def query_ram_blocks(
+        self, id: str | None = None, resident: bool = False
+    ) -> list[m.RamBlockInfo]:
+        """``query-ram-blocks``: every block in creation order, or only block ``id``; with
+        ``resident``, each block's resident bytes too (a scan of its pages)."""
+        params = wire_params(m.QueryRamBlocksArgs, id=id, resident=resident)
         result = await self.call("query-ram-blocks", params)
         return parse_result(m.RamBlockInfoList, result).root
 

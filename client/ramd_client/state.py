@@ -48,7 +48,7 @@ class BlockState:
     max_size: int
     resizable: bool
     page_size: int
-    host: int
+    host: int | None
     offset: int
     backend: str
 

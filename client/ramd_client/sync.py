@@ -160,8 +160,10 @@ class Client:
     def ram_block_resize(self, id: str, size: int) -> m.RamBlockInfo:
         return self._call(self._client.ram_block_resize(id, size))
 
-    def query_ram_blocks(self, id: str | None = None) -> list[m.RamBlockInfo]:
-        return self._call(self._client.query_ram_blocks(id))
+    def query_ram_blocks(
+        self, id: str | None = None, resident: bool = False
+    ) -> list[m.RamBlockInfo]:
+        return self._call(self._client.query_ram_blocks(id, resident))
 
     def ram_block_read(self, id: str, offset: int, length: int) -> bytes:
         return self._call(self._client.ram_block_read(id, offset, length))

@@ -1,15 +1,16 @@
 """The command table: every command's name, argument model, result model, handler and doc.
 
 A handler takes the calling :class:`~ramd.api.service.Session` and its validated arguments
-and returns a result model, or an awaitable of one when it must wait (prealloc runs in a
-worker thread). It raises :class:`~ramd.errors.RamdError` to refuse. Handlers run on the loop
+and returns a result model (or :class:`Raw` JSON text), or an awaitable of one when it must
+wait (prealloc, large ``mlock`` and page scans run in a worker thread; a replay waits for the
+client to read). It raises :class:`~ramd.errors.RamdError` to refuse. Handlers run on the loop
 thread; all block changes are made there, so commands are serialised per block by
-construction. Adding a command is one model plus one handler here.
+construction, and work off the loop thread holds a pin on its block (commands that would
+change it answer "busy"). Adding a command is one model plus one handler here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import time
@@ -21,11 +22,21 @@ from pydantic import BaseModel
 
 import ramd
 from ramd.api import models as m
+from ramd.api.blockinfo import json_list, with_resident
 from ramd.api.events import added_data, make_event
 from ramd.api.service import Service, Session
 from ramd.errors import RamdError
 from ramd.hostmem.libc import host_page_size
 from ramd.ramblock import RAMBlock
+
+#: ``mlock`` of more than this many bytes runs in a worker thread (it faults the range in,
+#: at a few GiB/s), on a pinned or still invisible block.
+LOCK_INLINE_MAX = 64 * 1024 * 1024
+#: Page scans (``resident``) of more used bytes than this run in a worker thread (``mincore``
+#: reads about 1 GiB of page tables per ms).
+SCAN_INLINE_MAX = 1024 * 1024 * 1024
+#: Replay events queued between two checks of the client's output.
+REPLAY_SLICE = 64
 
 A = TypeVar("A", bound=BaseModel)
 Handler = Callable[[Session, Any], Any]
@@ -33,7 +44,8 @@ Handler = Callable[[Session, Any], Any]
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One entry of the table. ``readonly``: allowed to read-only peers."""
+    """One entry of the table. ``readonly``: allowed to read-only peers. ``audit``: each
+    success is logged as a change, with the peer."""
 
     name: str
     args: type[m.Args]
@@ -41,42 +53,41 @@ class Command:
     handler: Handler
     doc: str
     readonly: bool
+    audit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """A result already encoded as ASCII JSON, valid against the command's result model."""
+
+    text: bytes
 
 
 COMMANDS: dict[str, Command] = {}
 
 
 def command(
-    name: str, args: type[A], result: type[BaseModel], *, readonly: bool = False
+    name: str,
+    args: type[A],
+    result: type[BaseModel],
+    *,
+    readonly: bool = False,
+    audit: bool = False,
 ) -> Callable[[Callable[[Session, A], Any]], Callable[[Session, A], Any]]:
     """Register the decorated handler as command ``name``; its docstring is the doc."""
 
     def register(fn: Callable[[Session, A], Any]) -> Callable[[Session, A], Any]:
         assert issubclass(args, m.Args)
         doc = " ".join((fn.__doc__ or "").split())
-        COMMANDS[name] = Command(name, args, result, fn, doc, readonly)
+        COMMANDS[name] = Command(name, args, result, fn, doc, readonly, audit)
         return fn
 
     return register
 
 
-def block_info(block: RAMBlock) -> m.RamBlockInfo:
-    return m.RamBlockInfo(
-        id=block.id,
-        size=block.size,
-        max_size=block.max_size,
-        resizable=block.resizable,
-        page_size=block.page_size,
-        host=block.host,
-        offset=block.offset,
-        backend=block.backend,
-        prealloc=block.prealloc,
-        merge=block.merge,
-        dump=block.dump,
-        hugepages=block.hugepages,
-        lock=block.lock,
-        resident=block.resident(),
-    )
+def block_info(session: Session, block: RAMBlock) -> Raw:
+    """``RamBlockInfo`` of ``block`` as this session may see it."""
+    return Raw(session.service.infos.info(block.id, not session.readonly))
 
 
 def _align_up(value: int, align: int) -> int:
@@ -92,8 +103,9 @@ def _check_add_limits(service: Service, args: m.RamBlockAddArgs) -> None:
     page = host_page_size()
     size = _align_up(args.size, page)
     reserve = _align_up(max(args.max_size or size, size), page) + page
-    if len(ram) >= lim.max_blocks:
-        raise _limit("max-blocks", lim.max_blocks, f"{len(ram)} blocks exist")
+    count = len(ram) + ram.pending
+    if count >= lim.max_blocks:
+        raise _limit("max-blocks", lim.max_blocks, f"{count} blocks exist or are being created")
     if lim.max_reserved and ram.reserved + reserve > lim.max_reserved:
         raise _limit(
             "max-reserved", lim.max_reserved, f"{ram.reserved} reserved, {reserve} more asked"
@@ -109,10 +121,8 @@ def _check_io(service: Service, length: int) -> None:
         )
 
 
-@command("ram-block-add", m.RamBlockAddArgs, m.RamBlockInfo)
-def ram_block_add(
-    session: Session, args: m.RamBlockAddArgs
-) -> m.RamBlockInfo | Awaitable[m.RamBlockInfo]:
+@command("ram-block-add", m.RamBlockAddArgs, m.RamBlockInfo, audit=True)
+def ram_block_add(session: Session, args: m.RamBlockAddArgs) -> Raw | Awaitable[Raw]:
     """Create a RAM block of ``size`` bytes; with ``max-size`` it is resizable up to that,
     the rest reserved but inaccessible. ``prealloc`` faults in every page first."""
     service = session.service
@@ -129,57 +139,104 @@ def ram_block_add(
         lock=args.lock,
         align=args.align,
     )
-    if not args.prealloc:
-        ram.commit(block)
-        return block_info(block)
-    return _preallocate_and_commit(service, block)
-
-
-async def _preallocate_and_commit(service: Service, block: RAMBlock) -> m.RamBlockInfo:
-    """Fault the block in on a worker thread, then commit it on the loop thread.
-
-    The block stays uncommitted (invisible, its id "busy") while the thread runs. If this
-    coroutine is cancelled, the block is freed only once the thread is done with it.
-    """
-    ram = service.ram
-    fut = asyncio.get_running_loop().run_in_executor(None, ram.preallocate, block)
+    if args.prealloc or (args.lock and block.size > LOCK_INLINE_MAX):
+        return _fill_and_commit(session, block)
     try:
-        await asyncio.shield(fut)
+        ram.fill(block)
     except BaseException:
-        if fut.done():
-            ram.abort(block)
-        else:
-            fut.add_done_callback(lambda _: ram.abort(block))
+        ram.abort(block)
         raise
     ram.commit(block)
-    return block_info(block)
+    return block_info(session, block)
 
 
-@command("ram-block-del", m.BlockIdArgs, m.Empty)
+async def _fill_and_commit(session: Session, block: RAMBlock) -> Raw:
+    """Lock and fault the block in on a worker thread, then commit it on the loop thread.
+
+    The block stays uncommitted (invisible, its id "busy") while the thread runs; it is
+    freed if that fails, and only once the thread is done with it.
+    """
+    ram = session.service.ram
+    try:
+        await session.service.in_worker(lambda: ram.fill(block))
+    except BaseException:
+        ram.abort(block)
+        raise
+    ram.commit(block)
+    return block_info(session, block)
+
+
+@command("ram-block-del", m.BlockIdArgs, m.Empty, audit=True)
 def ram_block_del(session: Session, args: m.BlockIdArgs) -> m.Empty:
     """Remove a RAM block and unmap all of its memory."""
     session.service.ram.remove(args.id)
     return m.Empty()
 
 
-@command("ram-block-resize", m.RamBlockResizeArgs, m.RamBlockInfo)
-def ram_block_resize(session: Session, args: m.RamBlockResizeArgs) -> m.RamBlockInfo:
+@command("ram-block-resize", m.RamBlockResizeArgs, m.RamBlockInfo, audit=True)
+def ram_block_resize(session: Session, args: m.RamBlockResizeArgs) -> Raw | Awaitable[Raw]:
     """Grow or shrink a resizable RAM block in place (no-op at the current size)."""
     service = session.service
-    block = service.ram.get(args.id)
+    ram = service.ram
+    block, new = ram.check_resize(args.id, args.size)
+    grow = new - block.size
     lim = service.limits.max_used
-    grow = _align_up(args.size, block.page_size) - block.size
-    if lim and grow > 0 and service.ram.used + grow > lim:
-        raise _limit("max-used", lim, f"{service.ram.used} used, {grow} more asked")
-    return block_info(service.ram.resize(args.id, args.size))
+    if lim and grow > 0 and ram.used + grow > lim:
+        raise _limit("max-used", lim, f"{ram.used} used, {grow} more asked")
+    if block.lock and grow > LOCK_INLINE_MAX:
+        return _grow_locked(session, block, new)
+    ram.resize(args.id, args.size)
+    return block_info(session, block)
+
+
+async def _grow_locked(session: Session, block: RAMBlock, new: int) -> Raw:
+    """Grow a ``lock`` block: map the tail, lock it in a worker thread while the block is
+    pinned, then take the new size and notify (QEMU's order: map, then notify)."""
+    ram = session.service.ram
+    old = block.size
+    ram.grow_map(block, old, new)
+    ram.pin(block, "it is being locked")
+    try:
+        await session.service.in_worker(lambda: ram.lock_range(block, old, new - old))
+    except BaseException:
+        ram.grow_undo(block, old, new)
+        raise
+    finally:
+        ram.unpin(block)
+    ram.grow_commit(block, old, new)
+    return block_info(session, block)
 
 
 @command("query-ram-blocks", m.QueryRamBlocksArgs, m.RamBlockInfoList, readonly=True)
-def query_ram_blocks(session: Session, args: m.QueryRamBlocksArgs) -> m.RamBlockInfoList:
-    """List the RAM blocks in creation order, or only the one named ``id``."""
-    ram = session.service.ram
+def query_ram_blocks(session: Session, args: m.QueryRamBlocksArgs) -> Raw | Awaitable[Raw]:
+    """List the RAM blocks in creation order, or only the one named ``id``. ``resident``
+    adds the bytes of each block resident in RAM (a scan of its pages)."""
+    ram, infos = session.service.ram, session.service.infos
+    with_host = not session.readonly
+    if args.id is None and not args.resident:
+        return Raw(infos.listing(with_host))
     blocks = [ram.get(args.id)] if args.id is not None else list(ram)
-    return m.RamBlockInfoList([block_info(b) for b in blocks])
+    texts = [infos.info(b.id, with_host) for b in blocks]
+    if not args.resident:
+        return Raw(json_list(texts))
+    if sum(b.size for b in blocks) <= SCAN_INLINE_MAX:
+        return Raw(json_list(list(map(with_resident, texts, map(_resident, blocks)))))
+    return _with_resident(session, blocks, texts)
+
+
+async def _with_resident(session: Session, blocks: list[RAMBlock], texts: list[bytes]) -> Raw:
+    counts = await session.service.in_worker(lambda: [_resident(b) for b in blocks])
+    return Raw(json_list(list(map(with_resident, texts, counts))))
+
+
+def _resident(block: RAMBlock) -> int:
+    """Resident bytes of a block, from a worker thread. ``mincore`` only reads page tables:
+    a block unmapped meanwhile by the loop thread gives an error here (counted as 0),
+    never a fault."""
+    try:
+        return block.resident()
+    except OSError:
+        return 0
 
 
 @command("ram-block-read", m.RamBlockReadArgs, m.ReadResult)
@@ -205,17 +262,40 @@ def ram_block_discard(session: Session, args: m.RamBlockDiscardArgs) -> m.Empty:
 
 
 @command("subscribe", m.SubscribeArgs, m.SubscribeResult, readonly=True)
-def subscribe(session: Session, args: m.SubscribeArgs) -> m.SubscribeResult:
+def subscribe(
+    session: Session, args: m.SubscribeArgs
+) -> m.SubscribeResult | Awaitable[m.SubscribeResult]:
     """Receive events (all, or those named). With ``replay``, one ``RAM_BLOCK_ADDED`` per
     existing block is sent first, before this command's response."""
     names = session.subscribe(args.events)
     service = session.service
-    seq = service.broadcaster.seq
-    if args.replay and "RAM_BLOCK_ADDED" in names:
-        for block in service.ram:
-            event = make_event("RAM_BLOCK_ADDED", added_data(block, seq, True))
-            session.sink.send_event(event, live=False)
-    return m.SubscribeResult(seq=seq, events=[n for n in m.EVENT_NAMES if n in names])
+    result = m.SubscribeResult(
+        seq=service.broadcaster.seq, events=[n for n in m.EVENT_NAMES if n in names]
+    )
+    blocks = list(service.ram)
+    if not (args.replay and "RAM_BLOCK_ADDED" in names and blocks):
+        return result
+    return _replay(session, blocks, result)
+
+
+async def _replay(
+    session: Session, blocks: list[RAMBlock], result: m.SubscribeResult
+) -> m.SubscribeResult:
+    """Queue one replay ``RAM_BLOCK_ADDED`` per block, ``REPLAY_SLICE`` at a time, waiting
+    for the client to read its output in between: a replay holds no more memory than a
+    subscriber's queue, whatever the number of blocks or of ``subscribe`` calls. A block
+    removed meanwhile (its ``RAM_BLOCK_REMOVED`` is already queued) is not replayed."""
+    ram = session.service.ram
+    for i, block in enumerate(blocks):
+        sink = session.sink
+        if sink is None:
+            break
+        if i % REPLAY_SLICE == 0 and i:
+            await sink.drained()
+        if block.id in ram and ram.get(block.id) is block:
+            event = make_event("RAM_BLOCK_ADDED", added_data(block, result.seq, True))
+            sink.send_event(event, live=False)
+    return result
 
 
 @command("unsubscribe", m.NoArgs, m.Empty, readonly=True)
@@ -226,15 +306,27 @@ def unsubscribe(session: Session, args: m.NoArgs) -> m.Empty:
 
 
 @command("query-stats", m.NoArgs, m.StatsResult, readonly=True)
-def query_stats(session: Session, args: m.NoArgs) -> m.StatsResult:
+def query_stats(session: Session, args: m.NoArgs) -> m.StatsResult | Awaitable[m.StatsResult]:
     """Usage figures of the daemon, and its limits."""
+    blocks = list(session.service.ram)
+    if session.service.ram.used <= SCAN_INLINE_MAX:
+        return _stats(session, sum(map(_resident, blocks)))
+    return _stats_scanned(session, blocks)
+
+
+async def _stats_scanned(session: Session, blocks: list[RAMBlock]) -> m.StatsResult:
+    resident = await session.service.in_worker(lambda: sum(map(_resident, blocks)))
+    return _stats(session, resident)
+
+
+def _stats(session: Session, resident: int) -> m.StatsResult:
     service = session.service
     ram = service.ram
     return m.StatsResult(
         blocks=len(ram),
         reserved=ram.reserved,
         used=ram.used,
-        resident=sum(b.resident() for b in ram),
+        resident=resident,
         clients=len(service.sessions),
         subscribers=sum(1 for _ in service.broadcaster.subscribers()),
         events_emitted=service.broadcaster.emitted,

@@ -1,8 +1,15 @@
-"""Run one command for a session: look it up, check access, validate, call, encode.
+"""Run one command for a session: look it up, check access, validate, call, and say how it
+ended as an :class:`~ramd.api.outcome.Outcome`.
 
-Dialect-independent. Failures come out as exceptions the dialects translate:
-:class:`CommandNotFound`, :class:`ArgumentError` (pydantic's error list, worded per dialect)
-and :class:`~ramd.errors.RamdError`. Anything else is an internal bug.
+Dialect-independent. Nothing a client sends makes :func:`call` raise: refusals are
+:class:`~ramd.api.outcome.Failed`, bad arguments :class:`~ramd.api.outcome.BadArguments`,
+unknown names :class:`~ramd.api.outcome.NotFound`, bugs :class:`~ramd.api.outcome.Internal`
+(logged with their traceback). A handler that must wait returns an awaitable; it becomes a
+:class:`~ramd.api.outcome.Pending` whose result is mapped the same way.
+
+Logging: each refusal of a peer's request is logged once at INFO with the peer and the
+reason, rate-limited per session; each successful change (commands marked ``audit``) is one
+audit line with the peer's pid and uid. Names chosen by clients are logged with ``repr``.
 """
 
 from __future__ import annotations
@@ -13,96 +20,116 @@ from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
 
-from ramd.api.commands import COMMANDS, Command
+from ramd.api.commands import COMMANDS, Raw
+from ramd.api.outcome import BadArguments, Done, Failed, Final, Internal, NotFound, Outcome, Pending
 from ramd.api.service import Session
 from ramd.errors import RamdError
 
 log = logging.getLogger("ramd.requests")
+audit = logging.getLogger("ramd.audit")
+
+_NO_MEMORY = Failed("GenericError", "Cannot allocate memory for this request")
 
 
-class CommandNotFound(Exception):
-    """No command of that name."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-class ArgumentError(Exception):
-    """The arguments failed validation; ``errors`` is pydantic's list."""
-
-    def __init__(self, errors: list[ErrorDetails]) -> None:
-        super().__init__(errors)
-        self.errors = errors
-
-    def message(self) -> str:
-        """``field: reason`` for each bad field, joined by ``; ``."""
-        parts = []
-        for err in self.errors:
-            field = ".".join(str(p) for p in err["loc"]) or "params"
-            parts.append(f"{field}: {err['msg']}")
-        return "; ".join(parts)
-
-
-def encode(result: BaseModel) -> Any:
-    """A result model as JSON-ready Python data (kebab-case keys)."""
-    return result.model_dump(mode="json", by_alias=True)
-
-
-def lookup(session: Session, name: str) -> Command:
-    """The command ``name`` if this session may run it."""
+def call(session: Session, name: str, params: dict[str, Any]) -> Outcome:
+    """Run command ``name`` with ``params`` for ``session``."""
     cmd = COMMANDS.get(name)
     if cmd is None:
-        raise CommandNotFound(name)
+        return not_found(session, name)
     if session.readonly and not cmd.readonly:
-        raise RamdError(f"Permission denied: read-only peer may not run '{name}'")
-    return cmd
-
-
-def call(session: Session, name: str, params: dict[str, Any]) -> Any:
-    """Run command ``name``; returns JSON-ready data, or an awaitable of it.
-
-    Every refusal of a peer's request is logged once, with the peer and the reason (the
-    daemon's own start-up session has no peer: its failures are reported by the caller).
-    """
+        return _failed(
+            session, name, RamdError(f"Permission denied: read-only peer may not run '{name}'")
+        )
     try:
-        cmd = lookup(session, name)
-        try:
-            args = cmd.args.model_validate(params)
-        except ValidationError as e:
-            raise ArgumentError(e.errors(include_url=False, include_context=False)) from None
+        args = cmd.args.model_validate(params)
+    except ValidationError as e:
+        bad = BadArguments(e.errors(include_url=False, include_context=False))
+        _refused(session, name, f"invalid arguments: {bad.message()}")
+        return bad
+    try:
         result = cmd.handler(session, args)
-    except (RamdError, ArgumentError, CommandNotFound) as e:
-        _log_refusal(session, name, e)
-        raise
-    if inspect.isawaitable(result):
-        return _finish(session, name, result)
-    return encode(result)
-
-
-async def _finish(session: Session, name: str, pending: Awaitable[BaseModel]) -> Any:
-    try:
-        return encode(await pending)
     except RamdError as e:
-        _log_refusal(session, name, e)
-        raise
+        return _failed(session, name, e)
+    except MemoryError:
+        return _NO_MEMORY
+    except Exception:
+        log.exception("internal error in %s", name)
+        return Internal()
+    if inspect.isawaitable(result):
+        return Pending(_settle(session, name, params, cmd.audit, result))
+    if cmd.audit:
+        _audit(session, name, params)
+    return _done(result)
 
 
-def _log_refusal(session: Session, name: str, e: Exception) -> None:
+def not_found(session: Session, name: str) -> NotFound:
+    """The outcome of a call of an unknown command (logged as a refusal)."""
+    _refused(session, name, "unknown command")
+    return NotFound(name)
+
+
+async def _settle(
+    session: Session, name: str, params: dict[str, Any], audited: bool, pending: Awaitable[Any]
+) -> Final:
+    try:
+        result = await pending
+    except RamdError as e:
+        return _failed(session, name, e)
+    except MemoryError:
+        return _NO_MEMORY
+    except Exception:
+        log.exception("internal error in %s", name)
+        return Internal()
+    if audited:
+        _audit(session, name, params)
+    return _done(result)
+
+
+def _done(result: BaseModel | Raw) -> Done:
+    if isinstance(result, Raw):
+        return Done(raw=result.text)
+    return Done(result.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def _failed(session: Session, name: str, e: RamdError) -> Failed:
+    _refused(session, name, f"{e.error_class}: {e.desc}")
+    return Failed(e.error_class, e.desc)
+
+
+def _refused(session: Session, name: str, why: str) -> None:
+    if not session.peer or not session.refusal_log.allow():
+        return
+    shown = repr(name[:64])
+    log.info(
+        "refused %s from %s: %s%s",
+        shown,
+        session.peer,
+        why[:512],
+        session.refusal_log.suppressed_note(),
+        extra={"fields": {"event": "refused-request", "command": name[:64], "reason": why[:512]}},
+    )
+
+
+def _audit(session: Session, name: str, params: dict[str, Any]) -> None:
     if not session.peer:
         return
-    if isinstance(e, RamdError):
-        why = f"{e.error_class}: {e.desc}"
-    elif isinstance(e, ArgumentError):
-        why = f"invalid arguments: {e.message()}"
-    else:
-        why = "unknown command"
-    log.info(
-        "refused %s from %s: %s",
-        name[:64],
+    target = params.get("id")
+    shown = repr(target[:64]) if isinstance(target, str) else "-"
+    size = params.get("size")
+    extra = f" size={size}" if isinstance(size, int) else ""
+    audit.info(
+        "%s %s%s by %s",
+        name,
+        shown,
+        extra,
         session.peer,
-        why,
-        extra={"fields": {"event": "refused-request", "command": name[:64], "reason": why}},
+        extra={
+            "fields": {
+                "event": "change",
+                "command": name,
+                "target": target if isinstance(target, str) else None,
+                **session.peer_fields,
+            }
+        },
     )

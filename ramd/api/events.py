@@ -41,6 +41,10 @@ class Event:
     def timestamp(self) -> dict[str, int]:
         return {"seconds": self.seconds, "microseconds": self.microseconds}
 
+    def public_data(self) -> dict[str, Any]:
+        """``data`` as read-only peers see it: without the daemon's ``host`` addresses."""
+        return {k: v for k, v in self.data.items() if k != "host"}
+
 
 def make_event(name: str, data: dict[str, Any]) -> Event:
     """An event stamped with the current wall-clock time."""
@@ -49,14 +53,19 @@ def make_event(name: str, data: dict[str, Any]) -> Event:
 
 
 class EventSink(Protocol):
-    """Where a subscriber's events go (a connection). Must not block or raise.
+    """Where a subscriber's events go (a connection's output). Must not block or raise.
 
-    ``live`` events count against the subscriber's bounded queue; replay events are part of
-    the answer to the client's own ``subscribe`` (one per block, so bounded by the block
-    limit) and never make it count as slow.
+    ``live`` events count against the subscriber's bounded queue (a subscriber that falls
+    too far behind is dropped). Replay events are part of the answer to the client's own
+    ``subscribe``: the replay awaits :meth:`drained` between slices, so the events it queues
+    are bounded like live ones without ever counting the client as slow.
     """
 
     def send_event(self, event: Event, live: bool = True) -> None: ...
+
+    async def drained(self) -> None:
+        """Return once the sink's queued output is below its high-water mark."""
+        ...
 
 
 class Subscriber(Protocol):

@@ -109,6 +109,9 @@ class RamBlockResizeArgs(Args):
 
 class QueryRamBlocksArgs(Args):
     id: BlockId | None = None
+    resident: StrictBool = Field(
+        False, description="also report each block's resident bytes (costs a scan of its pages)"
+    )
 
 
 class RamBlockReadArgs(Args):
@@ -147,7 +150,7 @@ class RamBlockInfo(Result):
     max_size: int
     resizable: bool
     page_size: int
-    host: int
+    host: int | None = Field(None, description="the daemon's address; full-access peers only")
     offset: int
     backend: str
     prealloc: bool
@@ -155,7 +158,7 @@ class RamBlockInfo(Result):
     dump: bool
     hugepages: bool
     lock: bool
-    resident: int
+    resident: int | None = Field(None, description='only with query-ram-blocks "resident": true')
 
 
 RamBlockInfoList = RootModel[list[RamBlockInfo]]
@@ -215,7 +218,7 @@ class SchemaResult(RootModel[dict[str, object]]):
 class RamBlockAddedData(Result):
     seq: int
     id: str
-    host: int
+    host: int | None = Field(None, description="the daemon's address; full-access peers only")
     offset: int
     size: int
     max_size: int
@@ -228,7 +231,7 @@ class RamBlockAddedData(Result):
 class RamBlockResizedData(Result):
     seq: int
     id: str
-    host: int
+    host: int | None = Field(None, description="the daemon's address; full-access peers only")
     old_size: int
     new_size: int
     max_size: int
@@ -237,7 +240,7 @@ class RamBlockResizedData(Result):
 class RamBlockRemovedData(Result):
     seq: int
     id: str
-    host: int
+    host: int | None = Field(None, description="the daemon's address; full-access peers only")
     size: int
     max_size: int
 

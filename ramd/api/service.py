@@ -7,13 +7,23 @@ used on the asyncio loop thread only.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
+from ramd.api.blockinfo import BlockInfoCache
 from ramd.api.events import Broadcaster, Event, EventSink
 from ramd.api.models import EVENT_NAMES
 from ramd.config import Limits
+from ramd.logs import LogBudget
 from ramd.ramblock import RAMList
+
+T = TypeVar("T")
+
+#: Threads that fill, lock or scan block memory off the loop thread.
+WORKER_THREADS = 4
 
 
 class Service:
@@ -24,15 +34,33 @@ class Service:
         self.ram = ram or RAMList()
         self.broadcaster = Broadcaster()
         self.ram.register_notifier(self.broadcaster)
+        self.infos = BlockInfoCache()
+        self.ram.register_notifier(self.infos)
         self.sessions: set[Session] = set()
         #: Subscribers disconnected for falling behind (counted by the transport).
         self.dropped_subscribers = 0
         self.started = time.monotonic()
+        self._workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="ramd-worker")
+
+    async def in_worker(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in a worker thread and return its result on the loop thread.
+
+        The caller must have made the memory ``fn`` touches unchangeable first (an
+        uncommitted or pinned block). If the awaiting task is cancelled, ``fn`` still runs to
+        its end: this coroutine only returns once the thread is done with the memory.
+        """
+        fut = asyncio.get_running_loop().run_in_executor(self._workers, fn)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            raise
 
     def close(self) -> None:
         """Free every block (each removal is notified) and forget the sessions."""
         self.ram.close()
         self.sessions.clear()
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
 
 class Session:
@@ -40,7 +68,8 @@ class Session:
 
     ``subscribed`` is the set of event names it receives, or None before ``subscribe`` (a QMP
     session is created subscribed to every event once negotiated). ``readonly`` peers may only
-    run ``query-*`` and ``subscribe``/``unsubscribe``.
+    run ``query-*`` and ``subscribe``/``unsubscribe``, and never see ``host`` addresses.
+    ``sink`` is None once the session is closed (its connection is gone).
     """
 
     def __init__(
@@ -50,12 +79,16 @@ class Session:
         *,
         readonly: bool = False,
         peer: str = "",
+        peer_fields: dict[str, object] | None = None,
     ) -> None:
         self.service = service
-        self.sink = sink
+        self.sink: EventSink | None = sink
         self.readonly = readonly
         self.peer = peer
+        self.peer_fields = peer_fields or {}
         self.subscribed: frozenset[str] | None = None
+        #: Bounds the refusal lines this peer can cause in the log.
+        self.refusal_log = LogBudget()
         service.sessions.add(self)
 
     def subscribe(self, events: Collection[str] | None) -> frozenset[str]:
@@ -69,10 +102,11 @@ class Session:
         self.service.broadcaster.unsubscribe(self)
 
     def deliver(self, event: Event) -> None:
-        if self.subscribed is not None and event.name in self.subscribed:
+        if self.subscribed is not None and event.name in self.subscribed and self.sink:
             self.sink.send_event(event)
 
     def close(self) -> None:
-        """Detach from the service; no event reaches the sink afterwards."""
+        """Detach from the service and from the sink; no event reaches the sink afterwards."""
         self.unsubscribe()
         self.service.sessions.discard(self)
+        self.sink = None

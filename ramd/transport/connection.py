@@ -1,61 +1,56 @@
-"""One client connection: split input, one reader task, bounded output.
+"""One client connection: the I/O around its request pipeline.
 
 Ownership and thread: a :class:`Connection` is created by the listener for each accepted
-socket, owns its transport, splitter, dialect and session, and lives on the loop thread.
+socket, owns its transport, splitter, :class:`~ramd.transport.output.Output`,
+:class:`~ramd.transport.pipeline.Pipeline`, dialect and session, and lives on the loop thread.
 
-Flow: the transport reads into one reusable buffer per connection (``BufferedProtocol``: no
-allocation or ``mmap`` per read); ``buffer_updated`` splits the bytes into JSON texts and
-queues them. Reading pauses when ``INBOX_MAX`` messages or ``INBOX_BYTES`` wait, so a
-connection holds about two messages' worth of input at most. Messages are answered one at a
-time, in order: inline in the protocol callback while the reader task is parked with nothing
-in flight (the common case: no task switch per request), otherwise by the reader task, which
-also awaits answers that must wait and waits whenever the output is paused, so a client that
-does not read its answers stops being read.
-Events go through the same ordered output; while it is paused they are queued, and a
-subscriber with more than ``subscriber-queue`` events waiting is disconnected (logged).
-Closing never cancels the command in flight: the reader finishes it, then exits.
+Flow: the transport reads into one reusable buffer per connection (``BufferedProtocol``);
+``buffer_updated`` splits the bytes into JSON texts and queues them in the pipeline, pausing
+the socket while the pipeline is full. While the connection's task is parked (nothing in
+progress), the callback runs the pipeline inline for one budget; otherwise, or when the
+budget is spent, the task carries on: it settles pending outcomes, waits while the output is
+backed up (a client that does not read its answers stops being read) and yields between
+budgets.
+
+Refused connections get their refusal, then a half-close, and are read (and the input
+dropped) until the peer closes or ``REFUSAL_LINGER`` passes: closing at once would reset a
+peer that already sent a request, and it would see EPIPE instead of the refusal.
+
+Idle connections (no request for ``idle-timeout``, not subscribed) are closed.
+Closing never cancels the command in flight: the task settles it, then exits. A closed
+connection drops its buffers and its session at once (no reference cycle keeps them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-import socket
-import struct
-from collections import deque
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from ramd.api.events import Event
 from ramd.api.service import Session
-from ramd.transport.dialect import Dialect, Reply
-from ramd.transport.splitter import JsonSplitter, SplitError
+from ramd.transport.dialect import Dialect
+from ramd.transport.output import Output
+from ramd.transport.peer import peer_credentials
+from ramd.transport.pipeline import Pipeline, State
+from ramd.transport.splitter import JsonSplitter
 
 if TYPE_CHECKING:
     from ramd.transport.server import Server
 
+DialectFactory = Callable[[Session], Dialect]
+
 log = logging.getLogger("ramd.connection")
 
-#: Complete messages queued before the connection stops reading from its socket.
-INBOX_MAX = 64
-#: Bytes of complete messages queued before the connection stops reading.
-INBOX_BYTES = 1024 * 1024
-#: Bytes in the transport's buffer above which the output counts as paused.
+#: Bytes in the transport's buffer above which the output counts as backed up.
 WRITE_HIGH_WATER = 256 * 1024
 #: Size of the reusable read buffer of each connection.
 READ_BUFFER = 16 * 1024
-
-DialectFactory = Callable[[Session], Dialect]
-
-
-def peer_credentials(sock: socket.socket | None) -> tuple[int, int, int]:
-    """``(pid, uid, gid)`` of the peer of a Unix socket (Linux ``SO_PEERCRED``)."""
-    if sock is None:
-        return (0, -1, -1)
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
+#: Seconds a refused connection is kept half-closed so that the peer reads its refusal.
+REFUSAL_LINGER = 2.0
+_NO_BUFFER = memoryview(bytearray(READ_BUFFER))
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -65,27 +60,26 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self._factory = dialect_factory
         limits = server.service.limits
-        self._splitter = JsonSplitter(limits.max_message_size, limits.max_depth)
-        self._queue_limit = limits.subscriber_queue
-        self._inbox: deque[bytes | SplitError] = deque()
-        self._inbox_bytes = 0
-        self._out: deque[tuple[bytes, bool]] = deque()
-        self._queued_events = 0
-        self._write_paused = False
+        self._splitter: JsonSplitter | None = JsonSplitter(
+            limits.max_message_size, limits.max_depth
+        )
+        self._read_buffer = memoryview(bytearray(READ_BUFFER))
         self._read_paused = False
         self._eof = False
-        #: The reader task waits for input with nothing in flight: input is answered inline.
         self._parked = False
-        #: An answer that must wait, handed from the inline path to the reader task.
-        self._deferred: Awaitable[Reply] | None = None
+        self._refused = False
         self.closed = False
         self._wakeup: asyncio.Future[None] | None = None
         self._transport: asyncio.Transport | None = None
-        self._read_buffer = memoryview(bytearray(READ_BUFFER))
         self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_request = time.monotonic()
         self.task: asyncio.Task[None] | None = None
         self.dialect: Dialect | None = None
+        self.output: Output | None = None
+        self.pipeline: Pipeline | None = None
         self.peer = ""
+        self.uid = -1
         self.fields: dict[str, object] = {}
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -93,113 +87,123 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = t = cast(asyncio.Transport, transport)
         t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        pid, uid, gid = peer_credentials(t.get_extra_info("socket"))
-        self.peer = f"pid={pid} uid={uid} gid={gid}"
-        self.fields = {"pid": pid, "uid": uid, "gid": gid}
-        access, refusal = self.server.admit(self, uid, gid)
-        session = Session(self.server.service, self, readonly=access == "readonly", peer=self.peer)
-        self.dialect = self._factory(session)
-        self.fields["dialect"] = self.dialect.name
+        cred = peer_credentials(t.get_extra_info("socket"))
+        self.uid = cred.uid
+        self.peer = f"pid={cred.pid} uid={cred.uid} gid={cred.gid}"
+        self.fields = {"pid": cred.pid, "uid": cred.uid, "gid": cred.gid}
+        access, refusal = self.server.admit(self, cred)
+        session = Session(
+            self.server.service,
+            self,
+            readonly=access == "readonly",
+            peer=self.peer,
+            peer_fields=dict(self.fields),
+        )
+        self.dialect = dialect = self._factory(session)
+        self.fields["dialect"] = dialect.name
+        self.output = Output(t, self.server.service.limits.subscriber_queue, self._drop_slow)
         if refusal is not None:
-            log.warning(
-                "refused connection %s: %s",
-                self.peer,
-                refusal,
-                extra={"fields": {**self.fields, "event": "refused", "reason": refusal}},
-            )
-            t.write(self.dialect.refusal(refusal))
-            self._finish()
+            self._refuse(refusal)
             return
-        log.info(
+        log.debug(
             "accepted connection %s (%s, %s)",
             self.peer,
-            self.dialect.name,
+            dialect.name,
             access,
             extra={"fields": {**self.fields, "event": "accepted", "access": access}},
         )
-        if hello := self.dialect.greeting():
-            t.write(hello)
+        self.pipeline = Pipeline(dialect, self.output)
+        if hello := dialect.greeting():
+            self.output.write(hello)
         self.task = self._loop.create_task(self._run())
+        self._arm_idle_timer(self.server.service.limits.idle_timeout)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.closed or self.task is None:
+        pipeline, splitter = self.pipeline, self._splitter
+        if self.closed or pipeline is None or splitter is None:
+            return  # refused (input dropped) or closing
+        self._last_request = time.monotonic()
+        try:
+            for item in splitter.feed(bytes(self._read_buffer[:nbytes])):
+                pipeline.push(item)
+        except MemoryError:
+            log.warning("connection %s: out of memory splitting its input", self.peer)
+            self._finish()
             return
-        for item in self._splitter.feed(bytes(self._read_buffer[:nbytes])):
-            self._inbox.append(item)
-            self._inbox_bytes += len(item) if isinstance(item, bytes) else 0
-        if self._inbox_full() and not self._read_paused:
+        if pipeline.full and not self._read_paused:
             self._read_paused = True
             assert self._transport is not None
             self._transport.pause_reading()
-        if self._parked:
-            self._answer_inline()
-        if self._inbox or self._deferred is not None:
-            self.wake()
+        if self._parked and not self.server.stopping:
+            try:
+                state = pipeline.run()
+            except Exception:
+                log.exception("connection %s failed", self.peer)
+                self._finish()
+                return
+            if state is State.IDLE:
+                self._resume_reading()
+                return
+        self.wake()
 
     def eof_received(self) -> bool:
         self._eof = True
         self.wake()
-        return True
+        return not self._refused  # a refused peer read its refusal: close now
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.dialect is not None:
             self.dialect.session.close()
-        self._inbox.clear()
-        self._inbox_bytes = 0
-        self._out.clear()
+        if self.output is not None:
+            self.output.close()
+        if self.pipeline is not None:
+            self.pipeline.clear()
+        self._splitter = None
+        self._read_buffer = _NO_BUFFER
         self.wake()
         self.server.forget(self)
-        log.info(
-            "closed connection %s", self.peer, extra={"fields": {**self.fields, "event": "closed"}}
-        )
+        if not self._refused:
+            log.debug(
+                "closed connection %s",
+                self.peer,
+                extra={"fields": {**self.fields, "event": "closed"}},
+            )
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        if self.output is not None:
+            self.output.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        t = self._transport
-        while self._out and not self._write_paused and t is not None:
-            data, is_event = self._out.popleft()
-            self._queued_events -= is_event
-            t.write(data)
+        if self.output is not None:
+            self.output.resume()
         self.wake()
 
-    # -- output ----------------------------------------------------------------------------
-
-    def send(self, data: bytes, is_event: bool = False) -> None:
-        """Write ``data`` after everything queued before it."""
-        if self.closed or self._transport is None:
-            return
-        if self._write_paused or self._out:
-            self._out.append((data, is_event))
-            self._queued_events += is_event
-        else:
-            self._transport.write(data)
+    # -- events (EventSink of the session) ----------------------------------------------
 
     def send_event(self, event: Event, live: bool = True) -> None:
-        """Queue an event; disconnect this subscriber if its queue of live events is full.
-        Never blocks. Replay events (``live=False``) are queued like a response."""
-        if self.closed or self.dialect is None:
+        """Queue an event; a too slow subscriber is disconnected. Never blocks."""
+        if self.closed or self.dialect is None or self.output is None:
             return
         wire = self.dialect.encode_event(event)
-        if wire is None:
-            return
-        backed_up = self._write_paused or self._out
-        if live and backed_up and self._queued_events >= self._queue_limit:
-            self._drop_slow_subscriber()
-            return
-        self.send(wire, live)
+        if wire is not None:
+            self.output.event(wire, live)
 
-    def _drop_slow_subscriber(self) -> None:
+    async def drained(self) -> None:
+        if self.output is not None:
+            await self.output.drained()
+
+    def _drop_slow(self) -> None:
         log.warning(
             "disconnecting slow subscriber %s: %d events queued (subscriber-queue)",
             self.peer,
-            self._queued_events,
+            self.server.service.limits.subscriber_queue,
             extra={"fields": {**self.fields, "event": "slow-subscriber"}},
         )
         self.server.service.dropped_subscribers += 1
@@ -209,10 +213,49 @@ class Connection(asyncio.BufferedProtocol):
         assert self._transport is not None
         self._transport.abort()
 
-    # -- reader task -----------------------------------------------------------------------
+    # -- refusal and idleness --------------------------------------------------------------
 
-    def _inbox_full(self) -> bool:
-        return len(self._inbox) >= INBOX_MAX or self._inbox_bytes > INBOX_BYTES
+    def _refuse(self, reason: str) -> None:
+        assert self.dialect is not None and self._transport is not None
+        self._refused = True
+        self.server.refusal(self, reason)
+        t = self._transport
+        t.write(self.dialect.refusal(reason))
+        self.dialect.session.close()
+        if not self.server.linger(self) or not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()
+        self._timer = self._loop.call_later(REFUSAL_LINGER, t.close)
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        if delay > 0:
+            self._timer = self._loop.call_later(delay, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """Close the connection if it sent nothing for ``idle-timeout`` and does not
+        receive events; otherwise look again when it could next become idle."""
+        self._timer = None
+        timeout = self.server.service.limits.idle_timeout
+        if self.closed or self.dialect is None or timeout <= 0:
+            return
+        idle = time.monotonic() - self._last_request
+        if self.dialect.session.subscribed is not None or (
+            self.pipeline is not None and self.pipeline.busy
+        ):
+            self._arm_idle_timer(timeout)
+        elif idle >= timeout:
+            log.info(
+                "closing idle connection %s after %.0f s",
+                self.peer,
+                idle,
+                extra={"fields": {**self.fields, "event": "idle"}},
+            )
+            self._finish()
+        else:
+            self._arm_idle_timer(timeout - idle)
+
+    # -- the connection's task -------------------------------------------------------------
 
     def wake(self) -> None:
         w = self._wakeup
@@ -226,70 +269,39 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             self._wakeup = None
 
-    def _take(self) -> bytes | SplitError:
-        """The next queued message; reading resumes once the queue has room again."""
-        item = self._inbox.popleft()
-        self._inbox_bytes -= len(item) if isinstance(item, bytes) else 0
-        if self._read_paused and not self._inbox_full():
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.pipeline is not None and not self.pipeline.full:
             self._read_paused = False
             assert self._transport is not None
             self._transport.resume_reading()
-        return item
-
-    def _answer(self, item: bytes | SplitError) -> Reply | Awaitable[Reply]:
-        assert self.dialect is not None
-        if isinstance(item, SplitError):
-            return self.dialect.split_error(item)
-        return self.dialect.handle(item)
-
-    def _answer_inline(self) -> None:
-        """Answer queued messages right here, in the protocol callback, while the reader task
-        is parked with nothing in flight (so order is kept and no task switch is paid per
-        request). Stops at an answer that must wait (handed to the reader task), when the
-        output backs up, or when the connection or the server is closing."""
-        try:
-            while self._inbox and not (
-                self._write_paused or self._out or self.closed or self.server.stopping
-            ):
-                answer = self._answer(self._take())
-                if inspect.isawaitable(answer):
-                    self._deferred = answer
-                    return
-                if answer:
-                    self.send(answer)
-        except Exception:
-            log.exception("connection %s failed", self.peer)
-            self._finish()
 
     async def _run(self) -> None:
-        """Answer queued messages in order until the connection ends or the server stops.
-
-        While it waits for input the task is *parked*: new input is then answered inline by
-        :meth:`_answer_inline`, and the task only wakes for answers that must wait, for a
-        backed-up output, for end of input, or to stop.
-        """
+        """Drive the pipeline until the connection ends, or the server stops and no message
+        is in progress (a command in flight is always finished)."""
+        pipeline, output = self.pipeline, self.output
+        assert pipeline is not None and output is not None
         try:
-            while not self.closed and not self.server.stopping:
-                reply: bytes | None
-                if self._deferred is not None:
-                    pending, self._deferred = self._deferred, None
-                    reply = await pending
-                elif self._inbox:
-                    answer = self._answer(self._take())
-                    reply = await answer if inspect.isawaitable(answer) else answer
-                elif self._eof:
+            while True:
+                if pipeline.pending is not None:
+                    await pipeline.settle()
+                    continue
+                stopping = self.server.stopping
+                if self.closed or (stopping and not pipeline.busy):
                     break
-                else:
+                state = pipeline.run(start=not stopping)
+                self._resume_reading()
+                if state is State.YIELD:
+                    await asyncio.sleep(0)
+                elif state is State.OUTPUT:
+                    await output.drained()
+                elif state is State.IDLE:
+                    if self._eof or stopping:
+                        break
                     self._parked = True
                     try:
                         await self._wait()
                     finally:
                         self._parked = False
-                    continue
-                if reply:
-                    self.send(reply)
-                while (self._write_paused or self._out) and not self.closed:
-                    await self._wait()
         except Exception:
             log.exception("connection %s failed", self.peer)
         finally:
@@ -297,11 +309,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def _finish(self) -> None:
         """Close after the queued output is written (the transport flushes on close)."""
-        if self._transport is not None and not self._transport.is_closing():
-            for data, _ in self._out:
-                self._transport.write(data)
-            self._out.clear()
-            self._transport.close()
+        t = self._transport
+        if t is not None and not t.is_closing():
+            if self.output is not None:
+                self.output.flush()
+            t.close()
 
     def close(self) -> None:
         """Close now (server shutdown); a command in flight still completes."""

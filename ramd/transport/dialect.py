@@ -1,20 +1,45 @@
-"""What a connection needs from a wire dialect: protocol logic without I/O.
+"""What the request pipeline needs from a wire dialect: protocol logic without I/O.
 
-A dialect turns one complete JSON text into the bytes of its answer (or nothing), words
-splitter errors, encodes events and may greet. It owns the connection's
-:class:`~ramd.api.service.Session`. Loop thread only; one dialect object per connection.
+A dialect turns one complete JSON text into either its answer right away (bytes, or None for
+nothing to send: a notification) or a :class:`Plan`: the calls that text asks for, run one at
+a time by the pipeline, each :class:`~ramd.api.outcome.Outcome` formatted by the dialect, and
+the answer assembled at the end. A dialect also words splitter errors and refusals, encodes
+events and may greet. It owns the connection's :class:`~ramd.api.service.Session`.
+Loop thread only; one dialect object per connection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from typing import Protocol
 
 from ramd.api.events import Event
+from ramd.api.outcome import Final, Outcome
 from ramd.api.service import Session
 from ramd.transport.splitter import SplitError
 
 Reply = bytes | None
+
+
+class Plan(Protocol):
+    """The calls of one message, in order, and the answer they add up to.
+
+    The pipeline calls :meth:`step` until it returns None; after each step that returned an
+    outcome it calls :meth:`record` with it, or, for a :class:`~ramd.api.outcome.Pending`,
+    with its final outcome once settled (no other step runs in between). Then it sends
+    :meth:`finish`.
+    """
+
+    def step(self) -> Outcome | None:
+        """Run the next call; None when every call has run."""
+        ...
+
+    def record(self, outcome: Outcome) -> None:
+        """The outcome of the call :meth:`step` just ran (never a ``Pending``)."""
+        ...
+
+    def finish(self) -> Reply:
+        """The message's answer."""
+        ...
 
 
 class Dialect(Protocol):
@@ -27,8 +52,8 @@ class Dialect(Protocol):
         """Bytes to send when the connection opens."""
         ...
 
-    def handle(self, message: bytes) -> Reply | Awaitable[Reply]:
-        """Answer one JSON text; an awaitable when the command must wait."""
+    def handle(self, message: bytes) -> Reply | Plan:
+        """The answer to one JSON text, or the plan of the calls it asks for."""
         ...
 
     def split_error(self, error: SplitError) -> bytes:
@@ -39,6 +64,13 @@ class Dialect(Protocol):
         """A message sent before closing a connection that is refused (limits, access)."""
         ...
 
+    def no_memory(self) -> bytes:
+        """The answer to a message that could not be handled for lack of memory."""
+        ...
+
     def encode_event(self, event: Event) -> bytes | None:
         """The event on the wire, or None when this connection must not get it now."""
         ...
+
+
+__all__ = ["Dialect", "Final", "Plan", "Reply"]

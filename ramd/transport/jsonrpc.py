@@ -1,184 +1,254 @@
 """The JSON-RPC 2.0 dialect, on ``jsonrpcserver`` behind this one adapter.
 
-What we take from jsonrpcserver: the request/response types, method lookup (-32601), the
-params binding check and the call with its Result, through its per-request core
-(``create_request`` -> ``dispatch_request`` -> ``to_response``). What we do ourselves,
-because its defaults do not fit (see design.md) or cost more than they give: JSON parsing
-(the splitter hands us one text), a cheap structural validator in place of its jsonschema
-pass (same -32600 semantics), batches run in order one call after the other (its async
-dispatcher gathers them), notifications detected by id, and every exception mapped to a
-protocol error (-32602 naming fields, -32000 with ``data.class``, -32603 with a generic
-message, never an exception text). Skipping its whole-message pipeline (deserialize,
-validate, list handling) saves about 3 of its 11 µs per request.
+What we take from jsonrpcserver: its request type and its method call (``call``: the method
+of the name, with the connection's session as context, its Result), with the command table as
+its methods. What we do ourselves, because its defaults do not fit (see design.md) or cost
+more than they give: JSON parsing (the splitter hands us one text), a cheap structural
+validator in place of its jsonschema pass (same -32600 semantics), method lookup (-32601) and
+no signature binding (pydantic validates the params, -32602 naming fields), batches run in
+order one call after the other through the request pipeline, and the wording of every
+outcome (-32000 with ``data.class``, -32603 with a generic message, never an exception text).
+
+Batches: at most ``max-batch`` members (more: one -32600); the answer never exceeds
+``max-message-size``: room for a refusal of every member is set aside first (a batch whose
+refusals alone would not fit is refused whole), and a call whose answer does not fit is
+answered by a refusal instead, after which the rest are refused unrun.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import logging
 import warnings
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ramd.api import dispatch
 from ramd.api.commands import COMMANDS
 from ramd.api.events import Event
+from ramd.api.outcome import BadArguments, Done, Failed, Internal, NotFound, Outcome, Pending
 from ramd.api.service import Session
-from ramd.errors import RamdError
 from ramd.transport import jsontext
-from ramd.transport.dialect import Reply
+from ramd.transport.dialect import Plan, Reply
 from ramd.transport.splitter import SplitError
 
 with warnings.catch_warnings():
     # jsonrpcserver 5.0.9 reads its bundled schema with a deprecated importlib API.
     warnings.filterwarnings("ignore", category=DeprecationWarning, message="read_text")
-    from jsonrpcserver import Error, Success
-    from jsonrpcserver.dispatcher import create_request, dispatch_request, to_response
-    from jsonrpcserver.response import ErrorResponse, SuccessResponse
-    from jsonrpcserver.sentinels import NODATA, NOID
+    from jsonrpcserver import Success
+    from jsonrpcserver.dispatcher import call as jsonrpc_call
+    from jsonrpcserver.request import Request
+    from jsonrpcserver.sentinels import NOID
 
 log = logging.getLogger(__name__)
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 COMMAND_FAILED = -32000
-#: Batch members run between two yields to the event loop.
-BATCH_SLICE = 64
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-class InvalidRequest(Exception):
-    """The request object is not a JSON-RPC 2.0 request."""
-
-
-def validate_request(obj: Any) -> Any:
-    """Structural check of one request object (replaces jsonrpcserver's jsonschema pass)."""
-    if (
-        type(obj) is not dict
-        or obj.get("jsonrpc") != "2.0"
-        or type(obj.get("method")) is not str
-        or not isinstance(obj.get("params", {}), dict | list)
-        or not _valid_id(obj.get("id"))
-        or not obj.keys() <= {"jsonrpc", "method", "params", "id"}
-    ):
-        raise InvalidRequest
-    return obj
+_BY_NAME = "params must be an object (by-name), not an array"
 
 
 def _valid_id(value: Any) -> bool:
     return value is None or type(value) in (str, int, float)
 
 
-def _error(code: int, message: str, req_id: Any, data: Any = NODATA) -> dict[str, Any]:
+def _is_request(obj: Any) -> bool:
+    """Structural check of one request object (replaces jsonrpcserver's jsonschema pass)."""
+    return (
+        type(obj) is dict
+        and obj.get("jsonrpc") == "2.0"
+        and type(obj.get("method")) is str
+        and isinstance(obj.get("params", {}), dict | list)
+        and _valid_id(obj.get("id"))
+        and obj.keys() <= {"jsonrpc", "method", "params", "id"}
+    )
+
+
+def _error(code: int, message: str, req_id: Any, data: Any = None) -> str:
     err: dict[str, Any] = {"code": code, "message": message}
-    if data is not NODATA:
+    if data is not None:
         err["data"] = data
-    return {"jsonrpc": "2.0", "error": err, "id": req_id}
+    return _dumps({"jsonrpc": "2.0", "error": err, "id": req_id})
 
 
-def _line(obj: Any) -> bytes:
+def _line(text: str) -> bytes:
     # A lone surrogate (from a "\ud800" escape in the request) can only sit inside a JSON
     # string; backslashreplace writes it back as that same escape instead of raising.
-    return (_dumps(obj) + "\n").encode("utf-8", "backslashreplace")
+    return (text + "\n").encode("utf-8", "backslashreplace")
 
 
-class _BatchReply:
-    """The responses of one batch, encoded as they come. Once they pass ``budget`` bytes
-    (``max-message-size``), the remaining calls are refused unrun, so a batch of large reads
-    cannot make the daemon build an answer of unbounded size."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.parts: list[str] = []
-        self.size = 0
-
-    @property
-    def full(self) -> bool:
-        return self.size > self.budget
-
-    def add(self, response: dict[str, Any] | None) -> None:
-        if response is not None:
-            text = _dumps(response)
-            self.parts.append(text)
-            self.size += len(text)
-
-    def refuse(self, req: Any) -> dict[str, Any] | None:
-        """The error for a call not run because the batch's answer is full."""
-        if type(req) is dict and "id" not in req:
-            return None
-        req_id = req.get("id") if type(req) is dict and _valid_id(req.get("id")) else None
-        desc = (
-            f"Limit exceeded: max-message-size is {self.budget}: the batch's answer is full,"
-            " this call was not run"
-        )
-        return _error(COMMAND_FAILED, desc, req_id, {"class": "GenericError"})
-
-    def reply(self) -> Reply:
-        if not self.parts:
-            return None
-        return ("[" + ",".join(self.parts) + "]\n").encode("utf-8", "backslashreplace")
+def response(outcome: Outcome, req_id: Any) -> str:
+    """The response object of one call, as JSON text."""
+    if isinstance(outcome, Done):
+        if outcome.raw is not None:
+            return f'{{"jsonrpc":"2.0","result":{outcome.raw.decode()},"id":{_dumps(req_id)}}}'
+        return _dumps({"jsonrpc": "2.0", "result": outcome.value, "id": req_id})
+    if isinstance(outcome, Failed):
+        return _error(COMMAND_FAILED, outcome.desc, req_id, {"class": outcome.error_class})
+    if isinstance(outcome, BadArguments):
+        return _error(INVALID_PARAMS, outcome.message(), req_id)
+    if isinstance(outcome, NotFound):
+        return _error(METHOD_NOT_FOUND, "Method not found", req_id, outcome.name)
+    assert isinstance(outcome, Internal)
+    return _error(INTERNAL_ERROR, "Internal error", req_id)
 
 
-class _Deferred:
-    """A response that is still being computed (an awaitable of it)."""
+def _method(name: str) -> Any:
+    """The jsonrpcserver method for command ``name``: its Result carries the outcome.
 
-    __slots__ = ("pending",)
+    ``session`` is positional-only, so a client parameter of that name lands in ``params``
+    (and is refused by name like any other unknown member)."""
 
-    def __init__(self, pending: Awaitable[Any]) -> None:
-        self.pending = pending
+    def method(session: Session, /, **params: Any) -> Any:
+        return Success(dispatch.call(session, name, params))
 
-
-def _method(name: str) -> Callable[..., Any]:
-    """The jsonrpcserver method for command ``name``: maps every outcome to a Result.
-
-    A command that must wait leaves its awaitable in ``dialect.deferred`` (jsonrpcserver's
-    dispatcher is synchronous) and returns a placeholder result.
-    """
-
-    # ``dialect`` is positional-only, so a client parameter of that name lands in ``params``
-    # (and is refused by name like any other unknown member). Array params never get here.
-    def method(dialect: JsonRpcDialect, /, **params: Any) -> Any:
-        try:
-            result = dispatch.call(dialect.session, name, params)
-        except dispatch.ArgumentError as e:
-            return Error(INVALID_PARAMS, e.message())
-        except RamdError as e:
-            return Error(COMMAND_FAILED, e.desc, {"class": e.error_class})
-        except Exception:
-            log.exception("internal error in %s", name)
-            return Error(INTERNAL_ERROR, "Internal error")
-        if inspect.isawaitable(result):
-            dialect.deferred = result
-            return Success(None)
-        return Success(result)
-
-    # jsonrpcserver checks the params with inspect.signature(...).bind on every call; a
-    # precomputed signature makes that check cheap (about a third of its cost otherwise).
-    method.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
     return method
 
 
 _METHODS = {name: _method(name) for name in COMMANDS}
 
 
-async def _settle(pending: Awaitable[Any], req_id: Any, name: str) -> dict[str, Any] | None:
-    """Await a deferred command; its response (None for a notification)."""
-    try:
-        result = await pending
-    except RamdError as e:
-        return _error(COMMAND_FAILED, e.desc, req_id, {"class": e.error_class})
-    except Exception:
-        log.exception("internal error in %s", name)
-        return _error(INTERNAL_ERROR, "Internal error", req_id)
-    return {"jsonrpc": "2.0", "result": result, "id": req_id}
+def run_call(session: Session, obj: dict[str, Any]) -> Outcome:
+    """Run one valid request object through jsonrpcserver; its outcome."""
+    method = _METHODS.get(obj["method"])
+    if method is None:
+        return dispatch.not_found(session, obj["method"])
+    result = jsonrpc_call(Request(obj["method"], obj.get("params", {}), NOID), session, method)
+    outcome = getattr(getattr(result, "_value", None), "result", None)
+    if isinstance(outcome, _OUTCOMES):
+        return outcome
+    return Internal()  # jsonrpcserver caught an exception: a bug, logged by it
 
 
-_NOTIFICATION = object()
+_OUTCOMES = (Done, Failed, BadArguments, NotFound, Internal, Pending)
+
+
+class _Single:
+    """The plan of one request object with a known method and by-name params."""
+
+    __slots__ = ("_obj", "_ran", "_session", "answer")
+
+    def __init__(self, session: Session, obj: dict[str, Any]) -> None:
+        self._session = session
+        self._obj = obj
+        self._ran = False
+        self.answer: bytes | None = None
+
+    def step(self) -> Outcome | None:
+        if self._ran:
+            return None
+        self._ran = True
+        return run_call(self._session, self._obj)
+
+    def record(self, outcome: Outcome) -> None:
+        if "id" not in self._obj:
+            return
+        if isinstance(outcome, Done) and outcome.raw is not None:
+            req_id = _dumps(self._obj["id"]).encode("utf-8", "backslashreplace")
+            self.answer = b'{"jsonrpc":"2.0","result":%s,"id":%s}\n' % (outcome.raw, req_id)
+        else:
+            self.answer = _line(response(outcome, self._obj["id"]))
+
+    def finish(self) -> Reply:
+        return self.answer
+
+
+class _Batch:
+    """The plan of a batch: its members in order, within the answer's size budget."""
+
+    __slots__ = ("_budget", "_full", "_i", "_members", "_parts", "_reserved", "_session", "_size")
+
+    def __init__(self, session: Session, members: list[Any], budget: int, reserved: int):
+        self._session = session
+        self._members = members
+        self._budget = budget
+        self._reserved = reserved  # bytes set aside for refusals of members not yet answered
+        self._parts: list[str] = []
+        self._size = 2  # the brackets
+        self._i = -1
+        self._full = False  # an answer did not fit: the remaining members are refused unrun
+
+    def step(self) -> Outcome | None:
+        while True:
+            self._i += 1
+            if self._i >= len(self._members):
+                return None
+            req = self._members[self._i]
+            immediate = _immediate(req)
+            if immediate is not None:
+                self._add(immediate, req)
+                continue
+            if self._full:
+                self._add(_refusal(req, self._budget, ran=False), req)
+                continue
+            return run_call(self._session, req)
+
+    def record(self, outcome: Outcome) -> None:
+        req = self._members[self._i]
+        if "id" not in req:
+            return
+        text = response(outcome, req["id"])
+        if self._size + len(text) + 1 + self._reserved - _refusal_size(req) > self._budget:
+            self._full = True
+            self._add(_refusal(req, self._budget, ran=True), req)
+        else:
+            self._add(text, req)
+
+    def _add(self, text: str | None, req: Any) -> None:
+        self._reserved -= _refusal_size(req)
+        if text:
+            self._parts.append(text)
+            self._size += len(text) + 1
+
+    def finish(self) -> Reply:
+        if not self._parts:
+            return None
+        return _line("[" + ",".join(self._parts) + "]")
+
+
+def _immediate(req: Any) -> str | None:
+    """The answer of a batch member that runs nothing (invalid, or positional params), or
+    None for a member to run. A notification that runs nothing gets no answer either."""
+    if not _is_request(req):
+        return _error(INVALID_REQUEST, "Invalid request", None, "not a JSON-RPC 2.0 request")
+    if type(req.get("params")) is list and req["method"] in _METHODS:
+        return _error(INVALID_PARAMS, "Invalid params", req["id"], _BY_NAME) if "id" in req else ""
+    return None
+
+
+_REFUSAL = (
+    "Limit exceeded: max-message-size is {budget}: the batch's answer is full, this call {what}"
+)
+_RAN = "ran but its answer was dropped"
+_NOT_RUN = "was not run"
+
+
+def _refusal(req: Any, budget: int, *, ran: bool) -> str | None:
+    if type(req) is dict and "id" not in req:
+        return None
+    req_id = req.get("id") if type(req) is dict and _valid_id(req.get("id")) else None
+    desc = _REFUSAL.format(budget=budget, what=_RAN if ran else _NOT_RUN)
+    return _error(COMMAND_FAILED, desc, req_id, {"class": "GenericError"})
+
+
+def _refusal_size(req: Any) -> int:
+    """Bytes (+1 for the comma) that the longest refusal of this member takes: an upper
+    bound of what any immediate answer or refusal of it adds to the batch."""
+    if type(req) is dict and "id" not in req and _is_request(req):
+        return 0
+    req_id = req.get("id") if type(req) is dict and _valid_id(req.get("id")) else None
+    return _REFUSAL_BASE + len(_dumps(req_id)) + 1
+
+
+_REFUSAL_BASE = (
+    len(_error(COMMAND_FAILED, _REFUSAL.format(budget=2**64, what=_RAN), None))
+    + len(',"data":{"class":"GenericError"}')
+    - len("null")
+)
 
 
 class JsonRpcDialect:
@@ -188,8 +258,7 @@ class JsonRpcDialect:
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        #: Set by a method whose command must wait; consumed right after dispatch.
-        self.deferred: Awaitable[Any] | None = None
+        self._event_key = "jsonrpc-ro" if session.readonly else "jsonrpc"
 
     def greeting(self) -> bytes | None:
         return None
@@ -200,93 +269,41 @@ class JsonRpcDialect:
     def refusal(self, desc: str) -> bytes:
         return _line(_error(COMMAND_FAILED, desc, None, {"class": "GenericError"}))
 
+    def no_memory(self) -> bytes:
+        desc = "Cannot allocate memory for this request"
+        return _line(_error(COMMAND_FAILED, desc, None, {"class": "GenericError"}))
+
     def encode_event(self, event: Event) -> bytes | None:
-        wire = event.encoded.get(self.name)
+        key = self._event_key
+        wire = event.encoded.get(key)
         if wire is None:
-            wire = _line(
-                {
-                    "jsonrpc": "2.0",
-                    "method": event.name,
-                    "params": {"data": event.data, "timestamp": event.timestamp},
-                }
-            )
-            event.encoded[self.name] = wire
+            data = event.data if not self.session.readonly else event.public_data()
+            params = {"data": data, "timestamp": event.timestamp}
+            wire = _line(_dumps({"jsonrpc": "2.0", "method": event.name, "params": params}))
+            event.encoded[key] = wire
         return wire
 
-    def handle(self, message: bytes) -> Reply | Awaitable[Reply]:
+    def handle(self, message: bytes) -> Reply | Plan:
         try:
             obj = jsontext.loads(message)
         except ValueError as e:
             return _line(_error(PARSE_ERROR, "Parse error", None, str(e)))
         if type(obj) is not list:
-            single = self._one(obj)
-            if isinstance(single, _Deferred):
-                return self._later(single.pending)
-            return None if single is None else _line(single)
+            immediate = _immediate(obj)
+            if immediate is not None:
+                return _line(immediate) if immediate else None
+            return _Single(self.session, obj)
         if not obj:
             return _line(_error(INVALID_REQUEST, "Invalid request", None, "empty batch"))
-        return self._batch(obj)
-
-    def _batch(self, requests: list[Any]) -> Reply | Awaitable[Reply]:
-        """Run batch members in order. Goes async at the first member that must wait, and
-        after every ``BATCH_SLICE`` members, yielding to the loop so that one large batch does
-        not stall every other client."""
-        out = _BatchReply(self.session.service.limits.max_message_size)
-        for i, req in enumerate(requests):
-            if i == BATCH_SLICE:
-                return self._batch_rest(out, None, requests[i:])
-            one = out.refuse(req) if out.full else self._one(req)
-            if isinstance(one, _Deferred):
-                return self._batch_rest(out, one.pending, requests[i + 1 :])
-            out.add(one)
-        return out.reply()
-
-    async def _batch_rest(
-        self, out: _BatchReply, pending: Awaitable[Any] | None, rest: list[Any]
-    ) -> Reply:
-        if pending is not None:
-            out.add(await pending)
-        for i, req in enumerate(rest):
-            if i % BATCH_SLICE == 0:
-                await asyncio.sleep(0)
-            one = out.refuse(req) if out.full else self._one(req)
-            out.add(await one.pending if isinstance(one, _Deferred) else one)
-        return out.reply()
-
-    async def _later(self, pending: Awaitable[dict[str, Any] | None]) -> Reply:
-        response = await pending
-        return None if response is None else _line(response)
-
-    def _one(self, obj: Any) -> dict[str, Any] | _Deferred | None:
-        """Dispatch one request object: its response dict, None for a notification, or a
-        :class:`_Deferred` whose awaitable yields one of those."""
-        try:
-            validate_request(obj)
-        except InvalidRequest:
-            return _error(INVALID_REQUEST, "Invalid request", None, "not a JSON-RPC 2.0 request")
-        if type(obj.get("params")) is list and obj["method"] in _METHODS:
-            if "id" not in obj:
-                return None
-            return _error(INVALID_PARAMS, "Invalid params", obj["id"], _BY_NAME)
-        self.deferred = None
-        request, result = dispatch_request(_METHODS, self, create_request(obj))
-        pending, self.deferred = self.deferred, None
-        if pending is not None:
-            req_id = obj.get("id", _NOTIFICATION)
-            return _Deferred(self._settle_one(pending, req_id, obj["method"]))
-        if request.id is NOID:
-            return None
-        either: Any = to_response(request, result)
-        value = either._value if hasattr(either, "_value") else either._error
-        if isinstance(value, SuccessResponse):
-            return {"jsonrpc": "2.0", "result": value.result, "id": value.id}
-        assert isinstance(value, ErrorResponse)
-        return _error(value.code, value.message, value.id, value.data)
-
-    @staticmethod
-    async def _settle_one(pending: Awaitable[Any], req_id: Any, name: str) -> dict[str, Any] | None:
-        response = await _settle(pending, None if req_id is _NOTIFICATION else req_id, name)
-        return None if req_id is _NOTIFICATION else response
-
-
-_BY_NAME = "params must be an object (by-name), not an array"
+        limits = self.session.service.limits
+        if len(obj) > limits.max_batch:
+            why = f"Limit exceeded: max-batch is {limits.max_batch}: {len(obj)} members"
+            return _line(_error(INVALID_REQUEST, "Invalid request", None, why))
+        reserved = sum(map(_refusal_size, obj))
+        if reserved + 2 > limits.max_message_size:
+            why = (
+                f"Limit exceeded: max-message-size is {limits.max_message_size}: the answer"
+                " to this batch could not fit"
+            )
+            return _line(_error(INVALID_REQUEST, "Invalid request", None, why))
+        return _Batch(self.session, obj, limits.max_message_size, reserved)

@@ -20,10 +20,8 @@ that connection's :class:`~ramd.api.service.Session`.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import StrictStr, ValidationError
@@ -34,10 +32,10 @@ from ramd.api import dispatch
 from ramd.api.commands import version_triple
 from ramd.api.events import Event
 from ramd.api.models import Args
+from ramd.api.outcome import BadArguments, Done, Failed, NotFound, Outcome
 from ramd.api.service import Session
-from ramd.errors import RamdError
 from ramd.transport import jsontext
-from ramd.transport.dialect import Reply
+from ramd.transport.dialect import Plan, Reply
 from ramd.transport.splitter import SplitError
 
 log = logging.getLogger(__name__)
@@ -165,6 +163,48 @@ def argument_error_desc(errors: list[ErrorDetails]) -> str:
     return f"Parameter '{name}' is invalid: {err['msg']}"
 
 
+def _response(outcome: Outcome, name: str, req_id: Any) -> bytes:
+    """The QMP answer of one command's outcome."""
+    if isinstance(outcome, Done):
+        if outcome.raw is None:
+            return _success(outcome.value, req_id)
+        tail = b"" if req_id is _NO_ID else b',"id":' + _dumps(req_id).encode()
+        return b'{"return":%s%s}\r\n' % (outcome.raw, tail)
+    if isinstance(outcome, Failed):
+        return _error(outcome.error_class, outcome.desc, req_id)
+    if isinstance(outcome, BadArguments):
+        return _error(GENERIC_ERROR, argument_error_desc(outcome.errors), req_id)
+    if isinstance(outcome, NotFound):
+        return _error(COMMAND_NOT_FOUND, f"The command {name} has not been found", req_id)
+    return _error(GENERIC_ERROR, "Internal error", req_id)
+
+
+class _Command:
+    """The plan of one ``execute``: one call."""
+
+    __slots__ = ("_arguments", "_name", "_ran", "_req_id", "_session", "answer")
+
+    def __init__(self, session: Session, name: str, arguments: dict[str, Any], req_id: Any):
+        self._session = session
+        self._name = name
+        self._arguments = arguments
+        self._req_id = req_id
+        self._ran = False
+        self.answer: bytes | None = None
+
+    def step(self) -> Outcome | None:
+        if self._ran:
+            return None
+        self._ran = True
+        return dispatch.call(self._session, self._name, self._arguments)
+
+    def record(self, outcome: Outcome) -> None:
+        self.answer = _response(outcome, self._name, self._req_id)
+
+    def finish(self) -> Reply:
+        return self.answer
+
+
 class QmpDialect:
     """One QMP connection's protocol logic (see :class:`~.dialect.Dialect`).
 
@@ -178,6 +218,7 @@ class QmpDialect:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.negotiated = False
+        self._event_key = "qmp-ro" if session.readonly else "qmp"
 
     def greeting(self) -> bytes | None:
         return _GREETING
@@ -188,16 +229,21 @@ class QmpDialect:
     def refusal(self, desc: str) -> bytes:
         return _error(GENERIC_ERROR, desc)
 
+    def no_memory(self) -> bytes:
+        return _error(GENERIC_ERROR, "Cannot allocate memory for this request")
+
     def encode_event(self, event: Event) -> bytes | None:
         if not self.negotiated:
             return None
-        wire = event.encoded.get(self.name)
+        key = self._event_key
+        wire = event.encoded.get(key)
         if wire is None:
-            wire = _line({"event": event.name, "data": event.data, "timestamp": event.timestamp})
-            event.encoded[self.name] = wire
+            data = event.data if not self.session.readonly else event.public_data()
+            wire = _line({"event": event.name, "data": data, "timestamp": event.timestamp})
+            event.encoded[key] = wire
         return wire
 
-    def handle(self, message: bytes) -> Reply | Awaitable[Reply]:
+    def handle(self, message: bytes) -> Reply | Plan:
         try:
             request = parse(message)
         except ValueError as e:
@@ -215,20 +261,7 @@ class QmpDialect:
         if not self.negotiated:
             desc = "Expecting capabilities negotiation with 'qmp_capabilities'"
             return _error(COMMAND_NOT_FOUND, desc, req_id)
-        try:
-            result = dispatch.call(self.session, name, arguments)
-        except dispatch.CommandNotFound:
-            return _error(COMMAND_NOT_FOUND, f"The command {name} has not been found", req_id)
-        except dispatch.ArgumentError as e:
-            return _error(GENERIC_ERROR, argument_error_desc(e.errors), req_id)
-        except RamdError as e:
-            return _error(e.error_class, e.desc, req_id)
-        except Exception:
-            log.exception("internal error in %s", name)
-            return _error(GENERIC_ERROR, "Internal error", req_id)
-        if inspect.isawaitable(result):
-            return self._settle(result, req_id, name)
-        return _success(result, req_id)
+        return _Command(self.session, name, arguments, req_id)
 
     def _negotiate(self, arguments: dict[str, Any], req_id: Any) -> bytes:
         """``qmp_capabilities``: validate, refuse a repeat or any capability, then subscribe."""
@@ -246,15 +279,3 @@ class QmpDialect:
         self.negotiated = True
         self.session.subscribe(None)
         return _success({}, req_id)
-
-    @staticmethod
-    async def _settle(pending: Awaitable[Any], req_id: Any, name: str) -> Reply:
-        """The response of a command that had to wait."""
-        try:
-            result = await pending
-        except RamdError as e:
-            return _error(e.error_class, e.desc, req_id)
-        except Exception:
-            log.exception("internal error in %s", name)
-            return _error(GENERIC_ERROR, "Internal error", req_id)
-        return _success(result, req_id)

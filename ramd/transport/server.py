@@ -21,9 +21,15 @@ from pathlib import Path
 
 from ramd.api.service import Service
 from ramd.config import Config
+from ramd.logs import LogBudget
 from ramd.transport.connection import Connection, DialectFactory
+from ramd.transport.peer import Credentials
 
 log = logging.getLogger("ramd.server")
+
+#: Refused connections kept half-open at once (so their peers read the refusal); more are
+#: closed at once.
+MAX_LINGERING = 64
 
 
 class AlreadyRunning(Exception):
@@ -103,6 +109,8 @@ class Server:
         self.stopping = False
         self._servers: list[asyncio.Server] = []
         self._created: list[Path] = []
+        self._lingering: set[Connection] = set()
+        self._refusal_log: dict[int, LogBudget] = {}
 
     async def start(self) -> None:
         """Bind or adopt every listener and start accepting."""
@@ -119,9 +127,10 @@ class Server:
             self._servers.append(srv)
             log.info("listening (%s) on %s", lst.dialect, lst.path or f"fd {lst.fd}")
 
-    def admit(self, conn: Connection, uid: int, gid: int) -> tuple[str, str | None]:
+    def admit(self, conn: Connection, cred: Credentials) -> tuple[str, str | None]:
         """Access class of a new peer and, if it must be refused, why."""
         cfg = self.config
+        uid, gid = cred.uid, cred.gid
         if self.stopping:
             return "full", "the daemon is shutting down"
         if len(self.connections) >= self.service.limits.max_connections:
@@ -136,21 +145,54 @@ class Server:
         self.connections.add(conn)
         return ("readonly" if readonly else "full"), None
 
+    def refusal(self, conn: Connection, reason: str) -> None:
+        """Log a refused connection, at most a few lines per second per uid."""
+        budget = self._refusal_log.get(conn.uid)
+        if budget is None:
+            if len(self._refusal_log) >= 1024:
+                self._refusal_log.clear()
+            budget = self._refusal_log[conn.uid] = LogBudget()
+        if budget.allow():
+            log.warning(
+                "refused connection %s: %s%s",
+                conn.peer,
+                reason,
+                budget.suppressed_note(),
+                extra={"fields": {**conn.fields, "event": "refused", "reason": reason}},
+            )
+
+    def linger(self, conn: Connection) -> bool:
+        """Whether a refused connection may stay half-open until its peer reads the
+        refusal (bounded by ``MAX_LINGERING``)."""
+        if len(self._lingering) >= MAX_LINGERING:
+            return False
+        self._lingering.add(conn)
+        return True
+
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self._lingering.discard(conn)
 
-    async def shutdown(self, grace: float = 30.0) -> None:
-        """Stop accepting, let each command in flight finish, close every connection, and
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let each command in flight finish (up to ``grace`` seconds; any
+        command still running then is logged as abandoned), close every connection, and
         remove the socket files bound here (never inherited ones)."""
         self.stopping = True
         for srv in self._servers:
             srv.close()
         for conn in list(self.connections):
             conn.wake()
-        tasks = [c.task for c in self.connections if c.task is not None]
+        tasks = {c.task: c for c in self.connections if c.task is not None}
         if tasks:
-            await asyncio.wait(tasks, timeout=grace)
-        for conn in list(self.connections):
+            _, late = await asyncio.wait(tasks, timeout=grace)
+            for task in late:
+                log.error(
+                    "abandoned the command in flight of %s: still running after %s s",
+                    tasks[task].peer,
+                    grace,
+                    extra={"fields": {**tasks[task].fields, "event": "abandoned"}},
+                )
+        for conn in list(self.connections) + list(self._lingering):
             conn.close()
         for srv in self._servers:
             with contextlib.suppress(Exception):

@@ -58,6 +58,9 @@ _BACKSLASH: Final = ord("\\")
 _NON_WS: Final = re.compile(rb"[^ \t\n\r]")
 # The byte that ends a top-level number or literal.
 _BARE_END: Final = re.compile(rb'[ \t\n\r\[\]{}"]')
+# A byte JSON forbids inside a string (QEMU's lexer rejects it at once, so that a missing
+# quote cannot swallow every later request).
+_CONTROL: Final = re.compile(rb"[\x00-\x1f]")
 # The rest of a string body: stops at the closing quote, at a lone final backslash or at the end.
 _STRING_REST: Final = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
 
@@ -65,7 +68,8 @@ _STRING_REST: Final = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
 # expressions leave longer strings to bytes.find. All repetitions are possessive (no
 # backtracking), so every match attempt is linear in the bytes it looks at.
 _PLAIN: Final = rb'[^"\[\]{}]++'  # bytes that are neither brackets nor quotes
-_SHORT_STRING: Final = rb'"[^"\\]{0,256}+(?:\\.[^"\\]{0,256}+)*+"'
+# (a string with a control character is not short: the string scan reports it)
+_SHORT_STRING: Final = rb'"[^"\\\x00-\x1f]{0,256}+(?:\\[^\x00-\x1f][^"\\\x00-\x1f]{0,256}+)*+"'
 _SKIP: Final = rb"(?:" + _PLAIN + rb"|" + _SHORT_STRING + rb")*+"
 
 # Inside a container, from the current position past plain bytes and short strings; then group
@@ -107,6 +111,10 @@ class SplitError:
 
 def stray_error(closer: int) -> SplitError:
     return SplitError("stray", f"unexpected '{chr(closer)}'")
+
+
+def control_error(byte: int) -> SplitError:
+    return SplitError("control", f"invalid control character 0x{byte:02x} in string")
 
 
 def size_error(limit: int) -> SplitError:
@@ -193,6 +201,11 @@ class JsonSplitter:
         start = 0  # where the current message's bytes begin in data
         if mode == _STRING and self._escape:
             pos = 1  # the byte escaped by the backslash that ended the previous chunk
+            if data[0] < 0x20:
+                if not discarding:
+                    out.append(control_error(data[0]))
+                mode, depth, discarding = _IDLE, 0, False
+                buf.clear()
 
         while pos < n:
             end = -1  # set to the end of the current message when it completes
@@ -250,6 +263,14 @@ class JsonSplitter:
                     m = _STRING_REST.match(data, pos)
                     assert m is not None  # the pattern matches the empty string
                     e = m.end()
+                bad = _CONTROL.search(data, pos, e)
+                if bad is not None:  # the message ends here, as an error; resume after it
+                    if not discarding:
+                        out.append(control_error(data[bad.start()]))
+                    mode, depth, discarding = _IDLE, 0, False
+                    buf.clear()
+                    pos = bad.end()
+                    continue
                 if e == n:
                     pos = n
                     continue

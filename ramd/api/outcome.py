@@ -1,0 +1,73 @@
+"""What running one command came to: the explicit outcomes that dialects format.
+
+:func:`ramd.api.dispatch.call` never raises for anything a client can cause; it returns one of
+these. A dialect turns each into its wire form (JSON-RPC codes, QMP classes) in one place, and
+the request pipeline awaits a :class:`Pending` in one place. Immutable; loop thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic_core import ErrorDetails
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Success. ``value`` is JSON-ready data, or ``raw`` the result already encoded as
+    ASCII JSON (large listings are spliced in, not encoded again)."""
+
+    value: Any = None
+    raw: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The command refused or failed: QMP error ``error_class`` and the protocol's text."""
+
+    error_class: str
+    desc: str
+
+
+@dataclass(frozen=True, slots=True)
+class BadArguments:
+    """The arguments failed validation; ``errors`` is pydantic's list."""
+
+    errors: list[ErrorDetails]
+
+    def message(self) -> str:
+        """``field: reason`` for each bad field, joined by ``; ``."""
+        parts = []
+        for err in self.errors:
+            field = ".".join(str(p) for p in err["loc"]) or "params"
+            parts.append(f"{field}: {err['msg']}")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class NotFound:
+    """No command of that name."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Internal:
+    """A bug in the daemon (logged with its traceback); clients get a generic message."""
+
+
+#: What a :class:`Pending` finally comes to.
+Final = Done | Failed | Internal
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """The command continues (work in a thread, acknowledgements, backpressure); ``result``
+    yields its final outcome and never raises."""
+
+    result: Awaitable[Final]
+
+
+Outcome = Done | Failed | BadArguments | NotFound | Internal | Pending
