@@ -79,7 +79,7 @@ class Servers:
         self.conns = conns
         self.procs: list[subprocess.Popen[bytes]] = []
         self._ramd: dict[str, subprocess.Popen[bytes]] = {}
-        self._qemu: tuple[subprocess.Popen[bytes], list[Path]] | None = None
+        self._qemu: tuple[int, list[Path], int, Path] | None = None
         self._qemu_tried = False
         self._echo: subprocess.Popen[bytes] | None = None
 
@@ -91,14 +91,19 @@ class Servers:
             self._ramd[loop] = proc
         return self._ramd[loop].pid, self.tmp / f"ramd-{loop}"
 
-    def qemu(self) -> tuple[int, list[Path]] | None:
-        """(pid, one QMP socket per client), or None when QEMU is not installed."""
+    def qemu(self) -> tuple[int, list[Path], int, Path] | None:
+        """(pid, one QMP socket per client, pid and socket of a second QEMU with one monitor),
+        or None when QEMU is not installed. Every monitor adds sources to QEMU's main loop
+        (a single client's round trip was about 30% slower with 8 than with 1 here), so
+        the one-connection slices use the single-monitor QEMU, QEMU's usual set-up."""
         if not self._qemu_tried:
             self._qemu_tried = True
-            self._qemu = servers.start_qemu(self.tmp / "qemu", self.conns)
-            if self._qemu is not None:
-                self.procs.append(self._qemu[0])
-        return None if self._qemu is None else (self._qemu[0].pid, self._qemu[1])
+            many = servers.start_qemu(self.tmp / "qemu", self.conns)
+            one = servers.start_qemu(self.tmp / "qemu1", 1)
+            self.procs += [q[0] for q in (many, one) if q is not None]
+            if many is not None and one is not None:
+                self._qemu = (many[0].pid, many[1], one[0].pid, one[1][0])
+        return self._qemu
 
     def echo(self) -> tuple[int, Path]:
         if self._echo is None:
@@ -191,7 +196,9 @@ def part_rpc(srv: Servers, sz: Sizes) -> tuple[str, str]:
     targets = []
     q = srv.qemu()
     if q is not None:
-        targets.append(rpc.Target(QEMU, q[0], tuple(q[1]), True, "query-version"))
+        targets.append(
+            rpc.Target(QEMU, q[0], tuple(q[1]), True, "query-version", single=(q[2], q[3]))
+        )
     targets += ramd_targets(srv, "query-version")
     pid, sock = srv.echo()
     targets.append(rpc.Target("bare asyncio echo", pid, (sock,), False, "echo"))
@@ -447,7 +454,9 @@ METHOD = """\
 Method: every server is a separate process on this machine; clients are blocking Python
 sockets using the same code for every server. p50/p99: one connection, one request at a time.
 calls/s: N client processes, each with its own connection (QEMU gets one `-qmp` socket per
-client, since a QMP monitor serves one client at a time). Server CPU µs/call: utime + stime of
+client, since a QMP monitor serves one client at a time; its p50/p99 and 1-connection CPU come
+from a second QEMU with a single `-qmp` socket, because every extra monitor slows each of its
+round trips, by about 30% with 8 on this machine). Server CPU µs/call: utime + stime of
 the server process (all threads) over the measured interval, divided by the calls. The targets
 take turns in slices (latency slice, then throughput slice, per target per round), so a burst
 of noise from other load hits them all. On a 2-core machine the client processes compete with

@@ -28,13 +28,16 @@ from wire import Conn
 
 @dataclass(frozen=True)
 class Target:
-    """One thing to measure: a server process, the sockets its clients use, and a method."""
+    """One thing to measure: a server process, the sockets its clients use, and a method.
+    ``single`` is (pid, socket) of the server for the one-connection slices when that is
+    another process (QEMU: one with a single monitor), else None (``pid``, ``paths[0]``)."""
 
     label: str
     pid: int
     paths: tuple[Path, ...]
     qmp: bool
     method: str
+    single: tuple[int, Path] | None = None
 
 
 @dataclass
@@ -69,19 +72,20 @@ class Tally:
 
 
 def latency_slice(t: Target, n: int, tally: Tally, warmup: int = 50) -> None:
-    c = Conn(t.paths[0], t.qmp)
+    pid, path = t.single or (t.pid, t.paths[0])
+    c = Conn(path, t.qmp)
     req = c.request_bytes(t.method)
     for _ in range(warmup):
         c.send_raw(req)
         c.f.readline()
     times = []
-    cpu0 = cpu_seconds(t.pid)
+    cpu0 = cpu_seconds(pid)
     for _ in range(n):
         t0 = time.perf_counter()
         c.send_raw(req)
         c.f.readline()
         times.append(time.perf_counter() - t0)
-    tally.lat_cpu += cpu_seconds(t.pid) - cpu0
+    tally.lat_cpu += cpu_seconds(pid) - cpu0
     c.close()
     tally.latencies += times
 
