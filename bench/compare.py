@@ -1,560 +1,468 @@
-"""ramd beside QEMU's own QMP server and a bare asyncio server, in one run, as one table.
+"""ramd beside QEMU's own QMP server and a bare asyncio server, in one run, as tables.
 
-Rows (medians over repeats; clients are blocking Python sockets, like the issue's reference):
-- round trip p50/p99 on one connection: `query-ram-blocks` (empty daemon) and `query-version`
-  over ramd JSON-RPC and ramd QMP, `query-version` over QEMU QMP, and the asyncio echo floor;
-- requests/s over 8 connections (8 client processes), same servers;
-- `ram-block-resize` grow + shrink by 64 MiB, one round trip each;
-- one event's delivery to 1, 100 and 1,000 subscribers, measured from the moment the command's
-  response reached its sender until the last subscriber has read the event;
-- `ram-block-add` (+ del) with `max-size` 1 GiB, 64 GiB and 1 TiB;
-- prealloc bandwidth of `ram-block-add prealloc=true` vs `MADV_POPULATE_WRITE` from C;
-- daemon RSS idle and with 10,000 one-page blocks.
+Parts (``--only`` / ``--skip`` take a comma-separated list of them; all run by default):
 
-Usage: python bench/compare.py [--quick] [--out bench/RESULTS.md]
+- ``rpc``: ``query-version`` over QEMU QMP (one ``-qmp`` socket per client: a QMP chardev
+  serves one client at a time), ramd JSON-RPC and ramd QMP (each on ``--event-loop asyncio``
+  and ``uvloop``) and the bare asyncio echo floor (bench/echo_server.py): p50 and p99 of one
+  request at a time on one connection, calls/s over 8 connections (one client process
+  each), and server CPU µs per call (utime + stime of the server process over the measured
+  interval, from /proc/PID/stat, divided by the calls), with the ratios to QEMU. The targets
+  take turns in slices (see bench/rpc.py), because noise here comes in bursts;
+- ``blocks``: the same for ``query-ram-blocks`` with 4 blocks, ramd only;
+- ``rss``: RSS of a fresh daemon (each event loop) and of QEMU, idle after start;
+- ``cli``: ``ramctl version`` wall time (median of 20 runs) beside ``python -c pass``;
+- ``transfer``: ``ramctl write`` and ``ramctl read`` of 1 GiB through JSON-RPC, MiB/s;
+- ``ops``: block operations (resize, event fan-out, add by reservation size, prealloc
+  bandwidth beside C, syscalls per request, RSS with 10,000 blocks).
+
+``--quick`` shrinks every part (a smoke run, under a minute). RESULTS.md is written only by a
+full run of all parts, or wherever ``--out`` says.
+
+Usage: python bench/compare.py [--quick] [--only PARTS] [--skip PARTS] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
+import dataclasses
+import datetime
+import importlib.metadata
 import os
 import platform
-import selectors
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import clitools
+import ops
+import rpc
+import servers
+from wire import Conn
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
 GiB = 1 << 30
+PARTS = ("rpc", "blocks", "rss", "cli", "transfer", "ops")
+QEMU = "QEMU QMP"
 
 
-# -- servers ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How much of everything to do: the full run, or the ``--quick`` smoke run."""
+
+    rounds: int
+    calls: int  # single-connection calls per target per round
+    slice: float  # seconds of each 8-connection slice
+    startup_runs: int
+    transfer: int
+    repeat: int  # ops repeats
+    prealloc: int
+
+    @staticmethod
+    def pick(quick: bool) -> Sizes:
+        if quick:
+            return Sizes(2, 300, 0.4, 5, 64 * MiB, 3, 256 * MiB)
+        return Sizes(6, 1000, 1.0, 20, GiB, 30, GiB)
 
 
-def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited {proc.returncode}")
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(path))
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"{path} never accepted")
+class Servers:
+    """The servers a run needs, started on first use and stopped by :meth:`stop`."""
+
+    def __init__(self, tmp: Path, loops: Sequence[str], conns: int) -> None:
+        self.tmp = tmp
+        self.loops = loops
+        self.conns = conns
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._ramd: dict[str, subprocess.Popen[bytes]] = {}
+        self._qemu: tuple[int, list[Path], int, Path] | None = None
+        self._qemu_tried = False
+        self._echo: subprocess.Popen[bytes] | None = None
+
+    def ramd(self, loop: str) -> tuple[int, Path]:
+        """(pid, directory with ramd.sock and qmp.sock) of the daemon on ``loop``."""
+        if loop not in self._ramd:
+            proc = servers.start_ramd(self.tmp / f"ramd-{loop}", loop)
+            self.procs.append(proc)
+            self._ramd[loop] = proc
+        return self._ramd[loop].pid, self.tmp / f"ramd-{loop}"
+
+    def qemu(self) -> tuple[int, list[Path], int, Path] | None:
+        """(pid, one QMP socket per client, pid and socket of a second QEMU with one monitor),
+        or None when QEMU is not installed. Every monitor adds sources to QEMU's main loop
+        (a single client's round trip was about 30% slower with 8 than with 1 here), so
+        the one-connection slices use the single-monitor QEMU, QEMU's usual set-up."""
+        if not self._qemu_tried:
+            self._qemu_tried = True
+            many = servers.start_qemu(self.tmp / "qemu", self.conns)
+            one = servers.start_qemu(self.tmp / "qemu1", 1)
+            self.procs += [q[0] for q in (many, one) if q is not None]
+            if many is not None and one is not None:
+                self._qemu = (many[0].pid, many[1], one[0].pid, one[1][0])
+        return self._qemu
+
+    def echo(self) -> tuple[int, Path]:
+        if self._echo is None:
+            self._echo = servers.start_echo(self.tmp / "echo")
+            self.procs.append(self._echo)
+        return self._echo.pid, self.tmp / "echo" / "echo.sock"
+
+    def stop(self) -> None:
+        servers.stop(self.procs)
 
 
-def start_ramd(tmp: Path, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
-    tmp.mkdir(exist_ok=True)
-    cfg = tmp / "bench.toml"
-    cfg.write_text(
-        'log-level = "warning"\n[limits]\nmax-connections = 4000\nmax-blocks = 20000\n'
-        "subscriber-queue = 4096\n"
-    )
-    cmd = [sys.executable, "-m", "ramd", "--socket", str(tmp / "ramd.sock")]
-    cmd += ["--qmp-socket", str(tmp / "qmp.sock"), "--config", str(cfg), *(extra or [])]
-    proc = subprocess.Popen(cmd)
-    wait_socket(tmp / "ramd.sock", proc)
-    return proc
+# -- tables -------------------------------------------------------------------------------------
 
 
-def start_qemu(tmp: Path) -> subprocess.Popen[bytes] | None:
-    exe = shutil.which("qemu-system-x86_64")
-    if exe is None:
-        return None
-    path = tmp / "qemu.sock"
-    cmd = [exe, "-machine", "none", "-nodefaults", "-display", "none"]
-    cmd += ["-qmp", f"unix:{path},server=on,wait=off"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_socket(path, proc)
-    return proc
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: bool = True) -> str:
+    """A Markdown table; with ``numeric``, every column but the first is right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+        "|"
+        + "|".join(
+            "-" * (w + 2) if i == 0 or not numeric else "-" * (w + 1) + ":"
+            for i, w in enumerate(widths)
+        )
+        + "|",
+    ]
+    for r in rows:
+        cells = [
+            c.ljust(w) if i == 0 or not numeric else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def start_echo(tmp: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, str(HERE / "echo_server.py"), str(tmp / "echo.sock")])
-    wait_socket(tmp / "echo.sock", proc)
-    return proc
+def ratio(x: float, ref: float | None) -> str:
+    return f"{x / ref:.2f}x" if ref else "n/a"
 
 
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+def rpc_table(tallies: dict[str, rpc.Tally], conns: int, with_ratios: bool) -> str:
+    ref = tallies.get(QEMU)
+    headers = [
+        "subject",
+        "p50 µs",
+        "p99 µs",
+        f"calls/s, {conns} conn",
+        "(slices min-max)",
+        f"server CPU µs/call, {conns} conn",
+        "server CPU µs/call, 1 conn",
+    ]
+    if with_ratios:
+        headers += ["p50 vs QEMU", "calls/s vs QEMU", "CPU/call vs QEMU"]
+    rows = []
+    for label, t in tallies.items():
+        row = [
+            label,
+            f"{t.p(0.5):.0f}",
+            f"{t.p(0.99):.0f}",
+            f"{t.rate:,.0f}",
+            f"{min(t.slice_rates):,.0f}-{max(t.slice_rates):,.0f}",
+            f"{t.cpu_per_call:.1f}",
+            f"{t.lat_cpu_per_call:.1f}",
+        ]
+        if with_ratios:
+            if label == QEMU:
+                row += ["1", "1", "1"]
+            else:
+                row += [
+                    ratio(t.p(0.5), ref.p(0.5) if ref else None),
+                    ratio(t.rate, ref.rate if ref else None),
+                    ratio(t.cpu_per_call, ref.cpu_per_call if ref else None),
+                ]
+        rows.append(row)
+    return md_table(headers, rows)
 
 
-# -- clients ------------------------------------------------------------------------------------
+# -- parts --------------------------------------------------------------------------------------
 
 
-class Conn:
-    """A blocking line-oriented connection speaking JSON-RPC or QMP."""
-
-    def __init__(self, path: Path, qmp: bool = False) -> None:
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(str(path))
-        self.f = self.s.makefile("rb")
-        self.qmp = qmp
-        self.n = 0
-        if qmp:
-            self.f.readline()
-            self.send_raw(b'{"execute":"qmp_capabilities"}\n')
-            self.f.readline()
-
-    def send_raw(self, data: bytes) -> None:
-        self.s.sendall(data)
-
-    def request_bytes(self, method: str, params: dict[str, object] | None = None) -> bytes:
-        self.n += 1
-        if self.qmp:
-            msg: dict[str, object] = {"execute": method, "id": self.n}
-            if params:
-                msg["arguments"] = params
-        else:
-            msg = {"jsonrpc": "2.0", "method": method, "id": self.n}
-            if params:
-                msg["params"] = params
-        return json.dumps(msg).encode() + b"\n"
-
-    def reply(self) -> dict[str, object]:
-        while True:
-            msg = json.loads(self.f.readline())
-            if "id" in msg:
-                return msg  # type: ignore[no-any-return]
-
-    def call(self, method: str, params: dict[str, object] | None = None) -> dict[str, object]:
-        self.send_raw(self.request_bytes(method, params))
-        return self.reply()
-
-    def close(self) -> None:
-        self.f.close()
-        self.s.close()
-
-
-Target = tuple[Path, bool, str]  # socket, speaks QMP, method
-
-
-def round_trips(
-    targets: dict[str, Target], n: int, rounds: int = 10
-) -> dict[str, tuple[float, float]]:
-    """p50/p99 µs of one request at a time on one connection per target. The targets take
-    turns in ``rounds`` slices, so a burst of noise on this shared machine hits them all."""
-    conns = {}
-    for label, (path, qmp, method) in targets.items():
-        c = Conn(path, qmp)
-        req = c.request_bytes(method)
-        for _ in range(200):
-            c.send_raw(req)
-            c.f.readline()
-        conns[label] = (c, req)
-    times: dict[str, list[float]] = {label: [] for label in targets}
-    for _ in range(rounds):
-        for label, (c, req) in conns.items():
-            for _ in range(n // rounds):
-                t0 = time.perf_counter()
-                c.send_raw(req)
-                c.f.readline()
-                times[label].append(time.perf_counter() - t0)
-    out = {}
-    for label, ts in times.items():
-        conns[label][0].close()
-        ts.sort()
-        out[label] = (ts[len(ts) // 2] * 1e6, ts[int(len(ts) * 0.99)] * 1e6)
+def ramd_targets(srv: Servers, method: str) -> list[rpc.Target]:
+    out = []
+    for loop in srv.loops:
+        pid, d = srv.ramd(loop)
+        out.append(rpc.Target(f"ramd JSON-RPC, {loop}", pid, (d / "ramd.sock",), False, method))
+        out.append(rpc.Target(f"ramd QMP, {loop}", pid, (d / "qmp.sock",), True, method))
     return out
 
 
-def _worker(path: str, qmp: bool, method: str, seconds: float, start: float, q: mp.Queue) -> None:  # type: ignore[type-arg]
-    c = Conn(Path(path), qmp)
-    req = c.request_bytes(method)
-    while time.time() < start:
-        time.sleep(0.001)
-    end = start + seconds
-    count = 0
-    while time.time() < end:
-        c.send_raw(req)
-        c.f.readline()
-        count += 1
-    c.close()
-    q.put(count)
+def part_rpc(srv: Servers, sz: Sizes) -> tuple[str, str]:
+    targets = []
+    q = srv.qemu()
+    if q is not None:
+        targets.append(
+            rpc.Target(QEMU, q[0], tuple(q[1]), True, "query-version", single=(q[2], q[3]))
+        )
+    targets += ramd_targets(srv, "query-version")
+    pid, sock = srv.echo()
+    targets.append(rpc.Target("bare asyncio echo", pid, (sock,), False, "echo"))
+    tallies = rpc.measure(targets, sz.rounds, sz.calls, sz.slice, srv.conns)
+    title = "query-version"
+    if q is None:
+        title += " (QEMU not installed: no QEMU row and no ratios)"
+    return title, rpc_table(tallies, srv.conns, q is not None)
 
 
-def _throughput(path: Path, qmp: bool, method: str, conns: int, seconds: float) -> int:
-    ctx = mp.get_context("fork")
-    q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    start = time.time() + 0.3
-    procs = [
-        ctx.Process(target=_worker, args=(str(path), qmp, method, seconds, start, q))
-        for _ in range(conns)
+def part_blocks(srv: Servers, sz: Sizes) -> tuple[str, str]:
+    for loop in srv.loops:
+        c = Conn(srv.ramd(loop)[1] / "ramd.sock")
+        for i in range(4):
+            c.call("ram-block-add", {"id": f"q{i}", "size": MiB, "max-size": 64 * MiB})
+        c.close()
+    tallies = rpc.measure(
+        ramd_targets(srv, "query-ram-blocks"), sz.rounds, sz.calls, sz.slice, srv.conns
+    )
+    for loop in srv.loops:
+        c = Conn(srv.ramd(loop)[1] / "ramd.sock")
+        for i in range(4):
+            c.call("ram-block-del", {"id": f"q{i}"})
+        c.close()
+    return "query-ram-blocks with 4 blocks (ramd only)", rpc_table(tallies, srv.conns, False)
+
+
+def part_rss(srv: Servers, sz: Sizes) -> tuple[str, str]:
+    rows = []
+    for loop in srv.loops:
+        proc = servers.start_ramd(srv.tmp / f"rss-{loop}", loop)
+        try:
+            time.sleep(1.0)
+            rows.append([f"ramd, {loop}", f"{servers.rss(proc.pid) / MiB:.1f}"])
+        finally:
+            servers.stop([proc])
+    q = servers.start_qemu(srv.tmp / "rss-qemu", 1)
+    if q is not None:
+        try:
+            time.sleep(1.0)
+            rows.append(["QEMU -machine none, 1 QMP socket", f"{servers.rss(q[0].pid) / MiB:.1f}"])
+        finally:
+            servers.stop([q[0]])
+    return "idle RSS, 1 s after start (fresh processes)", md_table(["server", "RSS MiB"], rows)
+
+
+def part_cli(srv: Servers, sz: Sizes) -> tuple[str, str]:
+    s = clitools.startup(srv.ramd(srv.loops[0])[1] / "ramd.sock", sz.startup_runs)
+    rows = [
+        ["ramctl version", *(f"{v * 1e3:.0f}" for v in s.ramctl)],
+        [f"{Path(sys.executable).name} -c pass (floor)", *(f"{v * 1e3:.0f}" for v in s.python)],
     ]
-    for p in procs:
-        p.start()
-    total = sum(q.get() for _ in procs)
-    for p in procs:
-        p.join()
-    return total
+    return (
+        f"command wall time, {sz.startup_runs} runs (ramd on {srv.loops[0]})",
+        md_table(["command", "median ms", "min ms", "max ms"], rows),
+    )
 
 
-def throughput(
-    targets: dict[str, Target], seconds: float, conns: int = 8, rounds: int = 3
-) -> dict[str, float]:
-    """Requests/s over ``conns`` connections (one client process each), targets in turns."""
-    counts = dict.fromkeys(targets, 0)
-    for _ in range(rounds):
-        for label, (path, qmp, method) in targets.items():
-            counts[label] += _throughput(path, qmp, method, conns, seconds / rounds)
-    return {label: count / seconds for label, count in counts.items()}
+def part_transfer(srv: Servers, sz: Sizes) -> tuple[str, str]:
+    pid, d = srv.ramd(srv.loops[0])
+    src = srv.tmp / "bulk.bin"
+    clitools.make_file(src, sz.transfer)
+    try:
+        w, r = clitools.bulk(d / "ramd.sock", pid, src, sz.transfer)
+    finally:
+        src.unlink()
+    size = f"{sz.transfer // MiB} MiB"
+    rows = [
+        [
+            name,
+            size,
+            f"{t.mib_s:.1f}",
+            f"{t.wall:.2f}",
+            f"{t.client_cpu:.2f}",
+            f"{t.server_cpu:.2f}",
+        ]
+        for name, t in (("ramctl write -i FILE", w), ("ramctl read > /dev/null", r))
+    ]
+    headers = ["command", "size", "MiB/s", "wall s", "ramctl CPU s", "daemon CPU s"]
+    return f"bulk transfer over JSON-RPC (ramd on {srv.loops[0]})", md_table(headers, rows)
 
 
-def median_time(fn: Callable[[], None], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def fanout(path: Path, subscribers: int, repeat: int) -> float:
-    """Median ms from the command's response to the last subscriber's event."""
-    subs = []
-    sel = selectors.DefaultSelector()
-    for _ in range(subscribers):
-        c = Conn(path)
-        c.call("subscribe", {"replay": False})
-        c.s.setblocking(False)
-        sel.register(c.s, selectors.EVENT_READ, c)
-        subs.append(c)
-    trig = Conn(path)
-    trig.call("ram-block-add", {"id": "fan", "size": 4096, "max-size": MiB})
-    for c in subs:  # drain the ADDED event
-        _read_event(c)
-    results = []
-    for i in range(repeat):
-        trig.send_raw(
-            trig.request_bytes("ram-block-resize", {"id": "fan", "size": 8192 * (1 + i % 2)})
-        )
-        trig.reply()
-        t_resp = time.perf_counter()
-        pending = set(subs)
-        while pending:
-            for key, _ in sel.select(5):
-                c = key.data
-                if c in pending and _read_event(c):
-                    pending.discard(c)
-        results.append((time.perf_counter() - t_resp) * 1e3)
-    trig.call("ram-block-del", {"id": "fan"})
-    for c in subs:
-        sel.unregister(c.s)
-        c.s.close()
-    trig.close()
-    return statistics.median(results)
-
-
-def _read_event(c: Conn) -> bool:
-    c.s.setblocking(True)
-    line = c.f.readline()
-    c.s.setblocking(False)
-    return b"RAM_BLOCK" in line
-
-
-def add_time(path: Path, max_size: int, repeat: int) -> float:
-    c = Conn(path)
-
-    def once() -> None:
-        c.call("ram-block-add", {"id": "t", "size": 64 * MiB, "max-size": max_size})
-        c.call("ram-block-del", {"id": "t"})
-
-    t = median_time(once, repeat)
-    c.close()
-    return t * 1e6
-
-
-def resize_time(path: Path, repeat: int) -> tuple[float, float]:
-    c = Conn(path)
-    c.call("ram-block-add", {"id": "rs", "size": 64 * MiB, "max-size": GiB})
-    grow, shrink = [], []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        c.call("ram-block-resize", {"id": "rs", "size": 128 * MiB})
-        t1 = time.perf_counter()
-        c.call("ram-block-resize", {"id": "rs", "size": 64 * MiB})
-        t2 = time.perf_counter()
-        grow.append(t1 - t0)
-        shrink.append(t2 - t1)
-    c.call("ram-block-del", {"id": "rs"})
-    c.close()
-    return statistics.median(grow) * 1e6, statistics.median(shrink) * 1e6
-
-
-def prealloc_bw(path: Path, size: int, hugepages: bool, repeat: int) -> tuple[float, float]:
-    """GiB/s of ``ram-block-add prealloc=true``. Each timed add follows an untimed one of the
-    same size: this VM hands freed memory back to its host, and faulting such memory in is
-    many times slower, so only back-to-back runs compare fairly (see bench/blocks.py)."""
-    c = Conn(path)
-    times = []
-    for _ in range(repeat):
-        args = {"id": "pa", "size": size, "prealloc": True, "hugepages": hugepages}
-        c.call("ram-block-add", args)
-        c.call("ram-block-del", {"id": "pa"})
-        t0 = time.perf_counter()
-        r = c.call(
-            "ram-block-add", {"id": "pa", "size": size, "prealloc": True, "hugepages": hugepages}
-        )
-        times.append(time.perf_counter() - t0)
-        assert "result" in r, r
-        c.call("ram-block-del", {"id": "pa"})
-    c.close()
-    return size / statistics.median(times) / GiB, size / min(times) / GiB
-
-
-def c_populate_bw(size: int, hugepages: bool, repeat: int) -> tuple[float, float] | None:
-    """GiB/s of MADV_POPULATE_WRITE from C (compiled now), or None without gcc; like
-    :func:`prealloc_bw`, the timed populate follows an untimed one."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        return None
-    src = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <stdint.h>
-#include <sys/mman.h>
-#include <time.h>
-int main(int argc, char **argv) {
-    size_t size = strtoull(argv[1], 0, 10); int huge = atoi(argv[2]);
-    size_t align = 2 << 20;
-    struct timespec a, b;
-    for (int run = 0; run < 2; run++) {
-        char *raw = mmap(0, size + align, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
-        char *p = (char *)(((uintptr_t)raw + align - 1) & ~(align - 1));
-        clock_gettime(CLOCK_MONOTONIC, &a);
-        if (huge) madvise(p, size, 14);
-        if (madvise(p, size, 23)) { perror("madvise"); return 1; }
-        clock_gettime(CLOCK_MONOTONIC, &b);
-        munmap(raw, size + align);
+def part_ops(srv: Servers, sz: Sizes) -> tuple[str, str]:
+    pid, d = srv.ramd(srv.loops[0])
+    sock = d / "ramd.sock"
+    rows: list[list[str]] = []
+    rows.append(
+        [
+            "daemon syscalls per JSON-RPC round trip (strace -c)",
+            ops.syscalls_per_request(sock, pid, False),
+        ]
+    )
+    g, s = ops.resize_time(sock, sz.repeat)
+    rows.append(["ram-block-resize +64 MiB / -64 MiB round trip", f"{g:.0f} / {s:.0f} µs"])
+    for k in (1, 100, 1000):
+        ms = ops.fanout(sock, k, max(3, sz.repeat // 3))
+        rows.append([f"event delivery to {k} subscriber(s) after the response", f"{ms:.2f} ms"])
+    adds = {
+        label: ops.add_time(sock, size, sz.repeat)
+        for label, size in (("1 GiB", GiB), ("64 GiB", 64 * GiB), ("1 TiB", 1 << 40))
     }
-    printf("%.9f\n", (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9);
-    return 0;
+    for label, v in adds.items():
+        rows.append([f"ram-block-add + del, max-size {label}", f"{v:.0f} µs"])
+    rows.append(["add time ratio 1 TiB / 1 GiB", f"{adds['1 TiB'] / adds['1 GiB']:.2f}"])
+    prep = 3 if sz.prealloc < GiB else 9
+    for huge in (False, True):
+        ours = ops.prealloc_bw(sock, sz.prealloc, huge, prep)
+        theirs = ops.c_populate_bw(sz.prealloc, huge, prep)
+        ref = (
+            "n/a (no gcc)"
+            if theirs is None
+            else f"{theirs[0]:.2f} GiB/s; ratio {ours[0] / theirs[0]:.2f}"
+            f" (best runs: {ours[1]:.2f} vs {theirs[1]:.2f}, {ours[1] / theirs[1]:.2f})"
+        )
+        label = "THP" if huge else "4 KiB pages"
+        rows.append(
+            [
+                f"prealloc {sz.prealloc // MiB} MiB ({label}), median: ramd vs C",
+                f"{ours[0]:.2f} GiB/s vs {ref}",
+            ]
+        )
+    fresh = servers.start_ramd(srv.tmp / "ops-rss", srv.loops[0])
+    try:
+        idle, full = ops.rss_with_blocks(srv.tmp / "ops-rss" / "ramd.sock", fresh.pid, 10_000)
+    finally:
+        servers.stop([fresh])
+    rows.append(
+        [
+            "daemon RSS with 10,000 one-page blocks (a fresh daemon)",
+            f"{full / MiB:.1f} MiB ({(full - idle) / 10_000:.0f} B per block over idle)",
+        ]
+    )
+    return f"block operations (ramd on {srv.loops[0]})", md_table(
+        ["measure", "value"], rows, numeric=False
+    )
+
+
+PART_FUNCS: dict[str, Callable[[Servers, Sizes], tuple[str, str]]] = {
+    "rpc": part_rpc,
+    "blocks": part_blocks,
+    "rss": part_rss,
+    "cli": part_cli,
+    "transfer": part_transfer,
+    "ops": part_ops,
 }
-"""
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "p.c").write_text(src)
-        exe = Path(d) / "p"
-        subprocess.run([gcc, "-O2", "-o", str(exe), str(Path(d) / "p.c")], check=True)
-        times = [
-            float(
-                subprocess.run(
-                    [str(exe), str(size), str(int(hugepages))],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout
-            )
-            for _ in range(repeat)
-        ]
-    return size / statistics.median(times) / GiB, size / min(times) / GiB
-
-
-def syscalls_per_request(path: Path, pid: int, qmp: bool, n: int = 2000) -> str:
-    """Daemon syscalls per ``query-version`` round trip, by ``strace -c`` (if installed)."""
-    strace = shutil.which("strace")
-    if strace is None:
-        return "n/a (no strace)"
-    c = Conn(path, qmp)
-    req = c.request_bytes("query-version")
-    st = subprocess.Popen([strace, "-c", "-f", "-p", str(pid)], stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    for _ in range(n):
-        c.send_raw(req)
-        c.f.readline()
-    st.send_signal(2)
-    report = st.communicate()[1]
-    c.close()
-    calls = {}
-    for line in report.splitlines():
-        parts = line.split()
-        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
-            calls[parts[-1]] = int(parts[3])
-    per = {name: round(count / n, 2) for name, count in calls.items() if count >= n // 2}
-    return f"{sum(per.values()):.1f} (" + ", ".join(f"{k} {v:g}" for k, v in per.items()) + ")"
-
-
-def rss_with_blocks(path: Path, pid: int, count: int) -> tuple[int, int]:
-    """(idle RSS, RSS with ``count`` one-page blocks)."""
-    idle = rss(pid)
-    c = Conn(path)
-    batch = 500
-    for start in range(0, count, batch):
-        reqs = [
-            {
-                "jsonrpc": "2.0",
-                "method": "ram-block-add",
-                "params": {"id": f"b{i}", "size": 4096},
-                "id": i,
-            }
-            for i in range(start, min(count, start + batch))
-        ]
-        c.send_raw(json.dumps(reqs).encode() + b"\n")
-        c.f.readline()
-    full = rss(pid)
-    for start in range(0, count, batch):
-        reqs = [
-            {"jsonrpc": "2.0", "method": "ram-block-del", "params": {"id": f"b{i}"}, "id": i}
-            for i in range(start, min(count, start + batch))
-        ]
-        c.send_raw(json.dumps(reqs).encode() + b"\n")
-        c.f.readline()
-    c.close()
-    return idle, full
 
 
 # -- report -------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    ap.add_argument(
-        "--loops",
-        default="asyncio,uvloop",
-        help="event loops to run ramd on (comma-separated; uvloop needs the 'fast' extra)",
-    )
-    ns = ap.parse_args()
-    n_rt = 500 if ns.quick else 5000
-    secs = 1.0 if ns.quick else 3.0
-    rep = 5 if ns.quick else 30
-    rows: list[tuple[str, str]] = []
-    tmp = Path(tempfile.mkdtemp(prefix="ramd-bench-"))
-    procs: list[subprocess.Popen[bytes]] = []
+def git(*args: str) -> str:
+    r = subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def machine() -> str:
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
     try:
-        ramd = start_ramd(tmp)
-        procs.append(ramd)
-        idle_rss = rss(ramd.pid)
-        qemu = start_qemu(tmp)
-        if qemu is not None:
-            procs.append(qemu)
-        procs.append(start_echo(tmp))
-        qmp_ok = (tmp / "qmp.sock").exists()
-        uv = tmp / "uv"
-        try:
-            if "uvloop" not in ns.loops.split(","):
-                raise ImportError("not asked for")
-            import uvloop  # noqa: F401
-
-            procs.append(start_ramd(uv, ["--event-loop", "uvloop"]))
-        except ImportError as e:
-            rows.append(("ramd on uvloop", f"n/a: {e}"))
-            uv = None  # type: ignore[assignment]
-
-        def fmt_rt(v: tuple[float, float]) -> str:
-            return f"{v[0]:.0f} / {v[1]:.0f} µs"
-
-        targets: dict[str, Target] = {
-            "ramd JSON-RPC query-ram-blocks": (tmp / "ramd.sock", False, "query-ram-blocks"),
-            "ramd JSON-RPC query-version": (tmp / "ramd.sock", False, "query-version"),
-        }
-        if qmp_ok:
-            targets["ramd QMP query-ram-blocks"] = (tmp / "qmp.sock", True, "query-ram-blocks")
-            targets["ramd QMP query-version"] = (tmp / "qmp.sock", True, "query-version")
-        if uv is not None:
-            targets["ramd JSON-RPC query-version, uvloop"] = (
-                uv / "ramd.sock",
-                False,
-                "query-version",
-            )
-            targets["ramd QMP query-version, uvloop"] = (uv / "qmp.sock", True, "query-version")
-        if qemu is not None:
-            targets["QEMU QMP query-version"] = (tmp / "qemu.sock", True, "query-version")
-        targets["asyncio echo floor"] = (tmp / "echo.sock", False, "echo")
-        rt = round_trips(targets, n_rt)
-        qemu_rt = rt.get("QEMU QMP query-version", (0.0, 0.0))[0]
-        for name, v in rt.items():
-            ratio = f" ({v[0] / qemu_rt:.2f}x QEMU)" if qemu_rt and "QEMU" not in name else ""
-            rows.append((f"round trip p50 / p99: {name}", fmt_rt(v) + ratio))
-
-        tp = throughput({k: v for k, v in targets.items() if "query-ram-blocks" not in k}, 3 * secs)
-        qemu_tp = tp.get("QEMU QMP query-version", 0.0)
-        for name, v in tp.items():
-            ratio = f" ({v / qemu_tp:.2f}x QEMU)" if qemu_tp and "QEMU" not in name else ""
-            rows.append((f"requests/s over 8 connections: {name}", f"{v:,.0f}{ratio}"))
-        if qemu is None:
-            rows.append(("QEMU QMP", "n/a: qemu-system-x86_64 not installed"))
-
-        rows.append(
-            (
-                "daemon syscalls per JSON-RPC round trip (strace -c)",
-                syscalls_per_request(tmp / "ramd.sock", ramd.pid, False),
-            )
-        )
-        g, s = resize_time(tmp / "ramd.sock", rep)
-        rows.append(("ram-block-resize +64 MiB / -64 MiB round trip", f"{g:.0f} / {s:.0f} µs"))
-        for k in (1, 100, 1000):
-            ms = fanout(tmp / "ramd.sock", k, max(3, rep // 3))
-            rows.append((f"event delivery to {k} subscriber(s) after the response", f"{ms:.2f} ms"))
-        adds = {
-            label: add_time(tmp / "ramd.sock", size, rep)
-            for label, size in (("1 GiB", GiB), ("64 GiB", 64 * GiB), ("1 TiB", 1 << 40))
-        }
-        for label, v in adds.items():
-            rows.append((f"ram-block-add + del, max-size {label}", f"{v:.0f} µs"))
-        rows.append(("add time ratio 1 TiB / 1 GiB", f"{adds['1 TiB'] / adds['1 GiB']:.2f}"))
-        size = (256 * MiB) if ns.quick else GiB
-        prep = 3 if ns.quick else 9
-        for huge in (False, True):
-            ours = prealloc_bw(tmp / "ramd.sock", size, huge, prep)
-            theirs = c_populate_bw(size, huge, prep)
-            label = "THP" if huge else "4 KiB pages"
-            if theirs is None:
-                ref = "n/a (no gcc)"
-            else:
-                ref = (
-                    f"{theirs[0]:.2f} GiB/s; ratio {ours[0] / theirs[0]:.2f}"
-                    f" (best runs: {ours[1]:.2f} vs {theirs[1]:.2f}, {ours[1] / theirs[1]:.2f})"
-                )
-            rows.append(
-                (
-                    f"prealloc {size // MiB} MiB ({label}), median: ramd vs C MADV_POPULATE_WRITE",
-                    f"{ours[0]:.2f} GiB/s vs {ref}",
-                )
-            )
-        fresh = start_ramd(tmp / "rss")
-        procs.append(fresh)
-        idle2, full = rss_with_blocks(tmp / "rss" / "ramd.sock", fresh.pid, 10_000)
-        rows.append(("daemon RSS idle (at start)", f"{idle_rss / MiB:.1f} MiB"))
-        rows.append(
-            (
-                "daemon RSS with 10,000 blocks (a fresh daemon)",
-                f"{full / MiB:.1f} MiB ({(full - idle2) / 10_000:.0f} B per block)",
-            )
-        )
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(20)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    header = (
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; Linux {platform.release()}; "
-        f"{os.cpu_count()} CPUs; Python {platform.python_version()}; command: bench/run"
-        + (" --quick" if ns.quick else "")
+        uv = importlib.metadata.version("uvloop")
+    except importlib.metadata.PackageNotFoundError:
+        uv = "not installed"
+    return (
+        f"{os.cpu_count()} CPUs ({model}), {mem_kib / (1 << 20):.0f} GiB RAM, "
+        f"Linux {platform.release()}, Python {platform.python_version()}, "
+        f"QEMU {servers.qemu_version()}, uvloop {uv}"
     )
-    width = max(len(r[0]) for r in rows)
-    lines = [f"| {'measure':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
-    lines += [f"| {a:<{width}} | {b} |" for a, b in rows]
-    table = "\n".join(lines)
-    print(header)
-    print(table)
-    ns.out.write_text(f"# ramd benchmark results\n\n{header}\n\n{table}\n")
+
+
+def parse_parts(text: str) -> list[str]:
+    parts = [p for p in text.split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {bad}; choose from {', '.join(PARTS)}")
+    return parts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="a smoke run: everything smaller")
+    ap.add_argument(
+        "--only", type=parse_parts, metavar="PARTS", help=f"run only these ({','.join(PARTS)})"
+    )
+    ap.add_argument(
+        "--skip", type=parse_parts, metavar="PARTS", default=[], help="skip these parts"
+    )
+    ap.add_argument("--out", type=Path, help="write the Markdown report here")
+    ap.add_argument("--loops", default="asyncio,uvloop", help="ramd event loops (comma-separated)")
+    ap.add_argument("--conns", type=int, default=8, help="clients (and QEMU sockets) for calls/s")
+    ap.add_argument("--rounds", type=int, help="interleaving rounds for rpc/blocks")
+    ap.add_argument("--slice", type=float, help="seconds of each N-connection slice")
+    ns = ap.parse_args()
+    sz = Sizes.pick(ns.quick)
+    if ns.rounds:
+        sz = dataclasses.replace(sz, rounds=ns.rounds)
+    if ns.slice:
+        sz = dataclasses.replace(sz, slice=ns.slice)
+    parts = [p for p in (ns.only or PARTS) if p not in ns.skip]
+    loops = [loop for loop in ns.loops.split(",") if loop]
+    out = ns.out
+    if out is None and not ns.quick and parts == list(PARTS):
+        out = HERE / "RESULTS.md"
+
+    started = time.monotonic()
+    date = datetime.datetime.now(datetime.UTC)
+    load0 = os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="ramd-bench-"))
+    srv = Servers(tmp, loops, ns.conns)
+    sections: list[tuple[str, str]] = []
+    try:
+        for part in parts:
+            t0 = time.monotonic()
+            title, table = PART_FUNCS[part](srv, sz)
+            title += f" [{part}, {time.monotonic() - t0:.0f} s]"
+            print(f"\n## {title}\n\n{table}", flush=True)
+            sections.append((title, table))
+    finally:
+        srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    load1 = os.getloadavg()
+    dirty = (
+        " (with uncommitted changes)"
+        if git("status", "--porcelain", "--untracked-files=no")
+        else ""
+    )
+    cmd = "bench/run " + " ".join(sys.argv[1:])
+    header = "\n".join(
+        [
+            f"- date: {date:%Y-%m-%d %H:%M} UTC (start)",
+            f"- commit: {git('rev-parse', '--short', 'HEAD')} {git('log', '-1', '--format=%s')}"
+            + dirty,
+            f"- machine: {machine()}",
+            f"- load average (1 min) at start / end: {load0[0]:.1f} / {load1[0]:.1f}",
+            f"- command: `{cmd.strip()}`, {time.monotonic() - started:.0f} s",
+        ]
+    )
+    print(f"\n{header}")
+    if out is not None:
+        body = "\n\n".join(f"## {title}\n\n{table}" for title, table in sections)
+        out.write_text(f"# ramd benchmark results\n\n{header}\n\n{METHOD}\n\n{body}\n")
+        print(f"wrote {out}")
+
+
+METHOD = """\
+Method: every server is a separate process on this machine; clients are blocking Python
+sockets using the same code for every server. p50/p99: one connection, one request at a time.
+calls/s: N client processes, each with its own connection (QEMU gets one `-qmp` socket per
+client, since a QMP monitor serves one client at a time; its p50/p99 and 1-connection CPU come
+from a second QEMU with a single `-qmp` socket, because every extra monitor slows each of its
+round trips, by about 30% with 8 on this machine). Server CPU µs/call: utime + stime of
+the server process (all threads) over the measured interval, divided by the calls. The targets
+take turns in slices (latency slice, then throughput slice, per target per round), so a burst
+of noise from other load hits them all. On a 2-core machine the client processes compete with
+the server for CPU, so calls/s is the noisiest figure and CPU per call the steadiest. The
+kernel counts CPU time in 10 ms ticks, summed over all slices: the 1-connection CPU column
+(fewer calls) is the coarser one."""
 
 
 if __name__ == "__main__":
