@@ -14,6 +14,7 @@ from ramd.api import dispatch
 from ramd.api.service import Service, Session
 from ramd.config import Config, ConfigError, default_socket_path
 from ramd.errors import RamdError
+from ramd.ramblock import RAMList
 from ramd.transport.connection import DialectFactory
 from ramd.transport.jsonrpc import JsonRpcDialect
 from ramd.transport.qmp import QmpDialect
@@ -72,7 +73,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     sys.setrecursionlimit(max(sys.getrecursionlimit(), config.limits.max_depth + 1000))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = Service(config.limits)
+    service = Service(config.limits, RAMList(config.memory_dir))
     server: Server | None = None
     try:
         await create_config_blocks(service, config)

@@ -19,7 +19,8 @@ TiB = 1024 * GiB
 
 INFO_KEYS = {
     "id", "size", "max-size", "resizable", "page-size", "host", "offset", "backend",
-    "prealloc", "merge", "dump", "hugepages", "lock", "resident",
+    "shared", "persistent", "prealloc", "merge", "dump", "hugepages", "hugetlb", "lock",
+    "resident",
 }  # fmt: skip
 
 
