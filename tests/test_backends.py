@@ -410,3 +410,80 @@ def test_daemon_survives_a_mapper_truncating_a_file_block(
         c.ram_block_del("f")
     assert d.alive() and os.listdir(memory_dir) == []
     assert d.stop() == 0
+
+
+# -- memory-dir on its own mount (a private mount namespace: nothing outside sees it) ------
+
+_IN_NAMESPACE = """
+import json, os, subprocess, sys
+from ramd.errors import RamdError
+from ramd.ramblock import RAMList
+fstype, options, mnt = sys.argv[1:4]
+subprocess.run(["mount", "-t", fstype, "-o", options, "ramd-test", mnt], check=True)
+rl = RAMList(mnt + "/mem")
+hugetlb = fstype == "hugetlbfs"
+page = 2 * 1024 * 1024 if hugetlb else 4096
+b = rl.add("f", page, (64 if hugetlb else 1024) * page, backend="file", hugetlb=hugetlb)
+rl.write("f", page - 4, b"kept")
+out = {"page-size": b.page_size, "hugetlb": b.hugetlb, "host": b.host % b.page_size}
+try:
+    rl.resize("f", int(sys.argv[4]))
+    out["error"] = None
+except RamdError as e:
+    out["error"] = e.desc
+out["size"] = b.size
+out["file-size"] = os.fstat(b.fd).st_size
+out["data"] = rl.read("f", page - 4, 4).decode()
+rl.remove("f")
+out["left"] = os.listdir(mnt + "/mem")
+print(json.dumps(out))
+"""
+
+
+def _in_namespace(tmp_path: Path, fstype: str, options: str, grow_to: int) -> dict[str, object]:
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("needs unshare(1) and mount(8) (util-linux)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c"]
+    out = subprocess.run(
+        [*cmd, _IN_NAMESPACE, fstype, options, str(mnt), str(grow_to)],
+        capture_output=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    result: dict[str, object] = __import__("json").loads(out.stdout)
+    return result
+
+
+def test_file_block_on_a_full_tmpfs_grow_fails_with_enospc(tmp_path: Path) -> None:
+    result = _in_namespace(tmp_path, "tmpfs", "size=1m,mode=0700", 2 * MiB)
+    assert result == {
+        "page-size": PAGE,
+        "hugetlb": False,
+        "host": 0,
+        "error": "Cannot grow f to 0x200000: No space left on device",
+        "size": PAGE,
+        "file-size": PAGE,
+        "data": "kept",
+        "left": [],
+    }
+
+
+def test_file_block_on_hugetlbfs_gets_huge_pages_and_a_clean_enomem(
+    tmp_path: Path, huge_pages: Callable[[], int]
+) -> None:
+    hp = _meminfo("Hugepagesize") * 1024
+    free = huge_pages()
+    result = _in_namespace(tmp_path, "hugetlbfs", "mode=0700", (free + 1) * hp)
+    assert result == {
+        "page-size": hp,
+        "hugetlb": True,
+        "host": 0,
+        "error": f"Cannot grow f to 0x{(free + 1) * hp:x}: Cannot allocate memory",
+        "size": hp,
+        "file-size": hp,
+        "data": "kept",
+        "left": [],
+    }
+    assert huge_pages() == free
