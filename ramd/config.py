@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
 )
 
+from ramd.ramblock import DEFAULT_MEMORY_DIR
 from ramd.sizes import parse_size
 
 U64_MAX = 2**64 - 1
@@ -80,6 +81,8 @@ class BlockConfig(_Section):
     id: StrictStr
     size: PositiveSize
     max_size: PositiveSize | None = None
+    backend: Literal["anonymous", "memfd", "file"] = "anonymous"
+    hugetlb: StrictBool = False
     prealloc: StrictBool = False
     merge: StrictBool = False
     dump: StrictBool = True
@@ -97,6 +100,8 @@ class Config(_Section):
     log_format: Literal["text", "json"] = "text"
     #: ``uvloop`` needs the optional ``fast`` extra; the plain asyncio loop is the default.
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    #: Directory of ``file`` blocks (created 0700 at the first one).
+    memory_dir: Path = Path(DEFAULT_MEMORY_DIR)
     allow_uids: list[StrictInt] = []
     allow_gids: list[StrictInt] = []
     readonly_uids: list[StrictInt] = []

@@ -14,6 +14,7 @@ from ramd.api import dispatch
 from ramd.api.outcome import BadArguments, Failed, Internal, Pending
 from ramd.api.service import Service, Session
 from ramd.config import Config, ConfigError, default_socket_path
+from ramd.ramblock import RAMList
 from ramd.transport.connection import DialectFactory
 from ramd.transport.jsonrpc import JsonRpcDialect
 from ramd.transport.qmp import QmpDialect
@@ -82,7 +83,7 @@ async def serve(
     heap.return_large_buffers()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = Service(config.limits)
+    service = Service(config.limits, RAMList(config.memory_dir))
     server: Server | None = None
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))

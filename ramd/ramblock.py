@@ -6,29 +6,38 @@ blocks: it creates, resizes and frees them, places them in the ram_addr space, a
 settings, calls the notifiers (order in :mod:`ramd.notifiers`) and bounds-checks every access
 to block memory.
 
+Each block's memory is a :class:`~ramd.hostmem.backend.HostMemory` backend (anonymous,
+memfd or file), chosen at :meth:`RAMList.create`; past that choice the RAM list treats every
+backend alike. The block owns its backend and, through it, its fd.
+
 Ownership and threads: one thread owns a ``RAMList`` and calls all its methods (the asyncio
-loop thread in the daemon). The exceptions are the *fill* methods (:meth:`RAMList.preallocate`,
+loop thread in the daemon). The exceptions are the *fill* methods (:meth:`RAMList.fill`,
 :meth:`RAMList.lock_range`), which a worker thread may run on memory nobody else can change
 meanwhile: a block returned by :meth:`RAMList.create` and not yet committed (invisible), or a
 range of a *pinned* block (:meth:`RAMList.pin`). A pinned block answers "busy" to every
 command that would change it (resize, remove, discard, write), so the worker never touches
 memory that the loop thread just made inaccessible.
+
+Release steps are separate methods (:meth:`RAMList._shrink_release`,
+:meth:`RAMList._release`) so that notifying and releasing can later be split in time (a
+release that waits for other processes to let go of the memory).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypedDict, Unpack
+from typing import Literal, TypedDict, Unpack
 
 from ramd.errors import DeviceNotFound, RamdError
 from ramd.hostmem import libc, linux
-from ramd.hostmem.mmap_alloc import mmap_alloc, mmap_free, mmap_pagesize, mmap_resize
+from ramd.hostmem.backend import AnonymousMemory, BackingTruncated, HostMemory
+from ramd.hostmem.mmap_alloc import mmap_pagesize
+from ramd.hostmem.shared import FileMemory, MemfdMemory, open_memory_dir
 from ramd.ids import ID_PATTERN
 from ramd.notifiers import NotifierList, RamBlockNotifier
 from ramd.ramaddr import RamAddrSpace
@@ -40,6 +49,11 @@ _ID_RE = re.compile(ID_PATTERN)
 #: Alignment of anonymous blocks when ``hugepages`` is set, so THP can back them
 #: (QEMU's ``QEMU_VMALLOC_ALIGN`` on x86-64).
 HUGEPAGE_ALIGN = 2 * 1024 * 1024
+
+#: Where ``file`` blocks live unless configured otherwise (``memory-dir``).
+DEFAULT_MEMORY_DIR = "/dev/shm/ramd"
+
+Backend = Literal["anonymous", "memfd", "file"]
 
 
 def _align_up(value: int, align: int) -> int:
@@ -53,6 +67,8 @@ def _strerror(e: OSError) -> str:
 class BlockSettings(TypedDict, total=False):
     """The optional settings of a block, as :meth:`RAMList.create` takes them."""
 
+    backend: Backend
+    hugetlb: bool
     prealloc: bool
     merge: bool
     dump: bool
@@ -67,10 +83,13 @@ class RAMBlock:
 
     Invariants: ``host`` is aligned to ``align``; ``0 < size <= max_size``, both multiples of
     ``page_size``; ``size == max_size`` unless ``resizable``; ``[host, host+size)`` is
-    read-write and ``[host+size, host+max_size+page_size)`` is ``PROT_NONE``.
+    read-write and ``[host+size, host+max_size+page_size)`` is ``PROT_NONE``; a shared
+    block's file is ``size`` bytes long (unless another process changed it). ``mem`` is owned
+    by the block: freed exactly once, by the RAM list.
     """
 
     id: str
+    mem: HostMemory
     host: int
     offset: int
     size: int
@@ -83,19 +102,52 @@ class RAMBlock:
     dump: bool = True
     hugepages: bool = False
     lock: bool = False
-    backend: str = "anonymous"
     #: Why the block is pinned (work off the loop thread holds it), or None.
     busy: str | None = None
 
+    @property
+    def backend(self) -> str:
+        """``anonymous``, ``memfd`` or ``file``."""
+        return self.mem.kind
+
+    @property
+    def shared(self) -> bool:
+        """The block has an fd other processes can map."""
+        return self.mem.shared
+
+    @property
+    def persistent(self) -> bool:
+        """The block's memory outlives the daemon (a named file)."""
+        return self.mem.persistent
+
+    @property
+    def path(self) -> str | None:
+        """The block's file, for the ``file`` backend."""
+        return self.mem.path
+
+    @property
+    def hugetlb(self) -> bool:
+        """Backed by hugetlbfs huge pages."""
+        return self.mem.hugetlb
+
+    @property
+    def fd(self) -> int:
+        """The block's fd (owned by the block; -1 when not shared)."""
+        return self.mem.fd
+
     def resident(self) -> int:
-        """Bytes of the used range resident in RAM right now (``mincore``)."""
-        return libc.mincore_resident(self.host, self.size) * libc.host_page_size()
+        """Bytes of the used range whose memory is allocated right now (anonymous:
+        ``mincore``; shared: the file's allocated blocks)."""
+        return self.mem.resident(self.size)
 
 
 class RAMList:
     """All RAM blocks of the daemon, in creation order, and their notifiers."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_dir: str | os.PathLike[str] = DEFAULT_MEMORY_DIR) -> None:
+        #: Directory of ``file`` blocks; opened (created 0700) at the first ``file`` block.
+        self.memory_dir = os.fspath(memory_dir)
+        self._memory_dir_fd = -1
         self._blocks: dict[str, RAMBlock] = {}
         self._pending: dict[str, RAMBlock] = {}
         self._space = RamAddrSpace()
@@ -185,6 +237,8 @@ class RAMList:
         size: int,
         max_size: int | None = None,
         *,
+        backend: Backend = "anonymous",
+        hugetlb: bool = False,
         prealloc: bool = False,
         merge: bool = False,
         dump: bool = True,
@@ -192,11 +246,14 @@ class RAMList:
         lock: bool = False,
         align: int | None = None,
     ) -> RAMBlock:
-        """Validate, map and advise a block, reserving its id; not yet visible.
+        """Validate, map and configure a block, reserving its id; not yet visible.
 
-        The caller must then :meth:`fill` it (which locks and preallocates it as its settings
-        ask; a worker thread may do that) and :meth:`commit` or :meth:`abort` it. Raises
-        :class:`RamdError` for bad arguments or when the kernel refuses the mapping.
+        ``backend`` chooses the memory (``memfd`` and ``file`` are shared; ``hugetlb`` asks
+        for huge pages: ``MFD_HUGETLB``, or a hugetlbfs ``memory_dir``). ``merge`` and
+        ``hugepages`` apply to anonymous memory only and are refused for the others. The
+        caller must then :meth:`fill` it (which locks and preallocates it as its settings ask;
+        a worker thread may do that) and :meth:`commit` or :meth:`abort` it. Raises
+        :class:`RamdError` for bad arguments or when the kernel refuses the memory.
         """
         if not isinstance(block_id, str) or not _ID_RE.match(block_id):
             raise RamdError(
@@ -205,9 +262,97 @@ class RAMList:
             )
         if block_id in self._blocks or block_id in self._pending:
             raise RamdError(f"RAM block '{block_id}' already exists")
-        page_size = mmap_pagesize()
         if size <= 0:
             raise RamdError(f"Invalid size: {block_id}: 0x{size:x}: Invalid argument")
+        mem = self._new_memory(block_id, backend, hugetlb)
+        try:
+            for name, value in (("merge", merge), ("hugepages", hugepages)):
+                if value and not mem.private:
+                    raise RamdError(
+                        f"Cannot create RAM block '{block_id}': {name} applies to anonymous"
+                        f" blocks only (backend {mem.kind})"
+                    )
+            block = self._map(
+                mem,
+                block_id,
+                size,
+                max_size,
+                align,
+                prealloc=prealloc,
+                merge=merge,
+                dump=dump,
+                hugepages=hugepages,
+                lock=lock,
+            )
+            self._advise(block, 0, block.size)
+        except BaseException:
+            _free_memory(mem, block_id, delete=True)
+            raise
+        block.offset = self._space.alloc(block.max_size)
+        self._pending[block_id] = block
+        self.used += block.size
+        self.reserved += block.max_size + block.page_size
+        return block
+
+    def _new_memory(self, block_id: str, backend: Backend, hugetlb: bool) -> HostMemory:
+        """Choose and open the block's backend (the only place that knows the kinds)."""
+        try:
+            if backend == "memfd":
+                return MemfdMemory(f"ramd:{block_id}", hugetlb=hugetlb)
+            if backend == "file":
+                dir_fd = self._open_memory_dir()
+                if hugetlb and mmap_pagesize(dir_fd) == libc.host_page_size():
+                    raise RamdError(
+                        f"Cannot create RAM block '{block_id}': hugetlb needs a memory-dir on"
+                        f" hugetlbfs ('{self.memory_dir}' is not)"
+                    )
+                return FileMemory(dir_fd, self.memory_dir, block_id)
+        except FileExistsError:
+            path = os.path.join(self.memory_dir, block_id)
+            raise RamdError(
+                f"Cannot create RAM block '{block_id}': file '{path}' already exists"
+            ) from None
+        except OSError as e:
+            raise RamdError(
+                f"Cannot create RAM block '{block_id}' (backend {backend}): {_strerror(e)}",
+                errno=e.errno,
+            ) from None
+        if backend != "anonymous":
+            raise RamdError(f"Invalid backend: {block_id}: '{backend}'")
+        if hugetlb:
+            raise RamdError(
+                f"Cannot create RAM block '{block_id}': hugetlb needs backend memfd or file"
+            )
+        return AnonymousMemory()
+
+    def _open_memory_dir(self) -> int:
+        if self._memory_dir_fd < 0:
+            try:
+                self._memory_dir_fd = open_memory_dir(self.memory_dir)
+            except OSError as e:
+                raise RamdError(
+                    f"Cannot use memory-dir '{self.memory_dir}': {e.strerror or e}",
+                    errno=e.errno,
+                ) from None
+        return self._memory_dir_fd
+
+    def _map(
+        self,
+        mem: HostMemory,
+        block_id: str,
+        size: int,
+        max_size: int | None,
+        align: int | None,
+        *,
+        prealloc: bool,
+        merge: bool,
+        dump: bool,
+        hugepages: bool,
+        lock: bool,
+    ) -> RAMBlock:
+        """Check the sizes against ``mem``'s page size, reserve and populate ``[0, size)``;
+        the block that owns ``mem`` (not yet placed in the ram_addr space)."""
+        page_size = mem.page_size
         size = _align_up(size, page_size)
         resizable = max_size is not None
         if max_size is None:
@@ -236,15 +381,17 @@ class RAMList:
                 f" the page size 0x{page_size:x}"
             )
         try:
-            host = mmap_alloc(size, max_size, align)
+            host = mem.reserve(max_size, align)
+            mem.populate(0, size)
         except OSError as e:
             what = f"0x{size:x}" + (f" (max-size 0x{max_size:x})" if resizable else "")
             raise RamdError(
                 f"Cannot allocate RAM block '{block_id}' of {what}: {_strerror(e)}",
                 errno=e.errno,
             ) from None
-        block = RAMBlock(
+        return RAMBlock(
             id=block_id,
+            mem=mem,
             host=host,
             offset=-1,
             size=size,
@@ -259,18 +406,14 @@ class RAMList:
             lock=lock,
             busy=_creating(prealloc, lock),
         )
-        self._advise(block, 0, size)
-        block.offset = self._space.alloc(max_size)
-        self._pending[block_id] = block
-        self.used += size
-        self.reserved += max_size + page_size
-        return block
 
     def fill(self, block: RAMBlock) -> None:
         """Lock (``lock``) and fault in (``prealloc``) a created, uncommitted block.
 
-        May run in a worker thread: the block is invisible to every other caller until
-        committed. Raises :class:`RamdError`; the caller then aborts the block.
+        Prealloc: anonymous memory with ``MADV_POPULATE_WRITE`` (on kernels without it, touches
+        each page); shared memory by allocating the file's range. May run in a worker thread:
+        the block is invisible to every other caller until committed. Raises
+        :class:`RamdError`; the caller then aborts the block.
         """
         assert self._pending.get(block.id) is block
         if block.lock:
@@ -278,8 +421,7 @@ class RAMList:
         if not block.prealloc:
             return
         try:
-            if not linux.populate_write(block.host, block.size):
-                _touch_pages(block.host, block.size, block.page_size)
+            block.mem.preallocate(block.size)
         except OSError as e:
             raise RamdError(
                 f"Cannot preallocate RAM block '{block.id}' of 0x{block.size:x}: {_strerror(e)}",
@@ -294,9 +436,9 @@ class RAMList:
         self.notifiers.notify_added(block)
 
     def abort(self, block: RAMBlock) -> None:
-        """Undo :meth:`create`: free the mapping, the offset and the id."""
+        """Undo :meth:`create`: free the memory (and delete its file), the offset and the id."""
         assert self._pending.pop(block.id) is block
-        self._release(block)
+        self._release(block, delete=True)
 
     # -- resize / remove -------------------------------------------------------------------
 
@@ -322,7 +464,9 @@ class RAMList:
                     raise
             self.grow_commit(block, old, new)
         elif new < old:
-            self.shrink(block, new)
+            self.shrink_prepare(block, new)
+            self.notifiers.notify_resized(block, old, new)
+            self._shrink_release(block, old, new)
         return block
 
     def check_resize(self, block_id: str, size: int) -> tuple[RAMBlock, int]:
@@ -343,10 +487,11 @@ class RAMList:
         return block, new
 
     def grow_map(self, block: RAMBlock, old: int, new: int) -> None:
-        """Map ``[old, new)`` with the block's advice; ``block.size`` is still ``old``, so
-        nothing reads or writes the new range until :meth:`grow_commit`."""
+        """Populate ``[old, new)`` with the block's advice; ``block.size`` is still ``old``,
+        so nothing reads or writes the new range until :meth:`grow_commit`. On failure
+        nothing changed."""
         try:
-            mmap_resize(block.host, old, new)
+            block.mem.populate(old, new)
         except OSError as e:
             raise RamdError(
                 f"Cannot grow {block.id} to 0x{new:x}: {_strerror(e)}", errno=e.errno
@@ -355,7 +500,7 @@ class RAMList:
 
     def grow_undo(self, block: RAMBlock, old: int, new: int) -> None:
         """Release a tail mapped by :meth:`grow_map` whose grow failed afterwards."""
-        mmap_resize(block.host, new, old)
+        block.mem.release(old, new)
 
     def grow_commit(self, block: RAMBlock, old: int, new: int) -> None:
         """The grown tail is ready: the block takes its new size, then notifiers run."""
@@ -363,8 +508,8 @@ class RAMList:
         self.used += new - old
         self.notifiers.notify_resized(block, old, new)
 
-    def shrink(self, block: RAMBlock, new: int) -> None:
-        """Notify, then release ``[new, size)``.
+    def shrink_prepare(self, block: RAMBlock, new: int) -> None:
+        """Make sure the release of ``[new, size)`` cannot fail, before anyone is notified.
 
         The kernel may refuse to split the block's mapping at ``new`` (ENOMEM when the
         process has ``vm.max_map_count`` mappings). The split is therefore made first, by an
@@ -372,46 +517,57 @@ class RAMList:
         fails, nothing has been notified and the block is unchanged. Re-reserving exactly
         that tail afterwards replaces one mapping by one, which cannot fail for that reason.
         """
-        old = block.size
         try:
-            libc.madvise(block.host + new, old - new, linux.MADV_DONTFORK)
+            libc.madvise(block.host + new, block.size - new, linux.MADV_DONTFORK)
         except OSError as e:
             # madvise words the failure to split (ENOMEM) as EAGAIN
             err = errno.ENOMEM if e.errno == errno.EAGAIN else e.errno
             raise RamdError(
                 f"Cannot shrink {block.id} to 0x{new:x}: {os.strerror(err or 0)}", errno=err
             ) from None
-        self.notifiers.notify_resized(block, old, new)
+
+    def _shrink_release(self, block: RAMBlock, old: int, new: int) -> None:
+        """Second half of a shrink, after ``resized`` was notified: the size becomes ``new``
+        and the memory of ``[new, old)`` is released (tail inaccessible, file shortened)."""
         block.size = new
         self.used -= old - new
-        mmap_resize(block.host, old, new)
+        block.mem.release(new, old)
 
     def remove(self, block_id: str) -> None:
-        """Notify ``removed``, then drop the block from the list and unmap it."""
+        """Notify ``removed``, then drop the block from the list, unmap it and delete its
+        file (a ``file`` block's name is removed: this is ``ram-block-del``)."""
         block = self.changeable(block_id)
         self.notifiers.notify_removed(block)
         del self._blocks[block_id]
-        self._release(block)
+        self._release(block, delete=True)
 
-    def _release(self, block: RAMBlock) -> None:
+    def _release(self, block: RAMBlock, *, delete: bool) -> None:
+        """Free a block that nobody sees any more: its offset, its mapping and fd, and with
+        ``delete`` its file's name (a persistent block keeps it otherwise)."""
         self._space.free(block.offset, block.max_size)
-        mmap_free(block.host, block.max_size)
+        _free_memory(block.mem, block.id, delete=delete)
         self.used -= block.size
         self.reserved -= block.max_size + block.page_size
 
     def close(self) -> None:
-        """Remove every committed block (newest first), notifying each removal.
+        """Release every committed block (newest first), notifying each removal, at shutdown.
 
-        Blocks still being created, and pinned blocks, are left alone: a worker thread may be
-        using their memory, and unmapping it under that thread would kill the process (the
-        process is about to exit, which releases them anyway).
+        Persistent blocks keep their files (they outlive the daemon); everything else is
+        freed. Blocks still being created, and pinned blocks, are left alone: a worker thread
+        may be using their memory, and unmapping it under that thread would kill the process
+        (which is about to exit, and that releases them anyway).
         """
         for block_id in reversed(list(self._blocks)):
             block = self._blocks[block_id]
-            if block.busy is None:
-                self.remove(block_id)
-            else:
+            if block.busy is not None:
                 log.warning("RAM block '%s' left mapped at exit: %s", block_id, block.busy)
+                continue
+            self.notifiers.notify_removed(block)
+            del self._blocks[block_id]
+            self._release(block, delete=False)
+        if self._memory_dir_fd >= 0:
+            os.close(self._memory_dir_fd)
+            self._memory_dir_fd = -1
 
     # -- settings --------------------------------------------------------------------------
 
@@ -457,20 +613,31 @@ class RAMList:
             )
 
     def read(self, block_id: str, offset: int, length: int) -> bytes:
-        """Copy ``length`` bytes at ``offset`` out of the block's used range."""
+        """Copy ``length`` bytes at ``offset`` out of the block's used range (a shared block:
+        with ``pread``, so a file shortened by another process is an error, not SIGBUS)."""
         block = self.get(block_id)
         self._check_range(block, offset, length)
-        return ctypes.string_at(block.host + offset, length)
+        try:
+            return block.mem.read(offset, length)
+        except BackingTruncated as e:
+            raise RamdError(_truncated("read", block, e)) from None
+        except OSError as e:
+            raise RamdError(f"Cannot read RAM block '{block.id}': {_strerror(e)}") from None
 
     def write(self, block_id: str, offset: int, data: bytes) -> int:
         """Copy ``data`` into the block's used range at ``offset``; returns its length."""
         block = self.changeable(block_id)
         self._check_range(block, offset, len(data))
-        ctypes.memmove(block.host + offset, data, len(data))
-        return len(data)
+        try:
+            return block.mem.write(offset, data)
+        except BackingTruncated as e:
+            raise RamdError(_truncated("write", block, e)) from None
+        except OSError as e:
+            raise RamdError(f"Cannot write RAM block '{block.id}': {_strerror(e)}") from None
 
     def discard(self, block_id: str, offset: int, length: int) -> None:
-        """Drop the pages of a page-aligned range (QEMU's ``ram_block_discard_range``).
+        """Free the memory of a page-aligned range (QEMU's ``ram_block_discard_range``):
+        ``MADV_DONTNEED`` for anonymous memory, a punched hole in a shared block's file.
 
         The range reads back as zeros and its memory is released at once (for a locked block,
         the range is locked again afterwards, which faults in fresh zero pages).
@@ -490,7 +657,7 @@ class RAMList:
                 # Locked pages refuse MADV_DONTNEED: unlock, drop, and lock the (now zero)
                 # range again, so the block stays locked as its settings ask.
                 libc.munlock(addr, length)
-            libc.madvise(addr, length, linux.MADV_DONTNEED)
+            block.mem.discard(offset, length)
             if block.lock:
                 libc.mlock(addr, length)
         except OSError as e:
@@ -504,10 +671,22 @@ def _creating(prealloc: bool, lock: bool) -> str:
     return "it is being locked" if lock else "it is being created"
 
 
-def _touch_pages(host: int, size: int, page_size: int) -> None:
-    """Fault in each page by rewriting its first byte (contents are preserved)."""
-    view = memoryview((ctypes.c_char * size).from_address(host)).cast("B")
-    view[::page_size] = bytes(view[::page_size])
+def _free_memory(mem: HostMemory, block_id: str, *, delete: bool) -> None:
+    """Unmap ``mem`` and close its fd; with ``delete``, first remove its file's name (a
+    failure to do so is logged: the memory is freed anyway)."""
+    if delete:
+        try:
+            mem.unlink()
+        except OSError as e:
+            log.warning("RAM block '%s': cannot remove %s: %s", block_id, mem.path, e)
+    mem.free()
+
+
+def _truncated(what: str, block: RAMBlock, e: BackingTruncated) -> str:
+    return (
+        f"Cannot {what} RAM block '{block.id}': its file is 0x{e.file_size:x} bytes, shorter"
+        f" than its size 0x{block.size:x} (changed by another process)"
+    )
 
 
 __all__ = ["RAMBlock", "RAMList", "RamBlockNotifier"]

@@ -9,6 +9,7 @@ import itertools
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from procfs import PAGE, covering, mem_total_bytes, rss_bytes, swap_total_bytes
@@ -362,3 +363,59 @@ def test_discard_on_a_locked_block_zeroes_and_keeps_it_locked(ram: RAMList) -> N
     assert ram.read("l", 2 * PAGE, 4 * PAGE) == bytes(4 * PAGE)
     assert ram.read("l", 0, 2 * PAGE) == b"\xee" * (2 * PAGE)
     assert all("lo" in m.flags for m in covering(b.host, b.host + b.size))
+
+
+def test_shared_block_notifier_order_keeps_file_and_mapping_until_after_notify(
+    tmp_path: Path,
+) -> None:
+    """For a memfd block, inside ``resized`` (shrink) and ``removed`` the file still has the
+    old length and the old range is still mapped shared; both are released only after."""
+    seen: list[tuple[str, int, str]] = []
+
+    class Inspector(Recorder):
+        def resized(self, block: RAMBlock, old: int, new: int) -> None:
+            perms = {m.perms for m in covering(block.host, block.host + max(old, new))}
+            seen.append(("resized", os.fstat(block.fd).st_size, ",".join(sorted(perms))))
+
+        def removed(self, block: RAMBlock) -> None:
+            perms = {m.perms for m in covering(block.host, block.host + block.size)}
+            seen.append(("removed", os.fstat(block.fd).st_size, ",".join(sorted(perms))))
+
+    rl = RAMList(tmp_path / "mem")
+    rl.register_notifier(Inspector())
+    b = rl.add("m", 2 * PAGE, 16 * PAGE, backend="memfd")
+    rl.resize("m", 8 * PAGE)
+    rl.resize("m", 4 * PAGE)
+    assert os.fstat(b.fd).st_size == 4 * PAGE
+    assert covering(b.host + 4 * PAGE, b.host + 8 * PAGE)[0].perms == "---p"
+    host = b.host
+    rl.remove("m")
+    assert seen == [
+        ("resized", 8 * PAGE, "rw-s"),
+        ("resized", 8 * PAGE, "rw-s"),
+        ("removed", 4 * PAGE, "rw-s"),
+    ]
+    assert covering(host, host + 17 * PAGE) == [] and b.fd == -1
+    rl.close()
+
+
+@pytest.mark.parametrize("backend", ["anonymous", "memfd", "file"])
+def test_block_facts_per_backend(tmp_path: Path, backend: str) -> None:
+    rl = RAMList(tmp_path / "mem")
+    b = rl.add("b", PAGE, backend=backend)  # type: ignore[arg-type]
+    facts = (b.backend, b.shared, b.persistent, b.hugetlb, b.fd >= 0, b.path)
+    path = str(tmp_path / "mem" / "b") if backend == "file" else None
+    assert facts == (
+        backend,
+        backend != "anonymous",
+        backend == "file",
+        False,
+        backend != "anonymous",
+        path,
+    )
+    rl.write("b", 0, b"same behaviour")
+    assert rl.read("b", 0, 14) == b"same behaviour"
+    assert b.resident() == PAGE
+    rl.remove("b")
+    assert not (tmp_path / "mem" / "b").exists()
+    rl.close()

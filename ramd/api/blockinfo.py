@@ -31,9 +31,9 @@ _FIELDS = tuple(
 def _encode(block: RAMBlock, size: int, with_host: bool) -> bytes:
     info: dict[str, Any] = {}
     for wire, attr in _FIELDS:
-        if attr == "host" and not with_host:
-            continue
-        info[wire] = size if attr == "size" else getattr(block, attr)
+        value = size if attr == "size" else getattr(block, attr)
+        if value is not None and (with_host or attr != "host"):
+            info[wire] = value
     return _dumps(info).encode("ascii")
 
 

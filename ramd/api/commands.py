@@ -132,6 +132,8 @@ def ram_block_add(session: Session, args: m.RamBlockAddArgs) -> Raw | Awaitable[
         args.id,
         args.size,
         args.max_size,
+        backend=args.backend,
+        hugetlb=args.hugetlb,
         prealloc=args.prealloc,
         merge=args.merge,
         dump=args.dump,

@@ -86,10 +86,18 @@ class NoArgs(Args):
     """No arguments."""
 
 
+Backend = Literal["anonymous", "memfd", "file"]
+
+
 class RamBlockAddArgs(Args):
     id: BlockId
     size: Size
     max_size: Size | None = Field(None, description="reserve this much; makes the block resizable")
+    backend: Backend = Field(
+        "anonymous",
+        description="anonymous (private), memfd or file (shared: an fd other processes can map)",
+    )
+    hugetlb: StrictBool = Field(False, description="huge pages from hugetlbfs (memfd, file)")
     prealloc: StrictBool = False
     merge: StrictBool = False
     dump: StrictBool = True
@@ -153,10 +161,16 @@ class RamBlockInfo(Result):
     host: int | None = Field(None, description="the daemon's address; full-access peers only")
     offset: int
     backend: str
+    shared: bool = Field(description="has an fd that other processes can map")
+    persistent: bool = Field(description="outlives the daemon process")
+    path: str | None = Field(
+        None, exclude_if=lambda v: v is None, description="file backend only: the block's file"
+    )
     prealloc: bool
     merge: bool
     dump: bool
     hugepages: bool
+    hugetlb: bool
     lock: bool
     resident: int | None = Field(None, description='only with query-ram-blocks "resident": true')
 

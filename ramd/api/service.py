@@ -31,7 +31,7 @@ class Service:
 
     def __init__(self, limits: Limits | None = None, ram: RAMList | None = None) -> None:
         self.limits = limits or Limits()
-        self.ram = ram or RAMList()
+        self.ram = ram if ram is not None else RAMList()
         self.broadcaster = Broadcaster()
         self.ram.register_notifier(self.broadcaster)
         self.infos = BlockInfoCache()

@@ -5,6 +5,8 @@
   back as zeros), ``MADV_POPULATE_WRITE`` (5.14+), ``MADV_HUGEPAGE``, ``MADV_MERGEABLE``,
   ``MADV_DONTDUMP``.
 - ``fstatfs`` to recognise hugetlbfs and read its page size.
+- ``memfd_create`` flags (``MFD_HUGETLB``), ``fallocate`` with ``FALLOC_FL_PUNCH_HOLE``.
+- ``MemAvailable`` of ``/proc/meminfo``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap as _mmap
+import os
 
 from ramd.hostmem import libc
 
@@ -23,6 +26,8 @@ MADV_DONTDUMP = _mmap.MADV_DONTDUMP
 MADV_HUGEPAGE = _mmap.MADV_HUGEPAGE
 MADV_POPULATE_WRITE = 23
 HUGETLBFS_MAGIC = 0x958458F6
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 class _StatFs(ctypes.Structure):
@@ -62,3 +67,83 @@ def populate_write(addr: int, length: int) -> bool:
             return False
         raise
     return True
+
+
+_fallocate = libc._libc.fallocate64
+_fallocate.restype = ctypes.c_int
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def memfd_create(name: str, *, hugetlb: bool = False) -> int:
+    """A close-on-exec memfd; with ``hugetlb`` backed by default-size huge pages."""
+    flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb else 0)
+    return os.memfd_create(name, flags)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``[offset, offset+length)`` of ``fd``, keeping its length: the range reads
+    back as zeros and its memory (tmpfs, hugetlbfs) is freed at once."""
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, f"fallocate: {os.strerror(err)}")
+
+
+def mem_available() -> int:
+    """Bytes the kernel estimates it can still allocate without swapping or OOM-killing:
+    ``MemAvailable`` plus ``SwapFree`` from ``/proc/meminfo``."""
+    total = 0
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            if line.startswith((b"MemAvailable:", b"SwapFree:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_process_vm_writev = libc._libc.process_vm_writev
+_process_vm_writev.restype = ctypes.c_ssize_t
+_process_vm_writev.argtypes = [
+    ctypes.c_int,
+    ctypes.POINTER(_IoVec),
+    ctypes.c_ulong,
+    ctypes.POINTER(_IoVec),
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+
+
+def copy_into_own_mapping(addr: int, data: bytes) -> int:
+    """Copy ``data`` to ``addr`` in this process with ``process_vm_writev`` on itself.
+
+    The kernel faults the destination in as ``ptrace`` would: a page it cannot provide (past
+    the end of a file that another process truncated) ends the copy early instead of raising
+    ``SIGBUS``. Returns the number of bytes copied (less than ``len(data)`` after such a
+    page); raises ``OSError`` when not even the first byte could be copied for another
+    reason than a bad destination.
+    """
+    libc._check_span("process_vm_writev", addr, len(data))
+    src = ctypes.c_char_p(data)  # points into ``data`` itself, kept alive by it
+    base = ctypes.cast(src, ctypes.c_void_p).value or 0
+    local = _IoVec()
+    done = 0
+    while done < len(data):
+        local.iov_base = base + done
+        local.iov_len = len(data) - done
+        remote = _IoVec(addr + done, len(data) - done)
+        n = _process_vm_writev(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            if err == errno.EFAULT:
+                break
+            raise OSError(err, f"process_vm_writev: {os.strerror(err)}")
+        if n == 0:
+            break
+        done += n
+    return done

@@ -1,9 +1,12 @@
-"""Resizable mmaps, after QEMU's ``util/mmap-alloc.c`` with the resizable-allocation series.
+"""Reserve-then-map allocations, after QEMU's ``util/mmap-alloc.c`` with the resizable series.
 
 Layout of one allocation (``ptr`` aligned to ``align``)::
 
     ptr                 ptr+size            ptr+max_size   +guard
     |  RW (populated)   |  PROT_NONE, NORESERVE (reserved) | guard |
+
+The reservation is always private anonymous memory; the populated part is either private
+anonymous memory or a ``MAP_SHARED`` mapping of an fd at the matching file offset.
 
 Invariants: ``ptr``, ``size`` and ``max_size`` are multiples of the page size; exactly one
 ``PROT_NONE`` guard page follows ``max_size``; the reserved tail carries no commit charge.
@@ -24,124 +27,64 @@ def mmap_pagesize(fd: int = -1) -> int:
     return libc.host_page_size()
 
 
-def _is_aligned(value: int, align: int) -> bool:
-    return value % align == 0
-
-
-def mmap_reserve(addr: int, size: int, fd: int = -1) -> int:
+def mmap_reserve(addr: int, size: int) -> int:
     """Reserve ``size`` bytes of inaccessible address space (``PROT_NONE``, no commit charge).
 
     With ``addr`` non-zero the range replaces whatever is mapped there (``MAP_FIXED``), which
-    drops its pages at once. With an ``fd`` (hugetlbfs) the reservation maps the fd so the
-    page size is right; ``MAP_NORESERVE`` keeps the huge pages unreserved.
+    drops its pages at once (for a shared mapping: this process's view of them).
     """
-    flags = libc.MAP_PRIVATE | linux.MAP_NORESERVE
-    if fd < 0:
-        flags |= libc.MAP_ANONYMOUS
+    flags = libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | linux.MAP_NORESERVE
     if addr:
         flags |= libc.MAP_FIXED
-    return libc.mmap(addr, size, libc.PROT_NONE, flags, fd, 0)
+    return libc.mmap(addr, size, libc.PROT_NONE, flags)
 
 
-def mmap_populate(
-    addr: int,
-    size: int,
-    fd: int = -1,
-    offset: int = 0,
-    *,
-    readonly: bool = False,
-    shared: bool = False,
-) -> None:
-    """Make ``[addr, addr+size)`` of a reservation accessible (``MAP_FIXED``, accounted).
-
-    Anonymous or fd-backed (at file ``offset``), private or shared, read-write unless
-    ``readonly``. On failure (ENOMEM when the kernel cannot back the range) the range is
-    reserved again, so no hole opens inside the allocation, and the ``OSError`` propagates.
-    """
-    prot = libc.PROT_READ | (0 if readonly else libc.PROT_WRITE)
-    flags = libc.MAP_FIXED | (libc.MAP_SHARED if shared else libc.MAP_PRIVATE)
-    if fd < 0:
-        flags |= libc.MAP_ANONYMOUS
-    try:
-        libc.mmap(addr, size, prot, flags, fd, offset)
-    except OSError:
-        mmap_reserve(addr, size, fd)
-        raise
-
-
-def mmap_alloc(
-    size: int,
-    max_size: int,
-    align: int,
-    fd: int = -1,
-    *,
-    readonly: bool = False,
-    shared: bool = False,
-) -> int:
-    """Reserve ``max_size`` (+ one guard page) aligned to ``align``; populate ``[0, size)``.
-
-    Returns the aligned start. ``align`` must be a power of two and a multiple of the page
-    size; ``size`` and ``max_size`` multiples of the page size.
-    """
-    pagesize = mmap_pagesize(fd)
-    assert align & (align - 1) == 0 and _is_aligned(align, pagesize)
-    assert _is_aligned(size, pagesize) and _is_aligned(max_size, pagesize)
-    assert 0 < size <= max_size
-    guard = pagesize
-    total = max_size + align + guard
-    base = mmap_reserve(0, total, fd)
+def mmap_reserve_aligned(size: int, align: int) -> int:
+    """Reserve ``size`` bytes starting at a multiple of ``align`` (a power of two, a multiple
+    of the host page size); returns the start. The slack needed to align is unmapped again."""
+    assert align & (align - 1) == 0 and align % libc.host_page_size() == 0
+    total = size + align
+    base = mmap_reserve(0, total)
     ptr = (base + align - 1) & ~(align - 1)
     head = ptr - base
-    tail = total - head - max_size - guard
+    tail = total - head - size
     if head:
         libc.munmap(base, head)
     if tail:
-        libc.munmap(ptr + max_size + guard, tail)
-    try:
-        mmap_populate(ptr, size, fd, readonly=readonly, shared=shared)
-    except OSError:
-        libc.munmap(ptr, max_size + guard)
-        raise
+        libc.munmap(ptr + size, tail)
     return ptr
 
 
-def mmap_resize(
-    ptr: int,
-    old_size: int,
-    new_size: int,
-    fd: int = -1,
-    *,
-    readonly: bool = False,
-    shared: bool = False,
-) -> None:
-    """Grow or shrink the accessible part of an allocation in place.
+def mmap_populate(addr: int, size: int, fd: int = -1, offset: int = 0) -> None:
+    """Make ``[addr, addr+size)`` of a reservation read-write (``MAP_FIXED``).
 
-    Grow populates ``[old, new)``; shrink re-reserves ``[new, old)``, which makes it
-    inaccessible and releases its pages at once. A failed grow leaves the allocation as it
-    was (the range is re-reserved) and raises the ``OSError``.
+    Without ``fd``: private anonymous memory (accounted, zero-filled). With ``fd``:
+    ``MAP_SHARED`` from file ``offset`` (on hugetlbfs this reserves the huge pages). On
+    failure (ENOMEM when the kernel cannot back the range) the range is reserved again, so no
+    hole opens inside the allocation, and the ``OSError`` propagates.
     """
-    pagesize = mmap_pagesize(fd)
-    assert _is_aligned(ptr, pagesize)
-    assert _is_aligned(old_size, pagesize) and _is_aligned(new_size, pagesize)
-    assert old_size > 0 and new_size > 0
-    if new_size > old_size:
-        mmap_populate(
-            ptr + old_size, new_size - old_size, fd, old_size, readonly=readonly, shared=shared
-        )
-    elif new_size < old_size:
-        mmap_reserve(ptr + new_size, old_size - new_size, fd)
+    prot = libc.PROT_READ | libc.PROT_WRITE
+    flags = libc.MAP_FIXED
+    if fd < 0:
+        flags |= libc.MAP_PRIVATE | libc.MAP_ANONYMOUS
+    else:
+        flags |= libc.MAP_SHARED
+    try:
+        libc.mmap(addr, size, prot, flags, fd, offset)
+    except OSError:
+        mmap_reserve(addr, size)
+        raise
 
 
-def mmap_free(ptr: int, max_size: int, fd: int = -1) -> None:
-    """Unmap a whole allocation: ``max_size`` plus the guard page."""
-    libc.munmap(ptr, max_size + mmap_pagesize(fd))
+def mmap_free(ptr: int, size: int) -> None:
+    """Unmap ``[ptr, ptr+size)``: a whole allocation is ``max_size`` plus its guard page."""
+    libc.munmap(ptr, size)
 
 
 __all__ = [
-    "mmap_alloc",
     "mmap_free",
     "mmap_pagesize",
     "mmap_populate",
     "mmap_reserve",
-    "mmap_resize",
+    "mmap_reserve_aligned",
 ]

@@ -1,0 +1,172 @@
+"""Shared backends: memory that is a file other processes can map (``memfd``, ``file``).
+
+The file's length is always the allocation's ``size``; the daemon maps ``[0, size)`` of it
+``MAP_SHARED`` over its reservation. Growing extends the file, backs the new range, then
+maps it; shrinking re-reserves the tail, then shortens the file (which frees its pages).
+
+Backing a grow, so that a grow the kernel cannot back fails at once with nothing changed:
+
+- hugetlbfs (``MFD_HUGETLB``, or a ``file`` in a hugetlbfs ``memory-dir``): mapping the new
+  range ``MAP_SHARED`` without ``MAP_NORESERVE`` reserves its huge pages (ENOMEM when the
+  pool is short); they are allocated on first touch and never fail then.
+- tmpfs / memfd: the new range is allocated with ``posix_fallocate``, so the memory exists
+  when the grow returns (ENOSPC on a full tmpfs). The kernel gives no other guarantee for
+  shmem: memfd files are created ``VM_NORESERVE`` (never accounted against the commit limit)
+  and, when RAM runs out, allocating shmem pages wakes the OOM killer (measured in a 64 MiB
+  memory cgroup: ``fallocate``, ``pwrite`` and faulting 128 MiB all end in SIGKILL of the
+  allocating process, never ENOMEM). So a grow larger than ``MemAvailable + SwapFree`` is
+  refused up front with ENOMEM instead of being attempted.
+
+The daemon never touches a shared mapping itself, because another process holding the fd
+may shorten the file and the access would raise SIGBUS: reads use ``pread``, writes
+``pwrite`` (hugetlbfs has no ``write``: there a copy through ``process_vm_writev`` on the
+daemon's own mapping, which stops at a missing page instead of raising SIGBUS), and both
+check lengths (:class:`~ramd.hostmem.backend.BackingTruncated`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+
+from ramd.hostmem import linux
+from ramd.hostmem.backend import BackingTruncated, HostMemory
+from ramd.hostmem.mmap_alloc import mmap_populate, mmap_reserve
+
+
+class FdMemory(HostMemory):
+    """Memory backed by a file mapped ``MAP_SHARED``; the fd is owned by this object."""
+
+    shared = True
+    private = False
+
+    def populate(self, start: int, end: int) -> None:
+        length = end - start
+        if not self.hugetlb and length > linux.mem_available():
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        os.ftruncate(self.fd, end)
+        try:
+            if not self.hugetlb:
+                os.posix_fallocate(self.fd, start, length)
+            mmap_populate(self.host + start, length, self.fd, start)
+        except OSError:
+            os.ftruncate(self.fd, start)
+            raise
+
+    def release(self, start: int, end: int) -> None:
+        mmap_reserve(self.host + start, end - start)
+        os.ftruncate(self.fd, start)
+
+    def preallocate(self, length: int) -> None:
+        os.posix_fallocate(self.fd, 0, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        linux.punch_hole(self.fd, offset, length)
+
+    def read(self, offset: int, length: int) -> bytes:
+        parts = []
+        done = 0
+        while done < length:
+            chunk = os.pread(self.fd, length - done, offset + done)
+            if not chunk:
+                raise BackingTruncated(os.fstat(self.fd).st_size)
+            parts.append(chunk)
+            done += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write(self, offset: int, data: bytes) -> int:
+        file_size = os.fstat(self.fd).st_size
+        if file_size < offset + len(data):
+            raise BackingTruncated(file_size)
+        if self.hugetlb:
+            if linux.copy_into_own_mapping(self.host + offset, data) < len(data):
+                raise BackingTruncated(os.fstat(self.fd).st_size)
+            return len(data)
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            n = os.pwrite(self.fd, view[done:], offset + done)
+            if n == 0:
+                raise BackingTruncated(os.fstat(self.fd).st_size)
+            done += n
+        return len(data)
+
+    def resident(self, length: int) -> int:
+        return min(os.fstat(self.fd).st_blocks * 512, length)
+
+
+class MemfdMemory(FdMemory):
+    """An anonymous ``memfd_create`` file (``MFD_HUGETLB``: default-size huge pages)."""
+
+    kind = "memfd"
+    persistent = False
+
+    def __init__(self, name: str, *, hugetlb: bool = False) -> None:
+        fd = linux.memfd_create(name, hugetlb=hugetlb)
+        try:
+            super().__init__(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+class FileMemory(FdMemory):
+    """A file named ``name`` in a memory directory (tmpfs, or hugetlbfs for huge pages).
+
+    The file is created here (``O_EXCL``: an existing file is never adopted or truncated)
+    and outlives the process unless :meth:`unlink` removes it.
+    """
+
+    kind = "file"
+    persistent = True
+
+    def __init__(self, dir_fd: int, dir_path: str, name: str) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        self._dir_fd = os.dup(dir_fd)
+        self._name = name
+        try:
+            super().__init__(fd, os.path.join(dir_path, name))
+        except BaseException:
+            self.unlink()
+            os.close(fd)
+            raise
+
+    def unlink(self) -> None:
+        if self._dir_fd >= 0:
+            os.unlink(self._name, dir_fd=self._dir_fd)
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+    def free(self) -> None:
+        super().free()
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+
+def open_memory_dir(path: str) -> int:
+    """Open the memory directory ``path``, creating it mode 0700 when missing.
+
+    Refused (``OSError``): a symlink (``O_NOFOLLOW``) or anything but a directory, and a
+    directory owned by another user or writable by group or others, where someone else
+    could plant or replace block files. Returns a close-on-exec fd of the directory: files
+    are created and removed relative to it, so renaming the path later cannot redirect them.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        os.close(fd)
+        raise OSError(
+            errno.EPERM,
+            f"not owned by uid {os.geteuid()} or writable by others"
+            f" (owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})",
+        )
+    return fd
+
+
+__all__ = ["FdMemory", "FileMemory", "MemfdMemory", "open_memory_dir"]
