@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import socket
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, cast
 from ramd.api.events import Event
 from ramd.api.service import Session
 from ramd.transport.dialect import Dialect, Reply
+from ramd.transport.peer import peer_credentials
 from ramd.transport.splitter import JsonSplitter, SplitError
 
 if TYPE_CHECKING:
@@ -47,15 +46,6 @@ WRITE_HIGH_WATER = 256 * 1024
 READ_BUFFER = 16 * 1024
 
 DialectFactory = Callable[[Session], Dialect]
-
-
-def peer_credentials(sock: socket.socket | None) -> tuple[int, int, int]:
-    """``(pid, uid, gid)`` of the peer of a Unix socket (Linux ``SO_PEERCRED``)."""
-    if sock is None:
-        return (0, -1, -1)
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -93,10 +83,10 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = t = cast(asyncio.Transport, transport)
         t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        pid, uid, gid = peer_credentials(t.get_extra_info("socket"))
-        self.peer = f"pid={pid} uid={uid} gid={gid}"
-        self.fields = {"pid": pid, "uid": uid, "gid": gid}
-        access, refusal = self.server.admit(self, uid, gid)
+        cred = peer_credentials(t.get_extra_info("socket"))
+        self.peer = str(cred)
+        self.fields = {"pid": cred.pid, "uid": cred.uid, "gid": cred.gid}
+        access, refusal = self.server.admit(self, cred)
         session = Session(self.server.service, self, readonly=access == "readonly", peer=self.peer)
         self.dialect = self._factory(session)
         self.fields["dialect"] = self.dialect.name
