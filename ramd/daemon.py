@@ -14,6 +14,7 @@ from ramd.api import dispatch
 from ramd.api.service import Service, Session
 from ramd.config import Config, ConfigError, default_socket_path
 from ramd.errors import RamdError
+from ramd.hostlimits import HostMemory, meminfo_total
 from ramd.transport.connection import DialectFactory
 from ramd.transport.jsonrpc import JsonRpcDialect
 from ramd.transport.qmp import QmpDialect
@@ -72,7 +73,15 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     sys.setrecursionlimit(max(sys.getrecursionlimit(), config.limits.max_depth + 1000))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = Service(config.limits)
+    host = HostMemory()
+    service = Service(host.effective(config.limits), host=host)
+    log.info(
+        "limits: max-reserved %d, max-used %d (host memory %d, cgroup limits %s)",
+        service.limits.max_reserved,
+        service.limits.max_used,
+        meminfo_total(),
+        ", ".join(f"{c.cgroup} {c.limit}" for c in host.cgroup_limits()) or "none",
+    )
     server: Server | None = None
     try:
         await create_config_blocks(service, config)

@@ -100,6 +100,15 @@ def _check_add_limits(service: Service, args: m.RamBlockAddArgs) -> None:
         )
     if lim.max_used and ram.used + size > lim.max_used:
         raise _limit("max-used", lim.max_used, f"{ram.used} used, {size} more asked")
+    _check_host(service, size, touch=args.prealloc or args.lock, lock=args.lock)
+
+
+def _check_host(service: Service, more: int, *, touch: bool, lock: bool) -> None:
+    """Refuse ``more`` bytes of blocks that the host (cgroup, ``RLIMIT_MEMLOCK``) cannot hold;
+    ``touch``: faulted in at once (prealloc, lock)."""
+    refusal = service.host.refusal(service.ram.used, more, touch=touch, lock=lock)
+    if refusal is not None:
+        raise _limit(refusal.name, refusal.value, refusal.detail)
 
 
 def _check_io(service: Service, length: int) -> None:
@@ -171,6 +180,7 @@ def ram_block_resize(session: Session, args: m.RamBlockResizeArgs) -> m.RamBlock
     grow = _align_up(args.size, block.page_size) - block.size
     if lim and grow > 0 and service.ram.used + grow > lim:
         raise _limit("max-used", lim, f"{service.ram.used} used, {grow} more asked")
+    _check_host(service, grow, touch=block.lock, lock=block.lock)
     return block_info(service.ram.resize(args.id, args.size))
 
 

@@ -13,14 +13,22 @@ from collections.abc import Collection
 from ramd.api.events import Broadcaster, Event, EventSink
 from ramd.api.models import EVENT_NAMES
 from ramd.config import Limits
+from ramd.hostlimits import HostMemory
 from ramd.ramblock import RAMList
 
 
 class Service:
     """Everything the command handlers operate on."""
 
-    def __init__(self, limits: Limits | None = None, ram: RAMList | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        ram: RAMList | None = None,
+        host: HostMemory | None = None,
+    ) -> None:
         self.limits = limits or Limits()
+        #: The host's memory bounds, checked before a block is added or grown.
+        self.host = host or HostMemory()
         self.ram = ram or RAMList()
         self.broadcaster = Broadcaster()
         self.ram.register_notifier(self.broadcaster)
