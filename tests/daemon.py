@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,16 @@ from typing import Any
 class Daemon:
     """A ``python -m ramd`` subprocess. ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, tmp: Path, config: str = "", *args: str, qmp: bool = False) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: str = "",
+        *args: str,
+        qmp: bool = False,
+        wrap: Sequence[str] = (),
+    ) -> None:
+        """``wrap``: a command that execs the daemon's command line given after it (setpriv,
+        prlimit, ...); the daemon keeps its pid."""
         self.dir = tmp
         self.path = tmp / "ramd.sock"
         self.qmp_path: Path | None = tmp / "qmp.sock" if qmp else None
@@ -30,7 +40,7 @@ class Daemon:
             cmd += ["--config", str(cfg)]
         cmd += list(args)
         self._logf = open(self.log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*wrap, *cmd], stdout=self._logf, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
         self._wait_ready()
 
