@@ -24,11 +24,13 @@ class Daemon:
         *args: str,
         qmp: bool = False,
         wrap: Sequence[str] = (),
+        socket_path: Path | None = None,
     ) -> None:
         """``wrap``: a command that execs the daemon's command line given after it (setpriv,
-        prlimit, ...); the daemon keeps its pid."""
+        prlimit, ...); the daemon keeps its pid. ``socket_path``: where the JSON-RPC socket
+        goes, instead of ``tmp/ramd.sock`` (the log and config stay in ``tmp``)."""
         self.dir = tmp
-        self.path = tmp / "ramd.sock"
+        self.path = socket_path or tmp / "ramd.sock"
         self.qmp_path: Path | None = tmp / "qmp.sock" if qmp else None
         self.log = tmp / "ramd.log"
         cmd = [sys.executable, "-m", "ramd", "--socket", str(self.path), "--log-level", "debug"]
