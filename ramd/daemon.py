@@ -75,13 +75,6 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     host = HostMemory()
     service = Service(host.effective(config.limits), host=host)
-    log.info(
-        "limits: max-reserved %d, max-used %d (host memory %d, cgroup limits %s)",
-        service.limits.max_reserved,
-        service.limits.max_used,
-        meminfo_total(),
-        ", ".join(f"{c.cgroup} {c.limit}" for c in host.cgroup_limits()) or "none",
-    )
     server: Server | None = None
     try:
         await create_config_blocks(service, config)
@@ -92,6 +85,13 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
             "ready: %d RAM blocks, %s event loop",
             len(service.ram),
             type(loop).__module__.split(".")[0],
+        )
+        log.info(
+            "limits: max-reserved %d, max-used %d (host memory %d, cgroup limits %s)",
+            service.limits.max_reserved,
+            service.limits.max_used,
+            meminfo_total(),
+            ", ".join(f"{c.cgroup} {c.limit}" for c in host.cgroup_limits()) or "none",
         )
         watchdog = _start_watchdog()
         await stop.wait()

@@ -241,11 +241,13 @@ def test_socket_directly_in_a_sticky_world_writable_directory(base: Path) -> Non
 
 def test_stale_socket_of_ours_is_replaced_and_a_live_one_is_not(tmp_path: Path) -> None:
     sock = tmp_path / "ramd.sock"
-    stale = _stale_socket(sock)
+    _stale_socket(sock)
+    os.chmod(sock, 0o644)
     d = Daemon(tmp_path)
     try:
+        # Replaced: the daemon's own file (0600) now answers at the path.
         live = os.lstat(sock)
-        assert live.st_ino != stale.st_ino
+        assert stat.S_IMODE(live.st_mode) == 0o600
         proc = _run_ramd("--socket", str(sock))
         assert proc.returncode == 1
         assert f"another daemon is already listening on {sock}" in proc.stderr
