@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level, config.log_format)
     from ramd.daemon import serve
-    from ramd.transport.server import AlreadyRunning
+    from ramd.transport.unixbind import AlreadyRunning
 
     try:
         loop_factory = _loop_factory(config.event_loop)

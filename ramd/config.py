@@ -7,12 +7,14 @@ name (``limits.max-blocks``, ``block[0].size``).
 
 from __future__ import annotations
 
+import grp
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -47,6 +49,16 @@ ConfigSize = Annotated[StrictInt, BeforeValidator(_size), Field(ge=0, le=U64_MAX
 PositiveSize = Annotated[StrictInt, BeforeValidator(_size), Field(gt=0, le=U64_MAX)]
 
 
+def _group(value: Any) -> Any:
+    """A group name must exist when the config is read (exit 2, not a half-made socket)."""
+    if isinstance(value, str):
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ValueError(f"no such group {value!r}") from None
+    return value
+
+
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
@@ -61,10 +73,14 @@ class Limits(_Section):
     max_message_size: PositiveSize = 8 * MiB
     max_depth: Annotated[StrictInt, Field(gt=0, le=10_000)] = 1024
     max_connections: Annotated[StrictInt, Field(gt=0)] = 256
+    #: Connections one non-root uid may hold at once (uid 0 has no per-uid share).
+    max_connections_per_uid: Annotated[StrictInt, Field(gt=0)] = 64
     max_blocks: Annotated[StrictInt, Field(gt=0)] = 16384
-    #: Sum of ``max-size`` + guard page over all blocks; 0 = unlimited.
+    #: Sum of ``max-size`` + guard page over all blocks; 0 = the host default
+    #: (:mod:`ramd.hostlimits`: half of the user address space).
     max_reserved: ConfigSize = 0
-    #: Sum of ``size`` over all blocks; 0 = unlimited.
+    #: Sum of ``size`` over all blocks; 0 = the host default (:mod:`ramd.hostlimits`:
+    #: RAM + swap, or the memory cgroup's limit when lower).
     max_used: ConfigSize = 0
     io_chunk: PositiveSize = 4 * MiB
     subscriber_queue: Annotated[StrictInt, Field(gt=0)] = 1024
@@ -95,7 +111,9 @@ class Config(_Section):
     socket: Path | None = None
     qmp_socket: Path | None = None
     socket_mode: Annotated[StrictInt, BeforeValidator(_mode), Field(ge=0, le=0o777)] = 0o600
-    socket_group: StrictStr | StrictInt | None = None
+    #: Group of the socket files ramd creates (a name or a gid), and of the directories it
+    #: creates for them (then 0750).
+    socket_group: Annotated[StrictStr | StrictInt | None, AfterValidator(_group)] = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     #: ``uvloop`` needs the optional ``fast`` extra; the plain asyncio loop is the default.
@@ -111,6 +129,16 @@ class Config(_Section):
     stop_timeout: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 90
     limits: Limits = Limits()
     block: list[BlockConfig] = []
+
+    def socket_gid(self) -> int | None:
+        """``socket-group`` as a gid (None when unset)."""
+        group = self.socket_group
+        if isinstance(group, str):
+            try:
+                return grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise ConfigError(f"config: socket-group: no such group {group!r}") from None
+        return group
 
 
 class ConfigError(Exception):

@@ -14,6 +14,7 @@ from ramd.api import dispatch
 from ramd.api.outcome import BadArguments, Failed, Internal, Pending
 from ramd.api.service import Service, Session
 from ramd.config import Config, ConfigError, default_socket_path
+from ramd.hostlimits import HostLimits, meminfo_total
 from ramd.ramblock import RAMList
 from ramd.transport.connection import DialectFactory
 from ramd.transport.jsonrpc import JsonRpcDialect
@@ -83,7 +84,8 @@ async def serve(
     heap.return_large_buffers()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = Service(config.limits, RAMList(config.memory_dir))
+    host = HostLimits()
+    service = Service(host.effective(config.limits), RAMList(config.memory_dir), host=host)
     server: Server | None = None
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
@@ -95,6 +97,13 @@ async def serve(
             "ready: %d RAM blocks, %s event loop",
             len(service.ram),
             type(loop).__module__.split(".")[0],
+        )
+        log.info(
+            "limits: max-reserved %d, max-used %d (host memory %d, cgroup limits %s)",
+            service.limits.max_reserved,
+            service.limits.max_used,
+            meminfo_total(),
+            ", ".join(f"{c.cgroup} {c.limit}" for c in host.cgroup_limits()) or "none",
         )
         watchdog = _start_watchdog()
         await stop.wait()
@@ -133,7 +142,7 @@ def reload(server: Server | None, reread: Callable[[], Config] | None) -> None:
         for k in type(old).model_fields
         if k not in RELOADABLE and getattr(old, k) != getattr(new, k)
     ]
-    server.config = old.model_copy(update=update)
+    server.config = server.admission.config = old.model_copy(update=update)
     logging.getLogger().setLevel(new.log_level.upper())
     log.info(
         "SIGHUP: configuration reloaded: %s%s",

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,20 @@ from typing import Any
 class Daemon:
     """A ``python -m ramd`` subprocess. ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, tmp: Path, config: str = "", *args: str, qmp: bool = False) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: str = "",
+        *args: str,
+        qmp: bool = False,
+        wrap: Sequence[str] = (),
+        socket_path: Path | None = None,
+    ) -> None:
+        """``wrap``: a command that execs the daemon's command line given after it (setpriv,
+        prlimit, ...); the daemon keeps its pid. ``socket_path``: where the JSON-RPC socket
+        goes, instead of ``tmp/ramd.sock`` (the log and config stay in ``tmp``)."""
         self.dir = tmp
-        self.path = tmp / "ramd.sock"
+        self.path = socket_path or tmp / "ramd.sock"
         self.qmp_path: Path | None = tmp / "qmp.sock" if qmp else None
         self.log = tmp / "ramd.log"
         cmd = [sys.executable, "-m", "ramd", "--socket", str(self.path), "--log-level", "debug"]
@@ -30,7 +42,7 @@ class Daemon:
             cmd += ["--config", str(cfg)]
         cmd += list(args)
         self._logf = open(self.log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*wrap, *cmd], stdout=self._logf, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
         self._wait_ready()
 

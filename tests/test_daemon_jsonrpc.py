@@ -79,7 +79,12 @@ def test_resize_error_texts(rpc: Raw) -> None:
     assert err["data"]["class"] == "DeviceNotFound"
 
 
-def test_grow_the_kernel_refuses_changes_nothing_and_emits_nothing(daemon: Daemon) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_grow_the_kernel_refuses_changes_nothing_and_emits_nothing(
+    start_daemon: Any, loop: str
+) -> None:
+    # max-used above RAM + swap, so the grow reaches the kernel.
+    daemon = start_daemon("[limits]\nmax-used = 18446744073709551615\n", "--event-loop", loop)
     with Raw(daemon.path) as a, Raw(daemon.path) as watcher:
         a.call("ram-block-add", id="big", size=PAGE, **{"max-size": 4 * TiB})
         a.call("ram-block-write", id="big", offset=0, data=base64.b64encode(b"keep").decode())

@@ -473,7 +473,8 @@ def _ram_plus_swap() -> int:
 def test_storm_of_grows_the_kernel_refuses(start_daemon: StartDaemon) -> None:
     if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
         pytest.skip("vm.overcommit_memory=1 grants any grow: no ENOMEM to provoke")
-    d = start_daemon(qmp=True)
+    # max-used above RAM + swap, so the grows reach the kernel.
+    d = start_daemon("[limits]\nmax-used = 18446744073709551615\n", qmp=True)
     probe = Probe(d)
     impossible = 2 * _ram_plus_swap() // PAGE * PAGE
     with Rpc(d.path) as rpc, Rpc(d.path) as watcher:

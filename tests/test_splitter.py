@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from ramd.transport.splitter import (
     JsonSplitter,
     SplitError,
+    control_error,
     depth_error,
     size_error,
     stray_error,
@@ -296,6 +297,8 @@ def reference(data: bytes, max_size: int, max_depth: int) -> tuple[list[Item | s
 
     Returns the items (an over-limit message as the string "limit", since which limit is
     reported first may depend on chunking) and what pending() must be after all of ``data``.
+    A control byte inside a string (escaped or not) ends its message as an error (or as
+    "limit" when the bytes before it were already over a limit); scanning resumes after it.
     """
     items: list[Item | str] = []
     ws, closers, terminators = b" \t\r\n", b"}]", b' \t\r\n{["}]'
@@ -310,11 +313,14 @@ def reference(data: bytes, max_size: int, max_depth: int) -> tuple[list[Item | s
             i += 1
             continue
         start, depth, deepest, in_string, escape, done = i, 0, 0, False, False, False
+        control = -1  # the control byte that ended the message, if any
         if c in b"{[":
             while i < n and not done:
                 b = data[i]
                 i += 1
-                if in_string:
+                if in_string and b < 0x20:
+                    control, done = b, True
+                elif in_string:
                     if escape:
                         escape = False
                     elif b == ord("\\"):
@@ -334,7 +340,9 @@ def reference(data: bytes, max_size: int, max_depth: int) -> tuple[list[Item | s
             while i < n and not done:
                 b = data[i]
                 i += 1
-                if escape:
+                if b < 0x20:
+                    control, done = b, True
+                elif escape:
                     escape = False
                 elif b == ord("\\"):
                     escape = True
@@ -344,19 +352,21 @@ def reference(data: bytes, max_size: int, max_depth: int) -> tuple[list[Item | s
             while i < n and data[i] not in terminators:
                 i += 1
             done = i < n
-        over = i - start > max_size or deepest > max_depth
+        over = i - start - (control >= 0) > max_size or deepest > max_depth
         if not done:
             if over:
                 items.append("limit")
             return items, 0 if over else i - start
-        items.append("limit" if over else data[start:i])
+        if control >= 0:
+            items.append("limit" if over else control_error(control))
+        else:
+            items.append("limit" if over else data[start:i])
     return items, 0
 
 
 def normalized(items: list[Item]) -> list[Item | str]:
     return [
-        "limit" if isinstance(i, SplitError) and not i.reason.startswith("unexpected") else i
-        for i in items
+        "limit" if isinstance(i, SplitError) and i.kind in ("size", "depth") else i for i in items
     ]
 
 

@@ -8,12 +8,16 @@ here, so the test verifies copies whose ``ExecStart=`` points at a stub executab
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from daemon import Daemon, Raw
 
 from ramd.sizes import parse_size
 
@@ -70,9 +74,45 @@ def test_service_notifies_and_is_watched() -> None:
     assert settings["Type"] == ["notify"]
     assert settings["NotifyAccess"] == ["main"]
     assert settings["WatchdogSec"] == ["30"]
+    assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert settings["TimeoutStopSec"] == ["90"]
     assert settings["RuntimeDirectory"] == ["ramd"]
     # Without it, stopping the service would delete the sockets that systemd still listens on.
     assert settings["RuntimeDirectoryPreserve"] == ["yes"]
+
+
+def test_service_runs_as_its_own_user_with_only_cap_ipc_lock() -> None:
+    settings = _settings("ramd.service")
+    assert settings["User"] == ["ramd"]
+    assert settings["CapabilityBoundingSet"] == ["CAP_IPC_LOCK"]
+    assert settings["AmbientCapabilities"] == ["CAP_IPC_LOCK"]
+    assert settings["SystemCallFilter"] == ["@system-service mincore", "~@privileged @resources"]
+    assert settings["RestrictAddressFamilies"] == ["AF_UNIX"]
+    assert settings["PrivateNetwork"] == ["yes"]
+    assert settings["ProtectProc"] == ["invisible"]
+    assert settings["UMask"] == ["0077"]
+    assert settings["StateDirectory"] == ["ramd"]
+    # SO_PEERCRED must see the clients' real uids for allow-uids/readonly-uids.
+    assert "PrivateUsers" not in settings
+    sysusers = (UNIT_DIR / "ramd.sysusers").read_text()
+    assert any(line.split()[:2] == ["u", "ramd"] for line in sysusers.splitlines())
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+def test_service_exposure_is_at_most_2(tmp_path: Path) -> None:
+    unit = tmp_path / "ramd.service"
+    unit.write_text((UNIT_DIR / "ramd.service").read_text())
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    match = re.search(r"Overall exposure level for ramd\.service: (\d+\.\d+)", proc.stdout)
+    assert match is not None, proc.stdout + proc.stderr
+    assert float(match.group(1)) <= 2.0, proc.stdout
 
 
 def test_example_config_parses_and_matches_the_socket_units() -> None:
@@ -102,3 +142,58 @@ def test_example_config_states_the_embedded_defaults() -> None:
     with open(UNIT_DIR / "ramd.toml", "rb") as f:
         example = parse_config(tomllib.load(f))
     assert example.model_dump(exclude={"socket"}) == Config().model_dump(exclude={"socket"})
+
+
+SANDBOX_TOOLS = ("unshare", "setpriv", "systemd-analyze")
+
+
+@pytest.mark.skipif(
+    os.getuid() != 0 or any(shutil.which(t) is None for t in SANDBOX_TOOLS),
+    reason="needs root, unshare, setpriv and systemd-analyze",
+)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_daemon_serves_inside_the_units_sandbox(tmp_path: Path, loop: str) -> None:
+    """As much of ramd.service as runs without systemd as PID 1: a private network namespace
+    (PrivateNetwork=), CAP_IPC_LOCK as the only capability (CapabilityBoundingSet=,
+    AmbientCapabilities=), no_new_privs (NoNewPrivileges=) and the unit's SystemCallFilter=
+    lines with SystemCallErrorNumber=EPERM. uid 0 keeps no privilege (securebits noroot);
+    the dedicated user is left out because the test interpreter may live where another uid
+    cannot read it."""
+    filters = _settings("ramd.service")["SystemCallFilter"]
+    allow = filters[0]
+    deny = " ".join(f.removeprefix("~") for f in filters[1:])
+    wrap = [
+        "unshare",
+        "--net",
+        "setpriv",
+        "--inh-caps=-all,+ipc_lock",
+        "--ambient-caps=-all,+ipc_lock",
+        "--bounding-set=-all,+ipc_lock",
+        "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked",
+        "--no-new-privs",
+        "--",
+        sys.executable,
+        str(Path(__file__).with_name("seccomp_exec.py")),
+        allow,
+        deny,
+        "--",
+    ]
+    d = Daemon(tmp_path, "", "--event-loop", loop, wrap=wrap)
+    try:
+        status = Path(f"/proc/{d.pid}/status").read_text()
+        assert "CapEff:\t0000000000004000" in status and "Seccomp:\t2" in status
+        assert os.readlink(f"/proc/{d.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        with Raw(d.path) as rpc:
+            # 64 MiB locked: over the default RLIMIT_MEMLOCK, allowed by CAP_IPC_LOCK.
+            assert rpc.call("ram-block-add", id="l", size=64 << 20, lock=True)["lock"]
+            rpc.call("ram-block-add", id="p", size=32 << 20, prealloc=True)
+            (pre,) = rpc.call("query-ram-blocks", id="p", resident=True)
+            assert pre["resident"] == 32 << 20
+            rpc.call("ram-block-add", id="r", size=4096, hugepages=True, **{"max-size": 1 << 30})
+            assert rpc.call("ram-block-resize", id="r", size=8 << 20)["size"] == 8 << 20
+            rpc.call("ram-block-discard", id="l", offset=0, length=1 << 20)
+            assert rpc.call("query-stats")["blocks"] == 3
+    finally:
+        assert d.stop() == 0, d.log_text()
+    assert "Traceback" not in d.log_text()
+    assert not d.path.exists()

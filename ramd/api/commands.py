@@ -112,6 +112,15 @@ def _check_add_limits(service: Service, args: m.RamBlockAddArgs) -> None:
         )
     if lim.max_used and ram.used + size > lim.max_used:
         raise _limit("max-used", lim.max_used, f"{ram.used} used, {size} more asked")
+    _check_host(service, size, touch=args.prealloc or args.lock, lock=args.lock)
+
+
+def _check_host(service: Service, more: int, *, touch: bool, lock: bool) -> None:
+    """Refuse ``more`` bytes of blocks that the host (cgroup, ``RLIMIT_MEMLOCK``) cannot hold;
+    ``touch``: faulted in at once (prealloc, lock)."""
+    refusal = service.host.refusal(service.ram.used, more, touch=touch, lock=lock)
+    if refusal is not None:
+        raise _limit(refusal.name, refusal.value, refusal.detail)
 
 
 def _check_io(service: Service, length: int) -> None:
@@ -185,6 +194,7 @@ def ram_block_resize(session: Session, args: m.RamBlockResizeArgs) -> Raw | Awai
     lim = service.limits.max_used
     if lim and grow > 0 and ram.used + grow > lim:
         raise _limit("max-used", lim, f"{ram.used} used, {grow} more asked")
+    _check_host(service, grow, touch=block.lock, lock=block.lock)
     if block.lock and grow > LOCK_INLINE_MAX:
         return _grow_locked(session, block, new)
     ram.resize(args.id, args.size)

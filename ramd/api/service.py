@@ -17,6 +17,7 @@ from ramd.api.blockinfo import BlockInfoCache
 from ramd.api.events import Broadcaster, Event, EventSink
 from ramd.api.models import EVENT_NAMES
 from ramd.config import Limits
+from ramd.hostlimits import HostLimits
 from ramd.logs import LogBudget
 from ramd.ramblock import RAMList
 
@@ -29,8 +30,15 @@ WORKER_THREADS = 4
 class Service:
     """Everything the command handlers operate on."""
 
-    def __init__(self, limits: Limits | None = None, ram: RAMList | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        ram: RAMList | None = None,
+        host: HostLimits | None = None,
+    ) -> None:
         self.limits = limits or Limits()
+        #: The host's memory bounds, checked before a block is added or grown.
+        self.host = host or HostLimits()
         self.ram = ram if ram is not None else RAMList()
         self.broadcaster = Broadcaster()
         self.ram.register_notifier(self.broadcaster)

@@ -89,7 +89,7 @@ class Connection(asyncio.BufferedProtocol):
         t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         cred = peer_credentials(t.get_extra_info("socket"))
         self.uid = cred.uid
-        self.peer = f"pid={cred.pid} uid={cred.uid} gid={cred.gid}"
+        self.peer = str(cred)
         self.fields = {"pid": cred.pid, "uid": cred.uid, "gid": cred.gid}
         access, refusal = self.server.admit(self, cred)
         session = Session(

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import grp
 import logging
-import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,18 +20,16 @@ from pathlib import Path
 from ramd.api.service import Service
 from ramd.config import Config
 from ramd.logs import LogBudget
+from ramd.transport.admission import Admission
 from ramd.transport.connection import Connection, DialectFactory
-from ramd.transport.peer import Credentials
+from ramd.transport.peer import PeerCredentials
+from ramd.transport.unixbind import BoundSocket, bind_unix
 
 log = logging.getLogger("ramd.server")
 
 #: Refused connections kept half-open at once (so their peers read the refusal); more are
 #: closed at once.
 MAX_LINGERING = 64
-
-
-class AlreadyRunning(Exception):
-    """Another daemon serves the socket path."""
 
 
 @dataclass(frozen=True)
@@ -43,43 +39,6 @@ class Listener:
     dialect: str
     path: Path | None = None
     fd: int | None = None
-
-
-def bind_unix(path: Path, mode: int, group: str | int | None = None) -> socket.socket:
-    """Bind a listening Unix socket at ``path`` with ``mode`` (and group).
-
-    Refuses (:class:`AlreadyRunning`) if a live server answers on ``path``; replaces a stale
-    socket file left by a dead one; creates the parent directory.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_socket():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            path.unlink(missing_ok=True)
-        else:
-            raise AlreadyRunning(f"another daemon is already listening on {path}")
-        finally:
-            probe.close()
-    elif path.exists() or path.is_symlink():
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o777 & ~mode)
-    try:
-        sock.bind(str(path))
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, mode)
-    if group is not None:
-        gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
-        os.chown(path, -1, gid)
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
 
 
 def adopt_fd(fd: int) -> socket.socket:
@@ -108,7 +67,8 @@ class Server:
         self.connections: set[Connection] = set()
         self.stopping = False
         self._servers: list[asyncio.Server] = []
-        self._created: list[Path] = []
+        self._created: list[BoundSocket] = []
+        self.admission = Admission(config, service.limits)
         self._lingering: set[Connection] = set()
         self._refusal_log: dict[int, LogBudget] = {}
 
@@ -120,30 +80,23 @@ class Server:
                 sock = adopt_fd(lst.fd)
             else:
                 assert lst.path is not None
-                sock = bind_unix(lst.path, self.config.socket_mode, self.config.socket_group)
-                self._created.append(lst.path)
+                bound = bind_unix(lst.path, self.config.socket_mode, self.config.socket_gid())
+                self._created.append(bound)
+                sock = bound.sock
             factory = self.dialects[lst.dialect]
             srv = await loop.create_unix_server(partial(Connection, self, factory), sock=sock)
             self._servers.append(srv)
             log.info("listening (%s) on %s", lst.dialect, lst.path or f"fd {lst.fd}")
 
-    def admit(self, conn: Connection, cred: Credentials) -> tuple[str, str | None]:
-        """Access class of a new peer and, if it must be refused, why."""
-        cfg = self.config
-        uid, gid = cred.uid, cred.gid
+    def admit(self, conn: Connection, peer: PeerCredentials) -> tuple[str, str | None]:
+        """Access class of a new peer and, if it must be refused, why (the rules and the
+        connection slots are those of :class:`~ramd.transport.admission.Admission`)."""
         if self.stopping:
             return "full", "the daemon is shutting down"
-        if len(self.connections) >= self.service.limits.max_connections:
-            limit = self.service.limits.max_connections
-            return "full", f"Limit exceeded: max-connections is {limit}"
-        readonly = uid in cfg.readonly_uids or gid in cfg.readonly_gids
-        allowed = (
-            not (cfg.allow_uids or cfg.allow_gids) or uid in cfg.allow_uids or gid in cfg.allow_gids
-        )
-        if not readonly and not allowed:
-            return "full", f"Permission denied: uid {uid} gid {gid} is not allowed"
-        self.connections.add(conn)
-        return ("readonly" if readonly else "full"), None
+        access, refusal = self.admission.admit(conn, peer)
+        if refusal is None:
+            self.connections.add(conn)
+        return access, refusal
 
     def refusal(self, conn: Connection, reason: str) -> None:
         """Log a refused connection, at most a few lines per second per uid."""
@@ -172,6 +125,7 @@ class Server:
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
         self._lingering.discard(conn)
+        self.admission.release(conn)
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, let each command in flight finish (up to ``grace`` seconds; any
@@ -197,6 +151,6 @@ class Server:
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 1.0)
-        for path in self._created:
-            path.unlink(missing_ok=True)
+        for bound in self._created:
+            bound.remove()
         self._created.clear()

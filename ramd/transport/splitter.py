@@ -203,7 +203,8 @@ class JsonSplitter:
             pos = 1  # the byte escaped by the backslash that ended the previous chunk
             if data[0] < 0x20:
                 if not discarding:
-                    out.append(control_error(data[0]))
+                    over = len(buf) > max_size
+                    out.append(size_error(max_size) if over else control_error(data[0]))
                 mode, depth, discarding = _IDLE, 0, False
                 buf.clear()
 
@@ -266,7 +267,10 @@ class JsonSplitter:
                 bad = _CONTROL.search(data, pos, e)
                 if bad is not None:  # the message ends here, as an error; resume after it
                     if not discarding:
-                        out.append(control_error(data[bad.start()]))
+                        over = len(buf) + bad.start() - start > max_size
+                        out.append(
+                            size_error(max_size) if over else control_error(data[bad.start()])
+                        )
                     mode, depth, discarding = _IDLE, 0, False
                     buf.clear()
                     pos = bad.end()
