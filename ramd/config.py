@@ -89,6 +89,8 @@ class Limits(_Section):
     #: Seconds after which a connection that sent nothing and receives no events is closed;
     #: 0 = never.
     idle_timeout: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 300
+    #: Seconds a shrink or removal waits for every mapper's ``ram-block-ack``.
+    ack_timeout: Annotated[StrictInt | StrictFloat, Field(gt=0)] = 5
 
 
 class BlockConfig(_Section):

@@ -18,9 +18,10 @@ range of a *pinned* block (:meth:`RAMList.pin`). A pinned block answers "busy" t
 command that would change it (resize, remove, discard, write), so the worker never touches
 memory that the loop thread just made inaccessible.
 
-Release steps are separate methods (:meth:`RAMList._shrink_release`,
-:meth:`RAMList._release`) so that notifying and releasing can later be split in time (a
-release that waits for other processes to let go of the memory).
+Notifying and releasing are separate steps (:meth:`RAMList.shrink_prepare`, then
+``notifiers.notify_resized``, then :meth:`RAMList.shrink_release`; ``notify_removed``, then
+:meth:`RAMList.release_removed`), so that a caller can wait in between for other processes to
+let go of the memory (protocol.md §8); the block is pinned meanwhile.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class RAMBlock:
     dump: bool = True
     hugepages: bool = False
     lock: bool = False
+    #: Connections holding an fd of this block (kept by the API layer's mapper registry).
+    mappers: int = 0
     #: Why the block is pinned (work off the loop thread holds it), or None.
     busy: str | None = None
 
@@ -466,7 +469,7 @@ class RAMList:
         elif new < old:
             self.shrink_prepare(block, new)
             self.notifiers.notify_resized(block, old, new)
-            self._shrink_release(block, old, new)
+            self.shrink_release(block, old, new)
         return block
 
     def check_resize(self, block_id: str, size: int) -> tuple[RAMBlock, int]:
@@ -526,7 +529,7 @@ class RAMList:
                 f"Cannot shrink {block.id} to 0x{new:x}: {os.strerror(err or 0)}", errno=err
             ) from None
 
-    def _shrink_release(self, block: RAMBlock, old: int, new: int) -> None:
+    def shrink_release(self, block: RAMBlock, old: int, new: int) -> None:
         """Second half of a shrink, after ``resized`` was notified: the size becomes ``new``
         and the memory of ``[new, old)`` is released (tail inaccessible, file shortened)."""
         block.size = new
@@ -538,7 +541,12 @@ class RAMList:
         file (a ``file`` block's name is removed: this is ``ram-block-del``)."""
         block = self.changeable(block_id)
         self.notifiers.notify_removed(block)
-        del self._blocks[block_id]
+        self.release_removed(block)
+
+    def release_removed(self, block: RAMBlock) -> None:
+        """Second half of a removal, after ``removed`` was notified: drop the block from the
+        list, unmap it and delete its file."""
+        del self._blocks[block.id]
         self._release(block, delete=True)
 
     def _release(self, block: RAMBlock, *, delete: bool) -> None:

@@ -78,7 +78,7 @@ def test_own_events_come_before_the_response(daemon: Daemon) -> None:
         assert first["method"] == "RAM_BLOCK_RESIZED"
         assert first["params"]["data"] == {
             "seq": 2, "id": "a", "host": first["params"]["data"]["host"],
-            "old-size": PAGE, "new-size": 2 * PAGE, "max-size": MiB,
+            "old-size": PAGE, "new-size": 2 * PAGE, "max-size": MiB, "ack": False,
         }  # fmt: skip
         ts = first["params"]["timestamp"]
         assert abs(ts["seconds"] + ts["microseconds"] / 1e6 - time.time()) < 60

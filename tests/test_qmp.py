@@ -552,7 +552,7 @@ def test_events_start_at_negotiation_without_subscribe(qd: Daemon) -> None:
         assert event["event"] == "RAM_BLOCK_RESIZED"
         assert event["data"] == {
             "seq": 2, "id": "early", "host": event["data"]["host"],
-            "old-size": PAGE, "new-size": 2 * PAGE, "max-size": 4 * PAGE,
+            "old-size": PAGE, "new-size": 2 * PAGE, "max-size": 4 * PAGE, "ack": False,
         }  # fmt: skip
         ts = event["timestamp"]
         assert set(ts) == {"seconds", "microseconds"} and 0 <= ts["microseconds"] < 1_000_000

@@ -64,9 +64,18 @@ class BlockInfoCache:
         self._infos[block.id] = (_encode(block, size, True), _encode(block, size, False))
         self._listing = [None, None]
 
-    def info(self, block_id: str, with_host: bool) -> bytes:
-        """One block's ``RamBlockInfo``."""
-        return self._infos[block_id][0 if with_host else 1]
+    def refresh(self, block: RAMBlock) -> None:
+        """Encode ``block`` again (its mapper count changed)."""
+        if block.id in self._infos:
+            self._set(block, block.size)
+
+    def info(self, block: RAMBlock, with_host: bool) -> bytes:
+        """One block's ``RamBlockInfo`` (encoded now if the block is between a notified
+        removal and its release)."""
+        pair = self._infos.get(block.id)
+        if pair is None:
+            return _encode(block, block.size, with_host)
+        return pair[0 if with_host else 1]
 
     def infos(self, with_host: bool) -> list[bytes]:
         """Every block's ``RamBlockInfo``, in creation order."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pydantic import BaseModel
 
 import ramd
 from ramd.api import models as m
+from ramd.api import release
 from ramd.api.blockinfo import json_list, with_resident
 from ramd.api.events import added_data, make_event
 from ramd.api.service import Service, Session
@@ -57,6 +59,14 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
+class WithFds:
+    """A result sent with file descriptors (owned by this object until sent or closed)."""
+
+    result: BaseModel
+    fds: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Raw:
     """A result already encoded as ASCII JSON, valid against the command's result model."""
 
@@ -87,7 +97,7 @@ def command(
 
 def block_info(session: Session, block: RAMBlock) -> Raw:
     """``RamBlockInfo`` of ``block`` as this session may see it."""
-    return Raw(session.service.infos.info(block.id, not session.readonly))
+    return Raw(session.service.infos.info(block, not session.readonly))
 
 
 def _align_up(value: int, align: int) -> int:
@@ -177,10 +187,19 @@ async def _fill_and_commit(session: Session, block: RAMBlock) -> Raw:
     return block_info(session, block)
 
 
-@command("ram-block-del", m.BlockIdArgs, m.Empty, audit=True)
-def ram_block_del(session: Session, args: m.BlockIdArgs) -> m.Empty:
-    """Remove a RAM block and unmap all of its memory."""
-    session.service.ram.remove(args.id)
+@command("ram-block-del", m.RamBlockDelArgs, m.Empty, audit=True)
+def ram_block_del(session: Session, args: m.RamBlockDelArgs) -> m.Empty | Awaitable[m.Empty]:
+    """Remove a RAM block and unmap all of its memory (after every mapper acknowledged)."""
+    ram = session.service.ram
+    block = ram.changeable(args.id)
+    if session.service.mappers.of(block):
+        return _empty_after(release.remove(session, block, args.mode))
+    ram.remove(args.id)
+    return m.Empty()
+
+
+async def _empty_after(pending: Awaitable[None]) -> m.Empty:
+    await pending
     return m.Empty()
 
 
@@ -197,7 +216,14 @@ def ram_block_resize(session: Session, args: m.RamBlockResizeArgs) -> Raw | Awai
     _check_host(service, grow, touch=block.lock, lock=block.lock)
     if block.lock and grow > LOCK_INLINE_MAX:
         return _grow_locked(session, block, new)
+    if grow < 0 and service.mappers.of(block):
+        return _info_after(session, block, release.shrink(session, block, new, args.mode))
     ram.resize(args.id, args.size)
+    return block_info(session, block)
+
+
+async def _info_after(session: Session, block: RAMBlock, pending: Awaitable[None]) -> Raw:
+    await pending
     return block_info(session, block)
 
 
@@ -228,7 +254,7 @@ def query_ram_blocks(session: Session, args: m.QueryRamBlocksArgs) -> Raw | Awai
     if args.id is None and not args.resident:
         return Raw(infos.listing(with_host))
     blocks = [ram.get(args.id)] if args.id is not None else list(ram)
-    texts = [infos.info(b.id, with_host) for b in blocks]
+    texts = [infos.info(b, with_host) for b in blocks]
     if not args.resident:
         return Raw(json_list(texts))
     if sum(b.size for b in blocks) <= SCAN_INLINE_MAX:
@@ -249,6 +275,79 @@ def _resident(block: RAMBlock) -> int:
         return block.resident()
     except OSError:
         return 0
+
+
+@command("ram-block-get-fd", m.GetFdArgs, m.GetFdResult, readonly=True, audit=True)
+def ram_block_get_fd(session: Session, args: m.GetFdArgs) -> WithFds:
+    """An fd of a shared block's memory, sent with the answer (``SCM_RIGHTS``); this
+    connection is then a mapper of the block: it gets the block's events and must
+    acknowledge shrinks and removal. Read-only peers get read-only fds."""
+    block = session.service.ram.get(args.id)
+    if not block.shared:
+        raise RamdError(f"RAM block '{block.id}' is not shared (backend {block.backend})")
+    readonly = args.readonly or session.readonly
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        fd = os.open(f"/proc/self/fd/{block.fd}", flags)
+    except OSError as e:
+        raise RamdError(f"Cannot open RAM block '{block.id}': {e.strerror}") from None
+    session.service.mappers.add(block, session)
+    result = m.GetFdResult(
+        id=block.id,
+        size=block.size,
+        max_size=block.max_size,
+        page_size=block.page_size,
+        readonly=readonly,
+    )
+    return WithFds(result, (fd,))
+
+
+@command("ram-block-put-fd", m.BlockIdArgs, m.Empty, readonly=True)
+def ram_block_put_fd(session: Session, args: m.BlockIdArgs) -> m.Empty:
+    """This connection no longer maps the block (it closed or unmapped its fd)."""
+    block = session.service.ram.get(args.id)
+    if not session.service.mappers.remove(block, session):
+        raise RamdError(f"RAM block '{block.id}' is not mapped by this connection")
+    return m.Empty()
+
+
+@command("ram-block-ack", m.AckArgs, m.Empty, readonly=True)
+def ram_block_ack(session: Session, args: m.AckArgs) -> m.Empty:
+    """This connection released what event ``seq`` asked it to (the shrunk tail, or the
+    whole removed block)."""
+    if not session.service.mappers.ack(session, args.seq):
+        raise RamdError(f"No acknowledgement of event {args.seq} is awaited from this connection")
+    return m.Empty()
+
+
+#: Named fds one connection may hold (``getfd``).
+MAX_NAMED_FDS = 8
+
+
+@command("getfd", m.FdNameArgs, m.Empty)
+def getfd(session: Session, args: m.FdNameArgs) -> m.Empty:
+    """Keep the fd sent with this message (``SCM_RIGHTS``) under ``fdname``, as QEMU's
+    ``getfd`` (a name already in use is replaced)."""
+    if args.fdname not in session.fds and len(session.fds) >= MAX_NAMED_FDS:
+        raise _limit("named fds", MAX_NAMED_FDS, "closefd one first")
+    fd = session.take_received_fd()
+    if fd is None:
+        raise RamdError("No file descriptor supplied via SCM_RIGHTS")
+    old = session.fds.pop(args.fdname, None)
+    if old is not None:
+        os.close(old)
+    session.fds[args.fdname] = fd
+    return m.Empty()
+
+
+@command("closefd", m.FdNameArgs, m.Empty)
+def closefd(session: Session, args: m.FdNameArgs) -> m.Empty:
+    """Close the fd named ``fdname`` (QEMU's ``closefd``)."""
+    fd = session.fds.pop(args.fdname, None)
+    if fd is None:
+        raise RamdError(f"File descriptor named '{args.fdname}' not found")
+    os.close(fd)
+    return m.Empty()
 
 
 @command("ram-block-read", m.RamBlockReadArgs, m.ReadResult)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ramd.api.commands import COMMANDS, Raw
+from ramd.api.commands import COMMANDS, Raw, WithFds
 from ramd.api.outcome import BadArguments, Done, Failed, Final, Internal, NotFound, Outcome, Pending
 from ramd.api.service import Session
 from ramd.errors import RamdError
@@ -86,7 +87,9 @@ async def _settle(
     return _done(result)
 
 
-def _done(result: BaseModel | Raw) -> Done:
+def _done(result: BaseModel | Raw | WithFds) -> Done:
+    if isinstance(result, WithFds):
+        return replace(_done(result.result), fds=result.fds)
     if isinstance(result, Raw):
         return Done(raw=result.text)
     return Done(result.model_dump(mode="json", by_alias=True, exclude_none=True))

@@ -11,7 +11,7 @@ events caused by a command are queued before that command's response.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +36,10 @@ class Event:
     @property
     def seq(self) -> int:
         return int(self.data["seq"])
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        return (self.seconds, self.microseconds)
 
     @property
     def timestamp(self) -> dict[str, int]:
@@ -73,6 +77,10 @@ class Subscriber(Protocol):
 
     def deliver(self, event: Event) -> None: ...
 
+    def deliver_mapped(self, event: Event) -> None:
+        """An event of a block this session maps: sent whether subscribed or not."""
+        ...
+
 
 def added_data(block: RAMBlock, seq: int, replay: bool) -> dict[str, Any]:
     """Data of ``RAM_BLOCK_ADDED`` for ``block``."""
@@ -93,13 +101,16 @@ def added_data(block: RAMBlock, seq: int, replay: bool) -> dict[str, Any]:
 class Broadcaster:
     """The RAM block notifier that turns block changes into events for subscribers.
 
-    Owns the ``seq`` counter and the set of subscribers (in subscription order). Loop
-    thread only.
+    Owns the ``seq`` counter and the set of subscribers (in subscription order). The
+    mappers of a block (``mappers_of``) get every event of that block, subscribed or not; a
+    shrink's ``RAM_BLOCK_RESIZED`` and a ``RAM_BLOCK_REMOVED`` carry ``"ack": true`` for them
+    (they must acknowledge it) and ``"ack": false`` for everyone else. Loop thread only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, mappers_of: Callable[[RAMBlock], Collection[Subscriber]]) -> None:
         self.seq = 0
         self._subscribers: dict[Subscriber, None] = {}
+        self._mappers_of = mappers_of
 
     @property
     def emitted(self) -> int:
@@ -114,10 +125,16 @@ class Broadcaster:
     def subscribers(self) -> Iterable[Subscriber]:
         return self._subscribers.keys()
 
-    def _emit(self, name: str, data: dict[str, Any]) -> None:
+    def _emit(self, name: str, data: dict[str, Any], block: RAMBlock, ack: bool = False) -> None:
         event = make_event(name, data)
+        mapped = self._mappers_of(block)
         for sub in list(self._subscribers):
-            sub.deliver(event)
+            if sub not in mapped:
+                sub.deliver(event)
+        if mapped:
+            to_mappers = Event(name, {**data, "ack": True}, *event.stamp) if ack else event
+            for sub in list(mapped):
+                sub.deliver_mapped(to_mappers)
 
     def _next(self) -> int:
         self.seq += 1
@@ -125,7 +142,7 @@ class Broadcaster:
 
     def added(self, block: RAMBlock) -> None:
         seq = self._next()
-        self._emit("RAM_BLOCK_ADDED", added_data(block, seq, False))
+        self._emit("RAM_BLOCK_ADDED", added_data(block, seq, False), block)
 
     def resized(self, block: RAMBlock, old_size: int, new_size: int) -> None:
         seq = self._next()
@@ -136,12 +153,18 @@ class Broadcaster:
             old_size=old_size,
             new_size=new_size,
             max_size=block.max_size,
+            ack=False,
         ).model_dump(by_alias=True)
-        self._emit("RAM_BLOCK_RESIZED", data)
+        self._emit("RAM_BLOCK_RESIZED", data, block, ack=new_size < old_size)
 
     def removed(self, block: RAMBlock) -> None:
         seq = self._next()
         data = RamBlockRemovedData(
-            seq=seq, id=block.id, host=block.host, size=block.size, max_size=block.max_size
+            seq=seq,
+            id=block.id,
+            host=block.host,
+            size=block.size,
+            max_size=block.max_size,
+            ack=False,
         ).model_dump(by_alias=True)
-        self._emit("RAM_BLOCK_REMOVED", data)
+        self._emit("RAM_BLOCK_REMOVED", data, block, ack=True)

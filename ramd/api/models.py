@@ -110,9 +110,41 @@ class BlockIdArgs(Args):
     id: BlockId
 
 
+ReleaseMode = Literal["safe", "hard"]
+_MODE_DOC = (
+    "when a mapper does not acknowledge in time: safe = roll back and fail,"
+    " hard = disconnect it and release anyway"
+)
+
+
+class RamBlockDelArgs(Args):
+    id: BlockId
+    mode: ReleaseMode = Field("safe", description=_MODE_DOC)
+
+
 class RamBlockResizeArgs(Args):
     id: BlockId
     size: Size
+    mode: ReleaseMode = Field("safe", description=_MODE_DOC)
+
+
+class GetFdArgs(Args):
+    id: BlockId
+    readonly: StrictBool = Field(False, description="an O_RDONLY fd (map it PROT_READ)")
+
+
+class AckArgs(Args):
+    seq: Annotated[StrictInt, Field(gt=0, le=U64_MAX, description="the event's seq")]
+
+
+FdName = Annotated[
+    StrictStr,
+    Field(pattern=r"^[A-Za-z_][A-Za-z0-9._-]{0,63}$", description="a name for the fd"),
+]
+
+
+class FdNameArgs(Args):
+    fdname: FdName
 
 
 class QueryRamBlocksArgs(Args):
@@ -172,10 +204,21 @@ class RamBlockInfo(Result):
     hugepages: bool
     hugetlb: bool
     lock: bool
+    mappers: int = Field(0, description="connections holding an fd of this block")
     resident: int | None = Field(None, description='only with query-ram-blocks "resident": true')
 
 
 RamBlockInfoList = RootModel[list[RamBlockInfo]]
+
+
+class GetFdResult(Result):
+    """Sent with one fd (``SCM_RIGHTS``) on the first byte of the answer."""
+
+    id: str
+    size: int
+    max_size: int
+    page_size: int
+    readonly: bool
 
 
 class ReadResult(Result):
@@ -249,6 +292,7 @@ class RamBlockResizedData(Result):
     old_size: int
     new_size: int
     max_size: int
+    ack: bool = Field(False, description="this connection maps the block: ram-block-ack it")
 
 
 class RamBlockRemovedData(Result):
@@ -257,6 +301,7 @@ class RamBlockRemovedData(Result):
     host: int | None = Field(None, description="the daemon's address; full-access peers only")
     size: int
     max_size: int
+    ack: bool = Field(False, description="this connection maps the block: ram-block-ack it")
 
 
 EVENT_MODELS: dict[str, type[Result]] = {

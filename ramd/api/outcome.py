@@ -21,6 +21,9 @@ class Done:
 
     value: Any = None
     raw: bytes | None = None
+    #: File descriptors sent with the answer; owned by whoever holds this outcome until the
+    #: output takes them (or they are closed, when no answer is sent).
+    fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ used on the asyncio loop thread only.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -15,11 +16,12 @@ from typing import TypeVar
 
 from ramd.api.blockinfo import BlockInfoCache
 from ramd.api.events import Broadcaster, Event, EventSink
+from ramd.api.mappers import Mappers
 from ramd.api.models import EVENT_NAMES
 from ramd.config import Limits
 from ramd.hostlimits import HostLimits
 from ramd.logs import LogBudget
-from ramd.ramblock import RAMList
+from ramd.ramblock import RAMBlock, RAMList
 
 T = TypeVar("T")
 
@@ -40,9 +42,10 @@ class Service:
         #: The host's memory bounds, checked before a block is added or grown.
         self.host = host or HostLimits()
         self.ram = ram if ram is not None else RAMList()
-        self.broadcaster = Broadcaster()
-        self.ram.register_notifier(self.broadcaster)
         self.infos = BlockInfoCache()
+        self.mappers = Mappers(self.infos.refresh)
+        self.broadcaster = Broadcaster(self.mappers.of)
+        self.ram.register_notifier(self.broadcaster)
         self.ram.register_notifier(self.infos)
         self.sessions: set[Session] = set()
         #: Subscribers disconnected for falling behind (counted by the transport).
@@ -97,6 +100,14 @@ class Session:
         self.subscribed: frozenset[str] | None = None
         #: Bounds the refusal lines this peer can cause in the log.
         self.refusal_log = LogBudget()
+        #: Blocks this session holds an fd of (see :mod:`ramd.api.mappers`).
+        self.mapped: set[RAMBlock] = set()
+        #: fds passed by the client with ``getfd``, by name (owned by the session).
+        self.fds: dict[str, int] = {}
+        #: The oldest fd the client sent and nothing claimed yet (set by the connection).
+        self.take_received_fd: Callable[[], int | None] = lambda: None
+        #: Closes the connection (set by the connection).
+        self.closer: Callable[[], None] = lambda: None
         service.sessions.add(self)
 
     def subscribe(self, events: Collection[str] | None) -> frozenset[str]:
@@ -113,8 +124,17 @@ class Session:
         if self.subscribed is not None and event.name in self.subscribed and self.sink:
             self.sink.send_event(event)
 
+    def deliver_mapped(self, event: Event) -> None:
+        if self.sink is not None:
+            self.sink.send_event(event)
+
     def close(self) -> None:
-        """Detach from the service and from the sink; no event reaches the sink afterwards."""
+        """Detach from the service and from the sink; no event reaches the sink afterwards.
+        The session stops mapping blocks (which counts as acknowledging) and its fds close."""
         self.unsubscribe()
+        self.service.mappers.drop(self)
         self.service.sessions.discard(self)
         self.sink = None
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()

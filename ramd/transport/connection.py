@@ -4,9 +4,15 @@ Ownership and thread: a :class:`Connection` is created by the listener for each 
 socket, owns its transport, splitter, :class:`~ramd.transport.output.Output`,
 :class:`~ramd.transport.pipeline.Pipeline`, dialect and session, and lives on the loop thread.
 
-Flow: the transport reads into one reusable buffer per connection (``BufferedProtocol``);
-``buffer_updated`` splits the bytes into JSON texts and queues them in the pipeline, pausing
-the socket while the pipeline is full. While the connection's task is parked (nothing in
+Reading: asyncio's transports cannot receive file descriptors (``SCM_RIGHTS``, QEMU's
+``getfd``), so the transport's own reading is paused for good and the connection reads with
+``recvmsg_into`` on a duplicate of the socket, registered with the loop's ``add_reader``
+(both event loops support it), into one reusable buffer. Received fds wait in a small
+bounded queue for the ``getfd`` that names them; extra ones are closed at once. Writing stays
+with the transport (:class:`~ramd.transport.output.Output`).
+
+Flow: each read is split into JSON texts queued in the pipeline; reading pauses while the
+pipeline is full. While the connection's task is parked (nothing in
 progress), the callback runs the pipeline inline for one budget; otherwise, or when the
 budget is spent, the task carries on: it settles pending outcomes, waits while the output is
 backed up (a client that does not read its answers stops being read) and yields between
@@ -23,10 +29,14 @@ connection drops its buffers and its session at once (no reference cycle keeps t
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
+import os
+import socket
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
 from ramd.api.events import Event
@@ -44,16 +54,17 @@ DialectFactory = Callable[[Session], Dialect]
 
 log = logging.getLogger("ramd.connection")
 
-#: Bytes in the transport's buffer above which the output counts as backed up.
-WRITE_HIGH_WATER = 256 * 1024
 #: Size of the reusable read buffer of each connection.
 READ_BUFFER = 16 * 1024
 #: Seconds a refused connection is kept half-closed so that the peer reads its refusal.
 REFUSAL_LINGER = 2.0
+#: Received fds kept for ``getfd`` at once; more are closed on arrival.
+MAX_RECEIVED_FDS = 4
+_ANCILLARY = socket.CMSG_SPACE(MAX_RECEIVED_FDS * array.array("i").itemsize)
 _NO_BUFFER = memoryview(bytearray(READ_BUFFER))
 
 
-class Connection(asyncio.BufferedProtocol):
+class Connection(asyncio.Protocol):
     """A client connection speaking one dialect."""
 
     def __init__(self, server: Server, dialect_factory: DialectFactory) -> None:
@@ -65,6 +76,8 @@ class Connection(asyncio.BufferedProtocol):
         )
         self._read_buffer = memoryview(bytearray(READ_BUFFER))
         self._read_paused = False
+        self._sock: socket.socket | None = None
+        self._received_fds: deque[int] = deque()
         self._eof = False
         self._parked = False
         self._refused = False
@@ -86,8 +99,13 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = t = cast(asyncio.Transport, transport)
-        t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        cred = peer_credentials(t.get_extra_info("socket"))
+        raw = t.get_extra_info("socket")
+        t.pause_reading()
+        self._loop.call_soon(_keep_paused, t)
+        self._sock = socket.socket(fileno=os.dup(raw.fileno()))
+        self._sock.setblocking(False)
+        self._loop.add_reader(self._sock.fileno(), self._readable)
+        cred = peer_credentials(raw)
         self.uid = cred.uid
         self.peer = str(cred)
         self.fields = {"pid": cred.pid, "uid": cred.uid, "gid": cred.gid}
@@ -99,9 +117,12 @@ class Connection(asyncio.BufferedProtocol):
             peer=self.peer,
             peer_fields=dict(self.fields),
         )
+        session.take_received_fd = self._take_received_fd
+        session.closer = self._finish
         self.dialect = dialect = self._factory(session)
         self.fields["dialect"] = dialect.name
-        self.output = Output(t, self.server.service.limits.subscriber_queue, self._drop_slow)
+        limits = self.server.service.limits
+        self.output = Output(t, limits.subscriber_queue, self._drop_slow, self._send_fds)
         if refusal is not None:
             self._refuse(refusal)
             return
@@ -118,25 +139,76 @@ class Connection(asyncio.BufferedProtocol):
         self.task = self._loop.create_task(self._run())
         self._arm_idle_timer(self.server.service.limits.idle_timeout)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._read_buffer
+    def _readable(self) -> None:
+        """One read from the socket (the loop's reader callback)."""
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            nbytes, ancillary, _flags, _ = sock.recvmsg_into([self._read_buffer], _ANCILLARY)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._lost()
+            return
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self._keep_fds(fds)
+        if nbytes == 0:
+            self._stop_reading()
+            self._eof_received()
+        else:
+            self._received(bytes(self._read_buffer[:nbytes]))
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def _keep_fds(self, fds: Sequence[int]) -> None:
+        for fd in fds:
+            if self.closed or self._refused or len(self._received_fds) >= MAX_RECEIVED_FDS:
+                os.close(fd)
+            else:
+                self._received_fds.append(fd)
+
+    def _take_received_fd(self) -> int | None:
+        """The oldest fd received and not yet claimed (by ``getfd``), now the caller's."""
+        return self._received_fds.popleft() if self._received_fds else None
+
+    def _send_fds(self, first: bytes, fds: Sequence[int]) -> None:
+        """Send ``first`` with ``fds`` attached (the output calls this when nothing else is
+        waiting to be written)."""
+        assert self._sock is not None
+        rights = array.array("i", fds).tobytes()
+        self._sock.sendmsg([first], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+
+    def _stop_reading(self) -> None:
+        if self._sock is not None and not self._read_paused:
+            self._loop.remove_reader(self._sock.fileno())
+        self._read_paused = True
+
+    def _lost(self) -> None:
+        """The socket failed: abort (the transport then calls :meth:`connection_lost`)."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        """Input the transport read before its reading was paused (uvloop may read once
+        right after ``connection_made``): the same path as our own reads, in stream order."""
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
         pipeline, splitter = self.pipeline, self._splitter
         if self.closed or pipeline is None or splitter is None:
             return  # refused (input dropped) or closing
         self._last_request = time.monotonic()
         try:
-            for item in splitter.feed(bytes(self._read_buffer[:nbytes])):
+            for item in splitter.feed(data):
                 pipeline.push(item)
         except MemoryError:
             log.warning("connection %s: out of memory splitting its input", self.peer)
             self._finish()
             return
-        if pipeline.full and not self._read_paused:
-            self._read_paused = True
-            assert self._transport is not None
-            self._transport.pause_reading()
+        if pipeline.full:
+            self._stop_reading()
         if self._parked and not self.server.stopping:
             try:
                 state = pipeline.run()
@@ -149,16 +221,23 @@ class Connection(asyncio.BufferedProtocol):
                 return
         self.wake()
 
-    def eof_received(self) -> bool:
+    def _eof_received(self) -> None:
         self._eof = True
         self.wake()
-        return not self._refused  # a refused peer read its refusal: close now
+        if self._refused and self._transport is not None:
+            self._transport.close()  # the peer read its refusal
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stop_reading()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        while self._received_fds:
+            os.close(self._received_fds.popleft())
         if self.dialect is not None:
             self.dialect.session.close()
         if self.output is not None:
@@ -270,10 +349,15 @@ class Connection(asyncio.BufferedProtocol):
             self._wakeup = None
 
     def _resume_reading(self) -> None:
-        if self._read_paused and self.pipeline is not None and not self.pipeline.full:
+        if (
+            self._read_paused
+            and not self._eof
+            and self._sock is not None
+            and self.pipeline is not None
+            and not self.pipeline.full
+        ):
             self._read_paused = False
-            assert self._transport is not None
-            self._transport.resume_reading()
+            self._loop.add_reader(self._sock.fileno(), self._readable)
 
     async def _run(self) -> None:
         """Drive the pipeline until the connection ends, or the server stops and no message
@@ -318,3 +402,9 @@ class Connection(asyncio.BufferedProtocol):
     def close(self) -> None:
         """Close now (server shutdown); a command in flight still completes."""
         self._finish()
+
+
+def _keep_paused(transport: asyncio.Transport) -> None:
+    """Pause the transport's reading again once the loop is done starting it."""
+    if not transport.is_closing() and transport.is_reading():
+        transport.pause_reading()

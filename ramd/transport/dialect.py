@@ -26,8 +26,11 @@ class Plan(Protocol):
     The pipeline calls :meth:`step` until it returns None; after each step that returned an
     outcome it calls :meth:`record` with it, or, for a :class:`~ramd.api.outcome.Pending`,
     with its final outcome once settled (no other step runs in between). Then it sends
-    :meth:`finish`.
+    :meth:`finish`, with the fds the calls' outcomes carried (``fds``: the plan owns them
+    until then, and closes those of answers it does not send).
     """
+
+    fds: list[int]
 
     def step(self) -> Outcome | None:
         """Run the next call; None when every call has run."""

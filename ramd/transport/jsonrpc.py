@@ -29,6 +29,7 @@ from ramd.api.outcome import BadArguments, Done, Failed, Internal, NotFound, Out
 from ramd.api.service import Session
 from ramd.transport import jsontext
 from ramd.transport.dialect import Plan, Reply
+from ramd.transport.output import close_fds
 from ramd.transport.splitter import SplitError
 
 with warnings.catch_warnings():
@@ -130,13 +131,14 @@ _OUTCOMES = (Done, Failed, BadArguments, NotFound, Internal, Pending)
 class _Single:
     """The plan of one request object with a known method and by-name params."""
 
-    __slots__ = ("_obj", "_ran", "_session", "answer")
+    __slots__ = ("_obj", "_ran", "_session", "answer", "fds")
 
     def __init__(self, session: Session, obj: dict[str, Any]) -> None:
         self._session = session
         self._obj = obj
         self._ran = False
         self.answer: bytes | None = None
+        self.fds: list[int] = []
 
     def step(self) -> Outcome | None:
         if self._ran:
@@ -145,6 +147,8 @@ class _Single:
         return run_call(self._session, self._obj)
 
     def record(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Done) and outcome.fds:
+            self.fds.extend(outcome.fds)
         if "id" not in self._obj:
             return
         if isinstance(outcome, Done) and outcome.raw is not None:
@@ -160,7 +164,17 @@ class _Single:
 class _Batch:
     """The plan of a batch: its members in order, within the answer's size budget."""
 
-    __slots__ = ("_budget", "_full", "_i", "_members", "_parts", "_reserved", "_session", "_size")
+    __slots__ = (
+        "_budget",
+        "_full",
+        "_i",
+        "_members",
+        "_parts",
+        "_reserved",
+        "_session",
+        "_size",
+        "fds",
+    )
 
     def __init__(self, session: Session, members: list[Any], budget: int, reserved: int):
         self._session = session
@@ -171,6 +185,7 @@ class _Batch:
         self._size = 2  # the brackets
         self._i = -1
         self._full = False  # an answer did not fit: the remaining members are refused unrun
+        self.fds: list[int] = []
 
     def step(self) -> Outcome | None:
         while True:
@@ -189,13 +204,17 @@ class _Batch:
 
     def record(self, outcome: Outcome) -> None:
         req = self._members[self._i]
+        fds = outcome.fds if isinstance(outcome, Done) else ()
         if "id" not in req:
+            close_fds(fds)
             return
         text = response(outcome, req["id"])
         if self._size + len(text) + 1 + self._reserved - _refusal_size(req) > self._budget:
             self._full = True
+            close_fds(fds)
             self._add(_refusal(req, self._budget, ran=True), req)
         else:
+            self.fds.extend(fds)
             self._add(text, req)
 
     def _add(self, text: str | None, req: Any) -> None:

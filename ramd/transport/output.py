@@ -11,28 +11,57 @@ sit in that queue is bounded:
 - live events: when ``subscriber-queue`` of them wait, the subscriber is too slow and is
   disconnected (``on_slow``), so nobody else waits for it and the daemon's memory stays bounded.
 
+File descriptors (``SCM_RIGHTS``) travel with the first byte of the message they belong to.
+asyncio's transports cannot send them, so that byte goes out with ``sendmsg`` on the raw
+socket (``send_fds``), which is only correct once everything handed to the transport before
+it has left: such a message waits until the transport's buffer is empty (its high-water mark
+is lowered to 0 meanwhile, so asyncio says when). The output owns queued fds: they are
+closed once sent, or when the output closes.
+
 Ownership and thread: owned by its connection; loop thread only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+#: Bytes in the transport's buffer above which the output counts as backed up.
+WRITE_HIGH_WATER = 256 * 1024
+#: Seconds between tries when the socket itself is full as an fd is to be sent.
+FD_RETRY = 0.005
 
 
 class Output:
     """The output side of one connection (see the module docstring)."""
 
-    __slots__ = ("_closed", "_events", "_limit", "_on_slow", "_paused", "_queue", "_t", "_waiters")
+    __slots__ = (
+        "_closed",
+        "_events",
+        "_limit",
+        "_on_slow",
+        "_paused",
+        "_queue",
+        "_send_fds",
+        "_t",
+        "_waiters",
+    )
 
     def __init__(
-        self, transport: asyncio.WriteTransport, queue_limit: int, on_slow: Callable[[], None]
+        self,
+        transport: asyncio.WriteTransport,
+        queue_limit: int,
+        on_slow: Callable[[], None],
+        send_fds: Callable[[bytes, Sequence[int]], None],
     ) -> None:
         self._t = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._limit = queue_limit
         self._on_slow = on_slow
-        self._queue: deque[tuple[bytes, bool]] = deque()
+        self._send_fds = send_fds
+        self._queue: deque[tuple[bytes, bool, Sequence[int]]] = deque()
         self._events = 0  # live events in the queue
         self._paused = False
         self._closed = False
@@ -43,12 +72,17 @@ class Output:
         """The client is not keeping up: the transport is paused or data is queued here."""
         return self._paused or bool(self._queue)
 
-    def write(self, data: bytes) -> None:
-        """Send ``data`` after everything handed over before it."""
+    def write(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send ``data`` after everything handed over before it; ``fds`` (owned by the
+        output from now on) go with its first byte."""
         if self._closed:
+            close_fds(fds)
             return
         if self._paused or self._queue:
-            self._queue.append((data, False))
+            self._queue.append((data, False, fds))
+        elif fds:
+            self._queue.append((data, False, fds))
+            self._flush()
         else:
             self._t.write(data)
 
@@ -62,7 +96,7 @@ class Output:
         elif live and self._events >= self._limit:
             self._on_slow()
         else:
-            self._queue.append((data, live))
+            self._queue.append((data, live, ()))
             self._events += live
 
     def pause(self) -> None:
@@ -72,12 +106,41 @@ class Output:
     def resume(self) -> None:
         """The transport's buffer drained: hand it queued data until it fills up again."""
         self._paused = False
+        self._t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._flush()
+
+    def _flush(self) -> None:
         while self._queue and not self._paused and not self._closed:
-            data, live = self._queue.popleft()
+            data, live, fds = self._queue[0]
+            if fds:
+                if self._t.get_write_buffer_size():
+                    # pause_writing now, resume_writing once the buffer is empty
+                    self._t.set_write_buffer_limits(high=0, low=0)
+                    return
+                try:
+                    self._send_fds(data[:1], fds)
+                except (BlockingIOError, InterruptedError):
+                    asyncio.get_running_loop().call_later(FD_RETRY, self._retry)
+                    self._paused = True
+                    return
+                except OSError:
+                    self.close()  # the peer is gone: the transport reports it
+                    return
+                close_fds(fds)
+                self._queue.popleft()
+                if len(data) > 1:
+                    self._t.write(data[1:])
+                continue
+            self._queue.popleft()
             self._events -= live
             self._t.write(data)
         if not self.backed_up:
             self._wake()
+
+    def _retry(self) -> None:
+        if not self._closed:
+            self._paused = False
+            self._flush()
 
     async def drained(self) -> None:
         """Return once nothing is queued here and the transport accepts data (or closed)."""
@@ -87,14 +150,18 @@ class Output:
             await fut
 
     def flush(self) -> None:
-        """Hand everything queued to the transport (which writes it before closing)."""
-        while self._queue:
+        """Hand everything queued to the transport (which writes it before closing); a
+        message that carries fds, and everything after it, is dropped."""
+        while self._queue and not self._queue[0][2]:
             self._t.write(self._queue.popleft()[0])
-        self._events = 0
+        self.close()
 
     def close(self) -> None:
-        """Drop what is queued and wake every waiter; nothing is sent afterwards."""
+        """Drop what is queued (closing its fds) and wake every waiter; nothing is sent
+        afterwards."""
         self._closed = True
+        for _, _, fds in self._queue:
+            close_fds(fds)
         self._queue.clear()
         self._events = 0
         self._wake()
@@ -104,3 +171,9 @@ class Output:
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close fds that will not be sent."""
+    for fd in fds:
+        os.close(fd)

@@ -25,7 +25,7 @@ from collections import deque
 
 from ramd.api.outcome import Pending
 from ramd.transport.dialect import Dialect, Plan
-from ramd.transport.output import Output
+from ramd.transport.output import Output, close_fds
 from ramd.transport.splitter import SplitError
 
 log = logging.getLogger("ramd.connection")
@@ -112,7 +112,9 @@ class Pipeline:
                 self._plan = None
                 reply = plan.finish()
                 if reply:
-                    output.write(reply)
+                    output.write(reply, plan.fds)
+                else:
+                    close_fds(plan.fds)
             elif isinstance(outcome, Pending):
                 self.pending = outcome
                 return State.PENDING

@@ -182,7 +182,7 @@ def _response(outcome: Outcome, name: str, req_id: Any) -> bytes:
 class _Command:
     """The plan of one ``execute``: one call."""
 
-    __slots__ = ("_arguments", "_name", "_ran", "_req_id", "_session", "answer")
+    __slots__ = ("_arguments", "_name", "_ran", "_req_id", "_session", "answer", "fds")
 
     def __init__(self, session: Session, name: str, arguments: dict[str, Any], req_id: Any):
         self._session = session
@@ -191,6 +191,7 @@ class _Command:
         self._req_id = req_id
         self._ran = False
         self.answer: bytes | None = None
+        self.fds: list[int] = list()
 
     def step(self) -> Outcome | None:
         if self._ran:
@@ -199,6 +200,8 @@ class _Command:
         return dispatch.call(self._session, self._name, self._arguments)
 
     def record(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Done):
+            self.fds.extend(outcome.fds)
         self.answer = _response(outcome, self._name, self._req_id)
 
     def finish(self) -> Reply:
