@@ -84,6 +84,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     service = Service(config.limits, RAMList(config.memory_dir))
+    service.request_shutdown = stop.set
     server: Server | None = None
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
