@@ -86,6 +86,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     host = HostLimits()
     service = Service(host.effective(config.limits), RAMList(config.memory_dir), host=host)
+    service.request_shutdown = stop.set
     server: Server | None = None
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))

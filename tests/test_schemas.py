@@ -73,6 +73,9 @@ async def test_every_request_of_the_client_validates(daemon: Daemon) -> None:
         await c.query_stats()
         await c.query_commands()
         await c.query_schema()
+        assert "ram0" in await c.human_monitor_command("info ramblock")
+        assert {i["name"] for i in await c.query_qmp_schema()} >= set(COMMANDS)
+        await c.quit()  # last: the daemon shuts down once it has answered
     requests = wire.requests()
     # fd passing needs a socket of its own (SCM_RIGHTS): tests/test_shared_fds.py covers it.
     assert {method for method, _ in requests} == set(COMMANDS) - FD_COMMANDS

@@ -194,6 +194,24 @@ class AsyncClient(JsonRpcProtocol):
             raise ProtocolError("query-schema did not return an object")
         return result
 
+    async def human_monitor_command(self, command_line: str) -> str:
+        """``human-monitor-command``: what an HMP command line prints (``info ramblock``,
+        ``help``), lines ending with ``\\r\\n`` as in QEMU."""
+        params = wire_params(m.HumanMonitorCommandArgs, command_line=command_line)
+        result = await self.call("human-monitor-command", params)
+        return parse_result(m.HmpOutput, result).root
+
+    async def query_qmp_schema(self) -> list[dict[str, Any]]:
+        """``query-qmp-schema``: every command, event and type in QEMU's introspection
+        format, as sent (an optional object member is marked by a ``default`` of null)."""
+        result = await self.call("query-qmp-schema")
+        parse_result(m.SchemaInfoList, result)  # its shape; the raw list keeps every member
+        return result  # type: ignore[no-any-return]
+
+    async def quit(self) -> None:
+        """``quit``: the daemon answers, then shuts down as on SIGTERM (full access only)."""
+        await self.call("quit")
+
     # -- events ----------------------------------------------------------------------------
 
     def events(

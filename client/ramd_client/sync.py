@@ -186,6 +186,15 @@ class Client:
     def query_schema(self) -> dict[str, Any]:
         return self._call(self._client.query_schema())
 
+    def human_monitor_command(self, command_line: str) -> str:
+        return self._call(self._client.human_monitor_command(command_line))
+
+    def query_qmp_schema(self) -> list[dict[str, Any]]:
+        return self._call(self._client.query_qmp_schema())
+
+    def quit(self) -> None:
+        self._call(self._client.quit())
+
     def events(
         self,
         names: Iterable[str] | None = None,

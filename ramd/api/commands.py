@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 import ramd
+from ramd.api import hmp, release
 from ramd.api import models as m
-from ramd.api import release
 from ramd.api.blockinfo import json_list, with_resident
 from ramd.api.events import added_data, make_event
 from ramd.api.service import Service, Session
@@ -47,7 +47,8 @@ Handler = Callable[[Session, Any], Any]
 @dataclass(frozen=True, slots=True)
 class Command:
     """One entry of the table. ``readonly``: allowed to read-only peers. ``audit``: each
-    success is logged as a change, with the peer."""
+    success is logged as a change, with the peer. ``qmp_result``: the result on the QMP
+    dialect when it differs from ``result`` (the handler answers per ``session.dialect``)."""
 
     name: str
     args: type[m.Args]
@@ -56,6 +57,7 @@ class Command:
     doc: str
     readonly: bool
     audit: bool
+    qmp_result: type[BaseModel] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +85,14 @@ def command(
     *,
     readonly: bool = False,
     audit: bool = False,
+    qmp_result: type[BaseModel] | None = None,
 ) -> Callable[[Callable[[Session, A], Any]], Callable[[Session, A], Any]]:
     """Register the decorated handler as command ``name``; its docstring is the doc."""
 
     def register(fn: Callable[[Session, A], Any]) -> Callable[[Session, A], Any]:
         assert issubclass(args, m.Args)
         doc = " ".join((fn.__doc__ or "").split())
-        COMMANDS[name] = Command(name, args, result, fn, doc, readonly, audit)
+        COMMANDS[name] = Command(name, args, result, fn, doc, readonly, audit, qmp_result)
         return fn
 
     return register
@@ -453,10 +456,14 @@ def version_triple() -> m.VersionTriple:
     return m.VersionTriple(major=major, minor=minor, micro=micro)
 
 
-@command("query-version", m.NoArgs, m.VersionResult, readonly=True)
-def query_version(session: Session, args: m.NoArgs) -> m.VersionResult:
-    """The daemon's version."""
-    return m.VersionResult(version=version_triple(), package=f"ramd {ramd.__version__}")
+@command("query-version", m.NoArgs, m.VersionResult, qmp_result=m.QmpVersionResult, readonly=True)
+def query_version(session: Session, args: m.NoArgs) -> m.VersionResult | m.QmpVersionResult:
+    """The daemon's version. The QMP dialect answers QEMU's shape, ``{"qemu": {"major",
+    "minor", "micro"}, "package"}``, as in its greeting."""
+    package = f"ramd {ramd.__version__}"
+    if session.dialect == "qmp":
+        return m.QmpVersionResult(qemu=version_triple(), package=package)
+    return m.VersionResult(version=version_triple(), package=package)
 
 
 @command("query-commands", m.NoArgs, m.CommandInfoList, readonly=True)
@@ -471,3 +478,30 @@ def query_schema(session: Session, args: m.NoArgs) -> m.SchemaResult:
     from ramd.api.schema import schema_document
 
     return m.SchemaResult(schema_document())
+
+
+@command("human-monitor-command", m.HumanMonitorCommandArgs, m.HmpOutput, readonly=True)
+def human_monitor_command(session: Session, args: m.HumanMonitorCommandArgs) -> m.HmpOutput:
+    """Run an HMP command line and return what it printed, as QEMU does: ``help``,
+    ``info``, ``info ramblock`` (QEMU's layout); any other command prints QEMU's
+    "unknown command" text."""
+    return m.HmpOutput(hmp.run(session, args.command_line))
+
+
+@command("query-qmp-schema", m.NoArgs, m.SchemaInfoList, readonly=True)
+def query_qmp_schema(session: Session, args: m.NoArgs) -> Raw:
+    """Every command, event and type in QEMU's introspection format (``SchemaInfo``), with
+    readable type names; it describes the QMP dialect's results."""
+    from ramd.api.introspect import introspection
+
+    return Raw(introspection())
+
+
+@command("quit", m.NoArgs, m.Empty, audit=True)
+def quit_daemon(session: Session, args: m.NoArgs) -> m.Empty:
+    """Shut the daemon down as SIGTERM does, once this answer is sent."""
+    shutdown = session.service.request_shutdown
+    if shutdown is None:
+        raise RamdError("quit is not available: nothing serves this daemon's shutdown")
+    shutdown()
+    return m.Empty()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -177,6 +177,22 @@ class SubscribeArgs(Args):
     replay: StrictBool = True
 
 
+class HumanMonitorCommandArgs(Args):
+    command_line: StrictStr = Field(
+        description="an HMP command line: help, info, info ramblock (QEMU's wording for any other)"
+    )
+    cpu_index: StrictInt | None = Field(
+        None, description="accepted (qmp-shell -H always sends it) and ignored: ramd has no CPUs"
+    )
+
+
+class QmpCapabilitiesArgs(Args):
+    """Arguments of the QMP dialect's ``qmp_capabilities``; ramd offers no capability, so
+    any name is refused."""
+
+    enable: list[StrictStr] | None = None
+
+
 # -- results --------------------------------------------------------------------------------
 
 
@@ -254,8 +270,109 @@ class VersionTriple(Result):
 
 
 class VersionResult(Result):
+    """``query-version`` on JSON-RPC."""
+
     version: VersionTriple
     package: str
+
+
+class QmpVersionResult(Result):
+    """``query-version`` on QMP: QEMU's ``VersionInfo`` (as in the greeting)."""
+
+    qemu: VersionTriple
+    package: str
+
+
+class HmpOutput(RootModel[str]):
+    """What the HMP command printed, lines ending with ``\\r\\n`` (as QEMU's monitor)."""
+
+
+# QEMU's introspection (``qapi/introspect.json``): a ``SchemaInfo`` is a union on ``meta-type``.
+
+
+class SchemaInfoBuiltin(Result):
+    name: str
+    meta_type: Literal["builtin"]
+    json_type: Literal["string", "number", "int", "boolean", "null", "object", "array", "value"]
+
+
+class SchemaInfoEnumMember(Result):
+    name: str
+
+
+class SchemaInfoEnum(Result):
+    name: str
+    meta_type: Literal["enum"]
+    members: list[SchemaInfoEnumMember]
+    values: list[str]
+
+
+class SchemaInfoArray(Result):
+    name: str
+    meta_type: Literal["array"]
+    element_type: str
+
+
+class SchemaInfoObjectMember(Result):
+    name: str
+    type: str
+    default: Any = Field(None, description="present (null) when the member is optional")
+
+
+class SchemaInfoObjectVariant(Result):
+    case: str
+    type: str
+
+
+class SchemaInfoObject(Result):
+    name: str
+    meta_type: Literal["object"]
+    members: list[SchemaInfoObjectMember]
+    tag: str | None = Field(None, description="the member that selects the variant")
+    variants: list[SchemaInfoObjectVariant] | None = None
+
+
+class SchemaInfoAlternateMember(Result):
+    type: str
+
+
+class SchemaInfoAlternate(Result):
+    name: str
+    meta_type: Literal["alternate"]
+    members: list[SchemaInfoAlternateMember]
+
+
+class SchemaInfoCommand(Result):
+    name: str
+    meta_type: Literal["command"]
+    arg_type: str
+    ret_type: str
+
+
+class SchemaInfoEvent(Result):
+    name: str
+    meta_type: Literal["event"]
+    arg_type: str
+
+
+class SchemaInfo(
+    RootModel[
+        Annotated[
+            SchemaInfoBuiltin
+            | SchemaInfoEnum
+            | SchemaInfoArray
+            | SchemaInfoObject
+            | SchemaInfoAlternate
+            | SchemaInfoCommand
+            | SchemaInfoEvent,
+            Field(discriminator="meta_type"),
+        ]
+    ]
+):
+    """One entity of ``query-qmp-schema``: a type, command or event, by ``meta-type``."""
+
+
+SchemaInfoList = RootModel[list[SchemaInfo]]
 
 
 class CommandInfo(Result):

@@ -20,22 +20,28 @@ from ramd.api.models import EVENT_MODELS
 
 @functools.cache
 def schema_document() -> dict[str, Any]:
-    """Build the document once: ``commands`` (arguments/returns), ``events`` (data), ``$defs``."""
+    """Build the document once: ``commands`` (``arguments``, ``returns``, and
+    ``qmp-returns`` where the QMP dialect answers another shape), ``events`` (data),
+    ``$defs``."""
     inputs: list[Any] = []
     for cmd in COMMANDS.values():
         inputs.append((cmd.args, "validation"))
         inputs.append((cmd.result, "serialization"))
+        if cmd.qmp_result is not None:
+            inputs.append((cmd.qmp_result, "serialization"))
     for model in EVENT_MODELS.values():
         inputs.append((model, "serialization"))
     refs, top = models_json_schema(inputs, ref_template="#/$defs/{model}")
-    commands = {
-        cmd.name: {
+    commands: dict[str, Any] = {}
+    for cmd in COMMANDS.values():
+        entry = {
             "description": cmd.doc,
             "arguments": refs[(cmd.args, "validation")],
             "returns": refs[(cmd.result, "serialization")],
         }
-        for cmd in COMMANDS.values()
-    }
+        if cmd.qmp_result is not None:
+            entry["qmp-returns"] = refs[(cmd.qmp_result, "serialization")]
+        commands[cmd.name] = entry
     events = {
         name: {"data": refs[(model, "serialization")]} for name, model in EVENT_MODELS.items()
     }

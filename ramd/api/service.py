@@ -51,6 +51,10 @@ class Service:
         #: Subscribers disconnected for falling behind (counted by the transport).
         self.dropped_subscribers = 0
         self.started = time.monotonic()
+        #: Asks the daemon to shut down as on SIGTERM (``quit``); set by whoever serves this
+        #: service. It only schedules the shutdown, which lets the command in flight finish
+        #: and its answer be sent first.
+        self.request_shutdown: Callable[[], None] | None = None
         self._workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="ramd-worker")
 
     async def in_worker(self, fn: Callable[[], T]) -> T:
@@ -80,7 +84,9 @@ class Session:
     ``subscribed`` is the set of event names it receives, or None before ``subscribe`` (a QMP
     session is created subscribed to every event once negotiated). ``readonly`` peers may only
     run ``query-*`` and ``subscribe``/``unsubscribe``, and never see ``host`` addresses.
-    ``sink`` is None once the session is closed (its connection is gone).
+    ``sink`` is None once the session is closed (its connection is gone). ``dialect`` is the
+    wire dialect's name, set by the dialect that takes the session (``jsonrpc`` until then):
+    the few commands whose answer differs per dialect (``query-version``) read it.
     """
 
     def __init__(
@@ -98,6 +104,7 @@ class Session:
         self.peer = peer
         self.peer_fields = peer_fields or {}
         self.subscribed: frozenset[str] | None = None
+        self.dialect = "jsonrpc"
         #: Bounds the refusal lines this peer can cause in the log.
         self.refusal_log = LogBudget()
         #: Blocks this session holds an fd of (see :mod:`ramd.api.mappers`).

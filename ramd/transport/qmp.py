@@ -24,14 +24,14 @@ import json
 import logging
 from typing import Any
 
-from pydantic import StrictStr, ValidationError
+from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 import ramd
 from ramd.api import dispatch
 from ramd.api.commands import version_triple
 from ramd.api.events import Event
-from ramd.api.models import Args
+from ramd.api.models import QmpCapabilitiesArgs
 from ramd.api.outcome import BadArguments, Done, Failed, NotFound, Outcome
 from ramd.api.service import Session
 from ramd.transport import jsontext
@@ -58,12 +58,6 @@ _EXPECTED = {
     "dict_type": "object",
     "model_type": "object",
 }
-
-
-class CapabilitiesArgs(Args):
-    """Arguments of ``qmp_capabilities``. ramd offers no capability, so any name is refused."""
-
-    enable: list[StrictStr] | None = None
 
 
 def _line(obj: Any) -> bytes:
@@ -220,6 +214,7 @@ class QmpDialect:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        session.dialect = self.name
         self.negotiated = False
         self._event_key = "qmp-ro" if session.readonly else "qmp"
 
@@ -269,7 +264,7 @@ class QmpDialect:
     def _negotiate(self, arguments: dict[str, Any], req_id: Any) -> bytes:
         """``qmp_capabilities``: validate, refuse a repeat or any capability, then subscribe."""
         try:
-            args = CapabilitiesArgs.model_validate(arguments)
+            args = QmpCapabilitiesArgs.model_validate(arguments)
         except ValidationError as e:
             errors = e.errors(include_url=False, include_context=False)
             return _error(GENERIC_ERROR, argument_error_desc(errors), req_id)
