@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
 )
 
+from ramd.paths import default_socket_path as default_socket_path
 from ramd.sizes import parse_size
 
 U64_MAX = 2**64 - 1
@@ -135,13 +136,3 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     return parse_config(data, str(path))
-
-
-def default_socket_path() -> Path:
-    """Protocol rule: ``$RAMD_SOCKET``, else ``$XDG_RUNTIME_DIR/ramd/ramd.sock``, else
-    ``/run/ramd/ramd.sock``."""
-    if env := os.environ.get("RAMD_SOCKET"):
-        return Path(env)
-    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(xdg) / "ramd" / "ramd.sock"
-    return Path("/run/ramd/ramd.sock")

@@ -88,7 +88,7 @@ def test_add_list_info_resize_del_human(daemon: Daemon) -> None:
     assert "size:" in info and "8 KiB (8192)" in info and "resizable:  no" in info
     resized = ok(s, "resize", "ram0", "128M")
     assert "128 MiB (134217728)" in resized
-    assert ok(s, "del", "small") == ""
+    assert ok(s, "del", "small") == "removed small\n"
     assert [line.split()[0] for line in ok(s, "list").splitlines()] == ["ID", "ram0"]
 
 
@@ -115,7 +115,7 @@ def test_json_outputs(daemon: Daemon) -> None:
         "micro",
     }
     assert jok(s, "write", "ram0", "0", "-i", os.devnull) == {"written": 0}
-    assert jok(s, "del", "ram0") == {}
+    assert jok(s, "del", "ram0") == {"id": "ram0", "removed": True}
     assert jok(s, "list") == []
 
 
