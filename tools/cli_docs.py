@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ramd_client.cli_parser import GLOBAL_OPTIONS
+from ramd_client.cli_parser import COMPLETIONS, GLOBAL_OPTIONS
 from ramd_client.cli_parser import build_parser as ramctl_parser
 
 import ramd
@@ -78,6 +78,14 @@ def metavar(action: argparse.Action) -> str:
     if action.choices is not None:
         return "{" + ",".join(map(str, action.choices)) + "}"
     return action.dest.upper()
+
+
+def choices(action: argparse.Action) -> list[str] | None:
+    """The words an argument takes: argparse's ``choices``, else ramctl's COMPLETIONS."""
+    if action.choices is not None:
+        return [str(c) for c in action.choices]
+    words = COMPLETIONS.get(str(action.metavar))
+    return list(words) if words is not None else None
 
 
 def help_text(action: argparse.Action) -> str:
@@ -197,11 +205,11 @@ def bash_completion(prog: Program) -> str:
         {o for p in [parser, *commands.values()] for a in options(p) if is_file(a)
          for o in a.option_strings}
     )  # fmt: skip
-    choices = {
-        o: " ".join(map(str, a.choices))
+    valued_words = {
+        o: words
         for p in [parser, *commands.values()]
         for a in options(p)
-        if a.choices is not None
+        if (words := choices(a)) is not None
         for o in a.option_strings
     }
     out = [
@@ -224,9 +232,9 @@ def bash_completion(prog: Program) -> str:
     out.append('    case "$prev" in')
     if files:
         out.append(f'        {"|".join(files)}) COMPREPLY=($(compgen -f -- "$cur")); return ;;')
-    for option, values in sorted(choices.items()):
-        out.append(f"        {option}) {compgen(values.split())}; return ;;")
-    rest = [o for o in valued if o not in files and o not in choices]
+    for option, option_words in sorted(valued_words.items()):
+        out.append(f"        {option}) {compgen(option_words)}; return ;;")
+    rest = [o for o in valued if o not in files and o not in valued_words]
     if rest:
         out.append(f"        {'|'.join(rest)}) return ;;")
     out += ["    esac"]
@@ -235,7 +243,7 @@ def bash_completion(prog: Program) -> str:
         for name, sub in commands.items():
             opts = [o for a in options(sub, GLOBAL_OPTIONS) for o in a.option_strings]
             opts += sorted(GLOBAL_OPTIONS)
-            words = [str(c) for a in positionals(sub) if a.choices is not None for c in a.choices]
+            words = [w for a in positionals(sub) for w in choices(a) or ()]
             out.append(f"        {name})")
             out.append(f'            if [[ "$cur" == -* ]]; then {compgen(opts)}')
             out.append(
@@ -274,8 +282,8 @@ def zsh_option(action: argparse.Action) -> str:
         return f"'{head}[{desc}]'"
     if is_file(action):
         what = "_files"
-    elif action.choices is not None:
-        what = "(" + " ".join(map(str, action.choices)) + ")"
+    elif (words := choices(action)) is not None:
+        what = "(" + " ".join(words) + ")"
     else:
         what = " "
     sep = "=" if len(names) == 1 and names[0].startswith("--") else ""
@@ -283,7 +291,8 @@ def zsh_option(action: argparse.Action) -> str:
 
 
 def zsh_positional(action: argparse.Action, index: int) -> str:
-    what = "(" + " ".join(map(str, action.choices)) + ")" if action.choices else " "
+    words = choices(action)
+    what = "(" + " ".join(words) + ")" if words else " "
     desc = zsh_quote(f"{metavar(action)}: {help_text(action)}")
     if action.nargs in ("*", "+"):
         return f"'*:{desc}:{what}'"

@@ -110,9 +110,9 @@ def _call_params(args: argparse.Namespace) -> Any:
     try:
         params = json.loads(text)
     except ValueError as e:
-        raise UsageError("", f"{PROG} call: PARAMS is not JSON: {e}") from None
+        raise UsageError("", f"call: PARAMS is not JSON: {e}") from None
     if not isinstance(params, dict):
-        raise UsageError("", f"{PROG} call: PARAMS must be a JSON object")
+        raise UsageError("", "call: PARAMS must be a JSON object")
     return params
 
 

@@ -19,7 +19,15 @@ import ramd
 from ramd.api.eventnames import EVENT_NAMES
 from ramd.sizes import SIZE_MAX, parse_size
 
-__all__ = ["GLOBAL_OPTIONS", "PROG", "RAW_COMMANDS", "UsageError", "build_parser", "size_arg"]
+__all__ = [
+    "COMPLETIONS",
+    "GLOBAL_OPTIONS",
+    "PROG",
+    "RAW_COMMANDS",
+    "UsageError",
+    "build_parser",
+    "size_arg",
+]
 
 PROG = "ramctl"
 
@@ -28,6 +36,11 @@ RAW_COMMANDS = frozenset({"version", "call"})
 
 #: The option strings of the global options (documented once, not per command).
 GLOBAL_OPTIONS = frozenset({"--socket", "--json", "--timeout"})
+
+#: Words the shell completions offer for an argument, by metavar, where argparse has no
+#: ``choices`` (``watch``'s EVENT: ``nargs="*"`` with ``choices`` refuses an empty list in
+#: Python 3.11, so the names are checked by :func:`event_arg`).
+COMPLETIONS: dict[str, tuple[str, ...]] = {"EVENT": EVENT_NAMES}
 
 #: Default seconds for connecting and for each call.
 DEFAULT_TIMEOUT = 10.0
