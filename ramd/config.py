@@ -23,7 +23,7 @@ from pydantic import (
     ValidationError,
 )
 
-from ramd.paths import default_socket_path as default_socket_path
+from ramd.paths import default_socket
 from ramd.sizes import parse_size
 
 U64_MAX = 2**64 - 1
@@ -136,3 +136,9 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     return parse_config(data, str(path))
+
+
+def default_socket_path() -> Path:
+    """Protocol rule (:func:`ramd.paths.default_socket`): ``$RAMD_SOCKET``, else
+    ``$XDG_RUNTIME_DIR/ramd/ramd.sock``, else ``/run/ramd/ramd.sock``."""
+    return Path(default_socket())

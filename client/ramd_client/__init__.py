@@ -35,7 +35,6 @@ light ``ramctl`` commands do not pay for pydantic and the models until something
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -152,6 +151,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())

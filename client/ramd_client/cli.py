@@ -15,15 +15,15 @@ local file could not be read or written; 2 usage error; 3 the daemon could not b
 (the message names the socket path tried), did not answer within ``--timeout`` seconds, or
 the connection was lost. ``watch`` runs until interrupted and exits 0 on SIGINT.
 
-Start-up cost: this module imports neither pydantic nor the typed client. ``version`` and
-``call`` speak raw JSON-RPC through :class:`~ramd_client.protocol.JsonRpcProtocol`; the other
-commands import :mod:`ramd_client.cli_commands` (and with it the models) when they run.
+Start-up cost: this module imports neither asyncio, nor pydantic, nor the typed client.
+``version`` and ``call`` are one blocking exchange (:mod:`ramd_client.oneshot`); the other
+commands import asyncio and :mod:`ramd_client.cli_commands` (and with it the models) when
+they run.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import json
 import os
@@ -31,7 +31,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ramd.paths import default_socket_path
+from ramd.paths import default_socket
 from ramd_client.cli_output import (
     EXIT_CONNECT,
     EXIT_FAILED,
@@ -50,7 +50,7 @@ from ramd_client.error import (
     RamdClientError,
     RamdError,
 )
-from ramd_client.protocol import JsonRpcProtocol
+from ramd_client.oneshot import Exchange
 
 __all__ = ["EXIT_CONNECT", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -116,14 +116,13 @@ def _call_params(args: argparse.Namespace) -> Any:
     return params
 
 
-async def run_raw(args: argparse.Namespace, path: str) -> int:
-    """``version`` and ``call``: raw JSON-RPC, no models."""
+def run_raw(args: argparse.Namespace, path: str) -> int:
+    """``version`` and ``call``: one blocking exchange, no asyncio, no models."""
     params = _call_params(args) if args.command == "call" else None
-    proto = JsonRpcProtocol(timeout=args.timeout)
-    version = await proto.open(path)
-    try:
+    with Exchange(path, args.timeout) as exchange:
+        version = exchange.version
         if args.command == "call":
-            emit_json(await proto.call(args.method, params))
+            emit_json(exchange.call(args.method, params))
         elif args.json:
             emit_json(version)
         else:
@@ -131,8 +130,6 @@ async def run_raw(args: argparse.Namespace, path: str) -> int:
             if not isinstance(package, str):
                 raise ProtocolError("query-version returned no package")
             emit(package)
-    finally:
-        await proto.disconnect()
     return EXIT_OK
 
 
@@ -151,14 +148,16 @@ async def run_typed(args: argparse.Namespace, path: str) -> int:
 # -- main -----------------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run the command; every failure becomes a report and an exit status."""
-    path = str(default_socket_path()) if args.socket is None else args.socket
+    path = default_socket() if args.socket is None else args.socket
     as_json: bool = args.json
     try:
         if args.command in RAW_COMMANDS:
-            return await run_raw(args, path)
-        return await run_typed(args, path)
+            return run_raw(args, path)
+        import asyncio  # only here: the raw commands start faster without it
+
+        return asyncio.run(run_typed(args, path))
     except ConnectError as e:
         hints = []
         if e.errno in _NOT_RUNNING:
@@ -202,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(e.usage + e.message + "\n")
         return EXIT_USAGE
     try:
-        return asyncio.run(run(args))
+        return run(args)
     except KeyboardInterrupt:
         return EXIT_OK if args.command == "watch" else 130
     except BrokenPipeError:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ramd.api import models as m
-from ramd.paths import default_socket_path
+from ramd.paths import default_socket
 from ramd_client.error import (
     ConnectError,
     ConnectionLost,
@@ -285,7 +285,7 @@ async def connect(
 ) -> AsyncClient:
     """Connect to the daemon's JSON-RPC socket and return an :class:`AsyncClient`.
 
-    ``path`` defaults to the protocol's rule (:func:`ramd.paths.default_socket_path`:
+    ``path`` defaults to the protocol's rule (:func:`ramd.paths.default_socket`:
     ``$RAMD_SOCKET``, else ``$XDG_RUNTIME_DIR/ramd/ramd.sock``, else
     ``/run/ramd/ramd.sock``). The daemon's version is read at once (``client.version``), so
     a socket that is not ramd's JSON-RPC one, or a daemon that refuses the connection, fails
@@ -296,7 +296,7 @@ async def connect(
     Raises :class:`~ramd_client.error.ConnectError` naming the path, or
     :class:`~ramd_client.error.RamdError` when the daemon answers by refusing the connection.
     """
-    where = os.fspath(path) if path is not None else str(default_socket_path())
+    where = os.fspath(path) if path is not None else default_socket()
     client = AsyncClient(
         max_pending=max_pending, max_message_size=max_message_size, timeout=timeout
     )

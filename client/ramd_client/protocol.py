@@ -64,6 +64,10 @@ from ramd_client.message import (
 __all__ = ["MAX_MESSAGE_SIZE", "MAX_PENDING", "JsonRpcProtocol", "Runstate", "Trace"]
 
 log = logging.getLogger(__name__)
+# The package's logger stays silent unless the application configures logging. Set here,
+# not in the package's __init__: every module that logs imports this one, and ``ramctl
+# version`` (which logs nothing) does not pay for importing logging.
+logging.getLogger("ramd_client").addHandler(logging.NullHandler())
 
 #: Default bound of one incoming message (a 4 MiB read is about 5.6 MiB of base64).
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
