@@ -26,6 +26,7 @@ from pydantic import (
     ValidationError,
 )
 
+from ramd.paths import default_socket
 from ramd.ramblock import DEFAULT_MEMORY_DIR
 from ramd.sizes import parse_size
 
@@ -182,10 +183,6 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 
 
 def default_socket_path() -> Path:
-    """Protocol rule: ``$RAMD_SOCKET``, else ``$XDG_RUNTIME_DIR/ramd/ramd.sock``, else
-    ``/run/ramd/ramd.sock``."""
-    if env := os.environ.get("RAMD_SOCKET"):
-        return Path(env)
-    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(xdg) / "ramd" / "ramd.sock"
-    return Path("/run/ramd/ramd.sock")
+    """Protocol rule (:func:`ramd.paths.default_socket`): ``$RAMD_SOCKET``, else
+    ``$XDG_RUNTIME_DIR/ramd/ramd.sock``, else ``/run/ramd/ramd.sock``."""
+    return Path(default_socket())

@@ -2,7 +2,7 @@
 
 ``systemd-analyze verify`` works without systemd as PID 1: it loads the units offline. It exits 0
 even for unknown keys (it only warns on stderr), so the test requires an empty stderr. It also
-checks that ``ExecStart=`` names an existing executable; ``/usr/local/bin/ramd`` need not exist
+checks that ``ExecStart=`` names an existing executable; ``/opt/ramd/bin/ramd`` need not exist
 here, so the test verifies copies whose ``ExecStart=`` points at a stub executable instead.
 """
 
@@ -23,7 +23,7 @@ from ramd.sizes import parse_size
 
 UNIT_DIR = Path(__file__).resolve().parents[1] / "systemd"
 UNITS = ("ramd.service", "ramd.socket", "ramd-qmp.socket")
-SHIPPED_EXEC = "ExecStart=/usr/local/bin/ramd "
+SHIPPED_EXEC = "ExecStart=/opt/ramd/bin/ramd "
 
 
 def _settings(unit: str) -> dict[str, list[str]]:

@@ -27,39 +27,63 @@ streams), then :mod:`~ramd_client.state` (block table mirror, :func:`resync`),
 
 The package logs to the ``ramd_client`` logger, which has a ``NullHandler``: configure
 logging in the application to see it.
+
+The names below are imported on first use (PEP 562), so ``import ramd_client`` and the
+light ``ramctl`` commands do not pay for pydantic and the models until something needs them.
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from ramd.api.models import (
-    CommandInfo,
-    RamBlockAddedData,
-    RamBlockInfo,
-    RamBlockRemovedData,
-    RamBlockResizedData,
-    StatsResult,
-    VersionResult,
-)
-from ramd_client.client import AsyncClient, connect
-from ramd_client.error import (
-    ConnectError,
-    ConnectionLost,
-    EventOverflow,
-    ProtocolError,
-    RamdClientError,
-    RamdError,
-)
-from ramd_client.events import Event, EventStream
-from ramd_client.protocol import Runstate
-from ramd_client.state import BlockState, BlockTable, Resync, StateDiff, resync
-from ramd_client.sync import Client, EventIterator
+if TYPE_CHECKING:
+    from ramd.api.models import (
+        CommandInfo,
+        RamBlockAddedData,
+        RamBlockInfo,
+        RamBlockRemovedData,
+        RamBlockResizedData,
+        StatsResult,
+        VersionResult,
+    )
+    from ramd_client.client import (
+        AsyncClient,
+        connect,
+    )
+    from ramd_client.error import (
+        CallTimeout,
+        ConnectError,
+        ConnectionLost,
+        EventOverflow,
+        ProtocolError,
+        RamdClientError,
+        RamdError,
+    )
+    from ramd_client.events import (
+        Event,
+        EventStream,
+    )
+    from ramd_client.protocol import (
+        Runstate,
+    )
+    from ramd_client.state import (
+        BlockState,
+        BlockTable,
+        Resync,
+        StateDiff,
+        resync,
+    )
+    from ramd_client.sync import (
+        Client,
+        EventIterator,
+    )
 
 __all__ = [
     "AsyncClient",
     "BlockState",
     "BlockTable",
+    "CallTimeout",
     "Client",
     "CommandInfo",
     "ConnectError",
@@ -84,4 +108,46 @@ __all__ = [
     "resync",
 ]
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+#: Where each public name is defined.
+_HOME: dict[str, str] = {
+    "CommandInfo": "ramd.api.models",
+    "RamBlockAddedData": "ramd.api.models",
+    "RamBlockInfo": "ramd.api.models",
+    "RamBlockRemovedData": "ramd.api.models",
+    "RamBlockResizedData": "ramd.api.models",
+    "StatsResult": "ramd.api.models",
+    "VersionResult": "ramd.api.models",
+    "AsyncClient": "ramd_client.client",
+    "connect": "ramd_client.client",
+    "CallTimeout": "ramd_client.error",
+    "ConnectError": "ramd_client.error",
+    "ConnectionLost": "ramd_client.error",
+    "EventOverflow": "ramd_client.error",
+    "ProtocolError": "ramd_client.error",
+    "RamdClientError": "ramd_client.error",
+    "RamdError": "ramd_client.error",
+    "Event": "ramd_client.events",
+    "EventStream": "ramd_client.events",
+    "Runstate": "ramd_client.protocol",
+    "BlockState": "ramd_client.state",
+    "BlockTable": "ramd_client.state",
+    "Resync": "ramd_client.state",
+    "StateDiff": "ramd_client.state",
+    "resync": "ramd_client.state",
+    "Client": "ramd_client.sync",
+    "EventIterator": "ramd_client.sync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use and keep it (PEP 562)."""
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

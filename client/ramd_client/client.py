@@ -26,13 +26,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ramd.api import models as m
-from ramd.config import default_socket_path
+from ramd.paths import default_socket
 from ramd_client.error import (
     ConnectError,
     ConnectionLost,
     ProtocolError,
     RamdClientError,
-    RamdError,
 )
 from ramd_client.events import MAX_QUEUE, MAX_REPLAY, Event, EventStream, check_names
 from ramd_client.message import Notification
@@ -80,9 +79,15 @@ class AsyncClient(JsonRpcProtocol):
     """
 
     def __init__(
-        self, *, max_pending: int = MAX_PENDING, max_message_size: int = MAX_MESSAGE_SIZE
+        self,
+        *,
+        max_pending: int = MAX_PENDING,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        timeout: float | None = None,
     ) -> None:
-        super().__init__(max_pending=max_pending, max_message_size=max_message_size)
+        super().__init__(
+            max_pending=max_pending, max_message_size=max_message_size, timeout=timeout
+        )
         self.version: m.VersionResult | None = None
         self._streams: dict[EventStream, None] = {}
         self._subscribe_lock = asyncio.Lock()
@@ -296,33 +301,31 @@ async def connect(
     *,
     max_pending: int = MAX_PENDING,
     max_message_size: int = MAX_MESSAGE_SIZE,
+    timeout: float | None = None,
     trace: Trace | None = None,
 ) -> AsyncClient:
     """Connect to the daemon's JSON-RPC socket and return an :class:`AsyncClient`.
 
-    ``path`` defaults to the protocol's rule (:func:`ramd.config.default_socket_path`:
+    ``path`` defaults to the protocol's rule (:func:`ramd.paths.default_socket`:
     ``$RAMD_SOCKET``, else ``$XDG_RUNTIME_DIR/ramd/ramd.sock``, else
     ``/run/ramd/ramd.sock``). The daemon's version is read at once (``client.version``), so
     a socket that is not ramd's JSON-RPC one, or a daemon that refuses the connection, fails
-    here. ``trace`` is installed before the first request (see
-    :data:`ramd_client.protocol.Trace`).
+    here. With ``timeout`` (seconds), connecting and then each call give up after that long
+    (:class:`~ramd_client.error.CallTimeout` for a call). ``trace`` is installed before the
+    first request (see :data:`ramd_client.protocol.Trace`).
 
     Raises :class:`~ramd_client.error.ConnectError` naming the path, or
     :class:`~ramd_client.error.RamdError` when the daemon answers by refusing the connection.
     """
-    where = os.fspath(path) if path is not None else str(default_socket_path())
-    client = AsyncClient(max_pending=max_pending, max_message_size=max_message_size)
+    where = os.fspath(path) if path is not None else default_socket()
+    client = AsyncClient(
+        max_pending=max_pending, max_message_size=max_message_size, timeout=timeout
+    )
     client.trace = trace
-    await client._connect(where)
+    raw = await client.open(where)
     try:
-        client.version = await client.query_version()
-    except RamdClientError as e:
-        refused = client._last_refusal
+        client.version = parse_result(m.VersionResult, raw)
+    except ProtocolError as e:
         await client.close()
-        if refused is not None:
-            raise RamdError("GenericError", refused) from None
         raise ConnectError(where, str(e)) from None
-    except BaseException:
-        await client.close()
-        raise
     return client

@@ -9,6 +9,7 @@ apart::
           +-- RamdError          the daemon refused a command (error_class, desc, code)
           +-- ConnectError       no connection could be made (path, errno)
           +-- ConnectionLost     the connection ended while a call or a stream needed it
+          +-- CallTimeout        a call got no answer within the client's timeout
           +-- ProtocolError      the peer sent something that is not ramd's JSON-RPC
           +-- EventOverflow      an event consumer fell behind its bounded queue
 
@@ -22,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "CLASS_OF_CODE",
+    "CallTimeout",
     "ConnectError",
     "ConnectionLost",
     "EventOverflow",
@@ -110,6 +112,22 @@ class ConnectionLost(RamdClientError):
 
     def __str__(self) -> str:
         return self.reason
+
+
+class CallTimeout(RamdClientError, TimeoutError):
+    """A call got no answer within ``timeout`` seconds (the client's ``timeout``).
+
+    The call is forgotten, not recalled: the daemon may still run it, and its late answer is
+    dropped. The connection stays open. Also a :class:`TimeoutError`.
+    """
+
+    def __init__(self, method: str, timeout: float) -> None:
+        super().__init__(method, timeout)
+        self.method = method
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return f"{self.method}: no answer from ramd within {self.timeout:g} s"
 
 
 class ProtocolError(RamdClientError):

@@ -6,16 +6,17 @@ decoded by :func:`decode`, which sorts each into a :class:`Response`, an :class:
 a :class:`Notification` (an event), and refuses anything else with
 :class:`~ramd_client.error.ProtocolError`.
 
-Both the asynchronous protocol and anything else that speaks to the daemon (tests, a
-blocking implementation) share these functions, so the wire format lives in one place.
+Both the asynchronous protocol and anything else that speaks to the daemon (tests, the
+blocking :mod:`ramd_client.oneshot`) share these functions, so the wire format lives in one
+place. The messages are named tuples (immutable; cheaper to define at start-up than
+dataclasses, which ``ramctl version`` would pay for).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ramd_client.error import CLASS_OF_CODE, ProtocolError, RamdError
 
@@ -33,16 +34,14 @@ __all__ = [
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(NamedTuple):
     """A successful answer: ``result`` of request ``id``."""
 
     id: int | str | None
     result: Any
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply:
+class ErrorReply(NamedTuple):
     """An error answer of request ``id`` (None: not tied to a request, e.g. a refused
     connection or a parse error)."""
 
@@ -52,8 +51,7 @@ class ErrorReply:
     data: Any
 
 
-@dataclass(frozen=True, slots=True)
-class Notification:
+class Notification(NamedTuple):
     """A message without ``id``: an event, ``method`` its name, ``params`` its envelope."""
 
     method: str

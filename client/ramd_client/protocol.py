@@ -20,6 +20,11 @@ message is at most ``max_message_size`` bytes (the stream reader's buffer is bou
 longer one ends the connection); writes wait for the socket to drain. Nothing grows with
 what the daemon or the callers do.
 
+Time: with a ``timeout``, :meth:`JsonRpcProtocol.open` (connecting and the first answer) and
+each :meth:`JsonRpcProtocol.call` (waiting for a slot, sending, the answer) give up after that
+many seconds, so a stopped daemon or a socket nobody answers cannot hang the caller.
+:meth:`JsonRpcProtocol.disconnect` never waits for the peer.
+
 Runstate: ``IDLE`` (not connected yet, or closed) -> ``CONNECTING`` -> ``RUNNING`` ->
 ``DISCONNECTING`` -> ``IDLE``. A protocol object connects once; make a new one to reconnect.
 All methods must be used from the event loop that connected it.
@@ -37,7 +42,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ramd_client.error import ConnectError, ConnectionLost, ProtocolError
+from ramd_client.error import (
+    CallTimeout,
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+    RamdClientError,
+    RamdError,
+)
 from ramd_client.message import (
     ErrorReply,
     Message,
@@ -52,6 +64,10 @@ from ramd_client.message import (
 __all__ = ["MAX_MESSAGE_SIZE", "MAX_PENDING", "JsonRpcProtocol", "Runstate", "Trace"]
 
 log = logging.getLogger(__name__)
+# The package's logger stays silent unless the application configures logging. Set here,
+# not in the package's __init__: every module that logs imports this one, and ``ramctl
+# version`` (which logs nothing) does not pay for importing logging.
+logging.getLogger("ramd_client").addHandler(logging.NullHandler())
 
 #: Default bound of one incoming message (a 4 MiB read is about 5.6 MiB of base64).
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -85,11 +101,19 @@ class JsonRpcProtocol:
     """A JSON-RPC 2.0 connection to the daemon; see the module docstring."""
 
     def __init__(
-        self, *, max_pending: int = MAX_PENDING, max_message_size: int = MAX_MESSAGE_SIZE
+        self,
+        *,
+        max_pending: int = MAX_PENDING,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        timeout: float | None = None,
     ) -> None:
         if max_pending < 1 or max_message_size < 1:
             raise ValueError("max_pending and max_message_size must be positive")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive (or None: wait forever)")
         self.max_message_size = max_message_size
+        #: Seconds :meth:`open` and each :meth:`call` may take, or None (no limit).
+        self.timeout = timeout
         #: The message tracer (see :data:`Trace`), or None.
         self.trace: Trace | None = None
         self._runstate = Runstate.IDLE
@@ -145,6 +169,37 @@ class JsonRpcProtocol:
         )
         log.debug("connected to %s", self._path)
 
+    async def open(self, path: str | os.PathLike[str]) -> Any:
+        """Connect to ``path`` and ask ``query-version``; return its result (raw JSON data).
+        Caller side.
+
+        The first answer proves the socket is ramd's JSON-RPC one. The whole exchange takes
+        at most :attr:`timeout` seconds. Raises :class:`ConnectError` naming the path (no
+        socket, nobody listening, no permission, no answer in time, not ramd), or
+        :class:`~ramd_client.error.RamdError` when the daemon answers by refusing the
+        connection (past ``max-connections``, a peer it does not allow). On any failure the
+        connection is closed.
+        """
+        where = os.fspath(path)
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._connect(where)
+                return await self._call("query-version", None, None)
+        except TimeoutError:
+            await self.disconnect()
+            raise ConnectError(where, f"no answer within {self.timeout:g} s") from None
+        except ConnectError:
+            raise
+        except RamdClientError as e:
+            refused = self._last_refusal
+            await self.disconnect()
+            if refused is not None:
+                raise RamdError("GenericError", refused) from None
+            raise ConnectError(where, str(e)) from None
+        except BaseException:
+            await self.disconnect()
+            raise
+
     async def call(
         self,
         method: str,
@@ -159,9 +214,26 @@ class JsonRpcProtocol:
         any later message (used to switch event streams at the exact point of the answer).
 
         Raises :class:`~ramd_client.error.RamdError` when the daemon refuses,
-        :class:`ConnectionLost` when the connection is (or goes) down before the answer.
-        Cancelling the caller forgets the answer, not the request: it may still run.
+        :class:`ConnectionLost` when the connection is (or goes) down before the answer,
+        :class:`~ramd_client.error.CallTimeout` when :attr:`timeout` seconds pass first.
+        Cancelling the caller (or the timeout) forgets the answer, not the request: it may
+        still run.
         """
+        if self.timeout is None:
+            return await self._call(method, params, on_result)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._call(method, params, on_result)
+        except TimeoutError:
+            raise CallTimeout(method, self.timeout) from None
+
+    async def _call(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        on_result: Callable[[Any], None] | None,
+    ) -> Any:
+        """:meth:`call` without the timeout."""
         async with self._slots:
             writer = self._writer
             if self._runstate is not Runstate.RUNNING or writer is None:
@@ -185,13 +257,17 @@ class JsonRpcProtocol:
         """Close the connection and wait until the reader task is gone. Caller side.
 
         Calls still in flight get :class:`ConnectionLost`; event streams end cleanly.
-        Idempotent.
+        Never waits for the peer: requests not yet sent (only calls still in flight have any)
+        are dropped, so a stopped daemon cannot hold the close. Idempotent.
         """
         if self._runstate is Runstate.RUNNING:
             self._runstate = Runstate.DISCONNECTING
             self._closing = True
             if self._writer is not None:
-                self._writer.close()
+                if self._writer.transport.get_write_buffer_size():
+                    self._writer.transport.abort()
+                else:
+                    self._writer.close()
         task = self._reader_task
         if task is not None and asyncio.current_task() is not task:
             if not task.done():

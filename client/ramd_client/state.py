@@ -33,7 +33,7 @@ from ramd.api.models import (
     RamBlockResizedData,
 )
 from ramd_client.client import AsyncClient, connect
-from ramd_client.error import ConnectError, ConnectionLost
+from ramd_client.error import CallTimeout, ConnectError, ConnectionLost
 from ramd_client.events import MAX_QUEUE, Event, EventStream
 
 __all__ = ["BlockState", "BlockTable", "Resync", "StateDiff", "resync"]
@@ -198,14 +198,16 @@ async def resync(
     timeout: float = 30.0,
     interval: float = 0.05,
     max_queue: int = MAX_QUEUE,
+    call_timeout: float | None = None,
 ) -> Resync:
     """Reconnect (retrying until ``timeout`` seconds), subscribe to every event with replay,
     rebuild the table from the replay and return it with its difference from ``known``.
 
-    Retries while the socket is missing or refuses (a daemon restarting), waiting
-    ``interval`` seconds, doubled up to 1 s, between attempts; raises the last
-    :class:`~ramd_client.error.ConnectError` after ``timeout``. ``known`` is not modified.
-    Caller side.
+    Retries while the socket is missing, refuses or does not answer (a daemon restarting),
+    waiting ``interval`` seconds, doubled up to 1 s, between attempts; raises the last
+    :class:`~ramd_client.error.ConnectError` after ``timeout``. ``call_timeout`` is the new
+    client's ``timeout`` (:func:`ramd_client.connect`): each connection attempt and each call
+    give up after that long. ``known`` is not modified. Caller side.
     """
     deadline = time.monotonic() + timeout
     delay = interval
@@ -213,7 +215,7 @@ async def resync(
     while True:
         attempts += 1
         try:
-            client = await connect(path)
+            client = await connect(path, timeout=call_timeout)
         except ConnectError:
             if time.monotonic() + delay > deadline:
                 raise
@@ -226,7 +228,7 @@ async def resync(
             table = BlockTable(seq=seq)
             for _ in range(events.replayed):
                 table.apply(await anext(events))
-        except ConnectionLost:
+        except (ConnectionLost, CallTimeout):
             await client.close()
             if time.monotonic() + delay > deadline:
                 raise

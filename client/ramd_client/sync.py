@@ -35,9 +35,9 @@ class Client:
     """A blocking connection to ramd; see the module docstring.
 
     ``Client(path=None)`` connects at once (same path rule and errors as
-    :func:`ramd_client.connect`). ``timeout``, when set, bounds each call in seconds
-    (``TimeoutError``; the request may still run in the daemon). Close with :meth:`close`
-    or ``with``.
+    :func:`ramd_client.connect`). ``timeout``, when set, bounds connecting and each call in
+    seconds (``TimeoutError``; the request may still run in the daemon). Close with
+    :meth:`close` or ``with``.
     """
 
     def __init__(
@@ -59,7 +59,11 @@ class Client:
         try:
             self._client: AsyncClient = self._run(
                 connect(
-                    path, max_pending=max_pending, max_message_size=max_message_size, trace=trace
+                    path,
+                    max_pending=max_pending,
+                    max_message_size=max_message_size,
+                    timeout=timeout,
+                    trace=trace,
                 )
             )
         except BaseException:

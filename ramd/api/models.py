@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from ramd.api.eventnames import EVENT_NAMES as EVENT_NAMES
+from ramd.api.eventnames import EventName as EventName
 from ramd.ids import ID_PATTERN
 
 U64_MAX = 2**64 - 1
@@ -75,8 +77,6 @@ Base64 = Annotated[
     BeforeValidator(_base64),
     WithJsonSchema({"type": "string", "contentEncoding": "base64"}),
 ]
-EventName = Literal["RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED"]
-EVENT_NAMES: tuple[EventName, ...] = ("RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED")
 
 
 # -- arguments ------------------------------------------------------------------------------

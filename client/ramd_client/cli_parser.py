@@ -1,0 +1,235 @@
+"""``ramctl``'s command line: the argparse parser and its argument types.
+
+Light by design: it imports neither pydantic nor the client, so building the parser (for
+every command, for the man page and the shell completions) costs a few milliseconds.
+
+Global options (``--socket``, ``--json``, ``--timeout``) are accepted before the command
+and after it (``ramctl list --json``): each command's parser repeats them with
+``argparse.SUPPRESS`` defaults, so a value given after the command overrides the one before
+and an absent one leaves it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import NoReturn
+
+import ramd
+from ramd.api.eventnames import EVENT_NAMES
+from ramd.sizes import SIZE_MAX, parse_size
+
+__all__ = [
+    "COMPLETIONS",
+    "GLOBAL_OPTIONS",
+    "PROG",
+    "RAW_COMMANDS",
+    "UsageError",
+    "build_parser",
+    "size_arg",
+]
+
+PROG = "ramctl"
+
+#: Commands that talk raw JSON-RPC (no pydantic models: the fast path).
+RAW_COMMANDS = frozenset({"version", "call"})
+
+#: The option strings of the global options (documented once, not per command).
+GLOBAL_OPTIONS = frozenset({"--socket", "--json", "--timeout"})
+
+#: Words the shell completions offer for an argument, by metavar, where argparse has no
+#: ``choices`` (``watch``'s EVENT: ``nargs="*"`` with ``choices`` refuses an empty list in
+#: Python 3.11, so the names are checked by :func:`event_arg`).
+COMPLETIONS: dict[str, tuple[str, ...]] = {"EVENT": EVENT_NAMES}
+
+#: Default seconds for connecting and for each call.
+DEFAULT_TIMEOUT = 10.0
+
+_HEX_RE = re.compile(r"\s*0[xX]([0-9a-fA-F]+)\s*", re.ASCII)
+
+
+class UsageError(Exception):
+    """A command line argparse refused: ``usage`` (the parser's usage line) and ``message``.
+
+    Raised instead of argparse's exit so that ``ramctl --json`` can report it as JSON.
+    """
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.message = message
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise :class:`UsageError` (help and --version still
+    print and exit)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.format_usage(), f"{self.prog}: error: {message}")
+
+
+def size_arg(text: str) -> int:
+    """argparse ``type=`` for sizes and offsets: hex (``0x10``, as ramctl prints offsets)
+    or :func:`ramd.sizes.parse_size` (``4096``, ``64K``, ``1.5G``)."""
+    match = _HEX_RE.fullmatch(text)
+    if match is not None:
+        value = int(match.group(1), 16)
+        if value > SIZE_MAX:
+            raise argparse.ArgumentTypeError(f"invalid size {text!r}: larger than 2**64 - 1")
+        return value
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def timeout_arg(text: str) -> float | None:
+    """argparse ``type=`` for ``--timeout``: seconds >= 0; 0 means no limit (None)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: seconds expected") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: seconds >= 0 expected")
+    return value or None
+
+
+def event_arg(text: str) -> str:
+    """argparse ``type=`` for event names."""
+    if text not in EVENT_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown event {text!r} (choose from {', '.join(EVENT_NAMES)})"
+        )
+    return text
+
+
+def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """Add ``--socket``, ``--json`` and ``--timeout``: with their defaults on the main parser,
+    with ``SUPPRESS`` on each command's (see the module docstring)."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=default(None),
+        help="the daemon's JSON-RPC socket (default: $RAMD_SOCKET, else "
+        "$XDG_RUNTIME_DIR/ramd/ramd.sock, else /run/ramd/ramd.sock)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print JSON instead of tables, and errors as JSON on stderr",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=timeout_arg,
+        default=default(DEFAULT_TIMEOUT),
+        help=f"give up connecting, or waiting for any one answer, after SECONDS "
+        f"(default {DEFAULT_TIMEOUT:g}; 0: wait forever, e.g. for a large --prealloc)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ramctl`` argument parser."""
+    parser = Parser(
+        prog=PROG,
+        description="Drive the ramd daemon: create, resize, read and watch RAM blocks.",
+        epilog=(
+            "Sizes and offsets take K, M, G, T, P, E suffixes (powers of 1024; 1.5G is fine) "
+            "or hex (0x10000). Exit status: 0 ok, 1 refused by the daemon (or a local file "
+            "failed), 2 usage error, 3 cannot reach the daemon, no answer in time, or the "
+            "connection was lost."
+        ),
+    )
+    _global_options(parser, defaults=True)
+    parser.add_argument("--version", action="version", version=f"{PROG} {ramd.__version__}")
+    common = Parser(add_help=False)
+    _global_options(common, defaults=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help, description=help[0].upper() + help[1:] + ".", parents=[common]
+        )
+        return p
+
+    def block_id(p: argparse.ArgumentParser, what: str = "the RAM block") -> None:
+        p.add_argument("id", metavar="ID", help=what)
+
+    p = command("add", "create a RAM block")
+    block_id(p, "the new block's id (letters, digits, '-', '.', '_')")
+    p.add_argument("size", metavar="SIZE", type=size_arg, help="its size in bytes (used part)")
+    p.add_argument("--max-size", metavar="S", type=size_arg, help="make it resizable up to S")
+    p.add_argument("--prealloc", action="store_true", help="fault every page in now")
+    p.add_argument("--merge", action="store_true", help="allow KSM merging")
+    p.add_argument("--no-dump", action="store_true", help="exclude from core dumps")
+    p.add_argument("--hugepages", action="store_true", help="use transparent huge pages")
+    p.add_argument("--lock", action="store_true", help="lock in RAM (mlock)")
+    p.add_argument("--align", metavar="A", type=size_arg, help="alignment (power of two)")
+
+    p = command("del", "remove a RAM block")
+    block_id(p, "the block to remove")
+    p.add_argument("--if-exists", action="store_true", help="succeed when there is no such block")
+
+    p = command("resize", "grow or shrink a resizable RAM block")
+    block_id(p)
+    p.add_argument("size", metavar="SIZE", type=size_arg, help="the new size, up to max-size")
+
+    command("list", "list the RAM blocks")
+
+    p = command("info", "show one RAM block")
+    block_id(p)
+
+    p = command("read", "copy a range of a block to stdout or a file")
+    block_id(p)
+    p.add_argument("offset", metavar="OFFSET", type=size_arg, help="first byte to read")
+    p.add_argument("length", metavar="LENGTH", type=size_arg, help="bytes to read")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write to FILE, not stdout (replaced only once the whole range is read)",
+    )
+
+    p = command("write", "copy stdin or a file into a block at OFFSET")
+    block_id(p)
+    p.add_argument("offset", metavar="OFFSET", type=size_arg, help="where the data goes")
+    p.add_argument("-i", "--input", metavar="FILE", help="read FILE, not stdin")
+
+    p = command("discard", "drop the pages of a page-aligned range")
+    block_id(p)
+    p.add_argument("offset", metavar="OFFSET", type=size_arg, help="first byte (page-aligned)")
+    p.add_argument("length", metavar="LENGTH", type=size_arg, help="bytes (whole pages)")
+
+    p = command("watch", "print events as they happen, until interrupted")
+    p.add_argument("--replay", action="store_true", help="first, one RAM_BLOCK_ADDED per block")
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="when the daemon goes away, wait for it and go on (what changed meanwhile "
+        "is reported on stderr)",
+    )
+    p.add_argument(
+        "events",
+        metavar="EVENT",
+        nargs="*",
+        type=event_arg,
+        help=f"events to show (default all): {', '.join(EVENT_NAMES)}",
+    )
+
+    command("stats", "show the daemon's usage figures and limits")
+    command("version", "show the daemon's version")
+
+    p = command("call", "send any command and print its result as JSON")
+    p.add_argument("method", metavar="METHOD", help="the command, e.g. query-ram-blocks")
+    p.add_argument(
+        "params",
+        metavar="PARAMS",
+        nargs="?",
+        help="its arguments: a JSON object, or - to read it from stdin (default: none)",
+    )
+    return parser
