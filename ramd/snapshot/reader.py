@@ -28,10 +28,14 @@ from ramd.snapshot.format import (
     zero_chunk_digest,
     zeros,
 )
+from ramd.snapshot.scan import scan
 
 #: ``write(block_index, offset, data)``: put ``data`` at ``offset`` in the block. ``data`` is a
 #: view of a buffer that is reused after the call returns: copy it, do not keep it.
 WriteFn = Callable[[int, int, memoryview], None]
+#: Zero runs shorter than this inside data are passed to ``write`` as data: fewer calls, at the
+#: cost of backing those zero pages in the block.
+MIN_ZERO_RUN = 64 * 1024
 #: ``zero(block_index, offset, length)``: make the range read as zeros (discard or fill).
 #: ``offset`` and ``length`` are multiples of 4096, not necessarily of the block's page size.
 ZeroFn = Callable[[int, int, int], None]
@@ -151,52 +155,82 @@ def _scan(
 ) -> bytes:
     """Hash one block's data (passing it to ``sink`` if given); returns the block digest.
 
-    Whole chunks inside holes are never read. A chunk that holds any data is read whole
-    (its hole parts read as zeros) and hashed; an all-zero chunk goes to ``sink.zeros``.
+    Only the file's data extents are read (``SEEK_DATA``/``SEEK_HOLE``): whole chunks inside
+    holes cost one constant digest each, and the hole parts of a chunk that holds some data
+    are zero-filled in ``buf`` rather than read (reading a hole would fill the page cache with
+    zero pages). Runs of zero pages of at least ``MIN_ZERO_RUN`` go to ``sink.zeros``, the
+    rest to ``sink.data``.
     """
     hasher = BlockHasher()
     view = memoryview(buf)
+    blank = memoryview(zeros(len(buf)))
     base, size = block.offset, block.size
-    pos = data_end = 0  # block-relative; data_end: end of the data extent being read
+    pos = 0  # block-relative, a multiple of chunk
+    extent = _Extent(fd, base, size)
     while pos < size:
         if cancelled():
             raise ImageCancelled()
-        if pos >= data_end:
-            start = next_data(fd, base + pos, base + size) - base
-            if start - pos >= chunk or start >= size:
-                end = size if start >= size else start // chunk * chunk
-                full, tail = divmod(end - pos, chunk)
-                hasher.add_zero_chunks(full, chunk)
-                if tail:
-                    hasher.add(zero_chunk_digest(tail))
-                if sink is not None:
-                    sink.zeros(pos, end - pos)
-                progress(end - pos)
-                pos = end
-                continue
-            data_end = next_hole(fd, base + start, base + size) - base
-        end = min(size, -(-data_end // chunk) * chunk, pos + len(buf))
+        if pos >= extent.end:
+            extent.find(pos)
+        if extent.start - pos >= chunk or extent.start >= size:
+            end = size if extent.start >= size else extent.start // chunk * chunk
+            full, tail = divmod(end - pos, chunk)
+            hasher.add_zero_chunks(full, chunk)
+            if tail:
+                hasher.add(zero_chunk_digest(tail))
+            if sink is not None:
+                sink.zeros(pos, end - pos)
+            progress(end - pos)
+            pos = end
+            continue
+        end = min(size, -(-extent.end // chunk) * chunk, pos + len(buf))
         n = end - pos
-        if pread_into(fd, view[:n], base + pos) != n:
-            raise ImageError(f"Bad image: truncated in block '{block.id}'")
-        run = -1  # start of the pending run of non-zero chunks in buf, or -1
-        for c in range(0, n, chunk):
+        cur = pos
+        while cur < end:
+            if cur >= extent.end:
+                extent.find(cur)
+            upto = min(extent.start, end)
+            if cur < upto:
+                view[cur - pos : upto - pos] = blank[: upto - cur]
+                cur = upto
+                continue
+            upto = min(extent.end, end)
+            if pread_into(fd, view[cur - pos : upto - pos], base + cur) != upto - cur:
+                raise ImageError(f"Bad image: truncated in block '{block.id}'")
+            cur = upto
+        found = scan(buf, n, chunk, None if sink is None else MIN_ZERO_RUN)
+        for i, is_zero in enumerate(found.zero_chunks):
+            c = i * chunk
             clen = min(chunk, n - c)
-            if buf.startswith(zeros(clen), c):
-                hasher.add(zero_chunk_digest(clen))
-                if sink is not None:
-                    if run >= 0:
-                        sink.data(pos + run, view[run:c])
-                        run = -1
-                    sink.zeros(pos + c, clen)
-            else:
-                hasher.add(chunk_digest(view[c : c + clen]))
-                if run < 0:
-                    run = c
-        if sink is not None and run >= 0:
-            sink.data(pos + run, view[run:n])
+            hasher.add(zero_chunk_digest(clen) if is_zero else chunk_digest(view[c : c + clen]))
+        if sink is not None:
+            for start, stop, is_zero in found.segments:
+                if is_zero:
+                    sink.zeros(pos + start, stop - start)
+                else:
+                    sink.data(pos + start, view[start:stop])
         progress(n)
         pos = end
     if sink is not None:
         sink.flush()
     return hasher.digest()
+
+
+class _Extent:
+    """The current data extent ``[start, end)`` of one block's range in the file, found with
+    ``SEEK_DATA``/``SEEK_HOLE`` (block-relative offsets, clamped to the block's size)."""
+
+    def __init__(self, fd: int, base: int, size: int) -> None:
+        self._fd = fd
+        self._base = base
+        self._size = size
+        self.start = self.end = 0
+
+    def find(self, offset: int) -> None:
+        """Move to the first extent that ends after ``offset``; ``start`` = ``size`` if none."""
+        limit = self._base + self._size
+        self.start = next_data(self._fd, self._base + offset, limit) - self._base
+        if self.start >= self._size:
+            self.start = self.end = self._size
+        else:
+            self.end = next_hole(self._fd, self._base + self.start, limit) - self._base

@@ -28,13 +28,14 @@ from ramd.snapshot.format import (
     finish,
     layout,
     zero_chunk_digest,
-    zeros,
 )
+from ramd.snapshot.scan import scan
 
-#: ``read(block_index, offset, length)``: ``length`` bytes of block ``block_index`` at
-#: ``offset`` (within its size). ``bytes`` or ``bytearray``: the writer finds zero pages with
-#: their ``startswith`` (a ``memcmp``); a ``memoryview`` has no fast comparison in CPython.
-ReadFn = Callable[[int, int, int], bytes | bytearray]
+#: ``read(block_index, offset, buf)``: fill all of ``buf`` with the bytes of block
+#: ``block_index`` at ``offset`` (within its size), e.g. ``ctypes.memmove`` from the block's
+#: mapping or ``os.preadv`` on its fd. The writer owns ``buf`` and reuses it for every chunk,
+#: so no memory is allocated per chunk.
+ReadFn = Callable[[int, int, memoryview], None]
 
 
 def write_image(
@@ -54,7 +55,8 @@ def write_image(
     (``cancelled()`` returned true), the file is truncated to zero length before the error
     propagates; nothing is fsynced here (the atomic target does that).
 
-    Raises :class:`ImageError` for a bad descriptor, a short ``read`` or a failed write.
+    Raises :class:`ImageError` for a bad descriptor or a failed write; an exception from
+    ``read`` propagates as it is.
     """
     check_regular(fd, writing=True)
     info, table_length = layout(blocks, chunk_size)
@@ -62,8 +64,9 @@ def write_image(
         _truncate(fd, 0)
         _truncate(fd, info.file_length)
         done = []
+        buf = bytearray(max(IO_SIZE, chunk_size))  # a multiple of chunk_size: powers of two
         for index, block in enumerate(info.blocks):
-            digest = _write_block(fd, index, block, read, chunk_size, progress, cancelled)
+            digest = _write_block(fd, index, block, read, buf, chunk_size, progress, cancelled)
             done.append(replace(block, digest=digest))
         if cancelled():
             raise ImageCancelled()
@@ -95,40 +98,28 @@ def _write_block(
     index: int,
     block: ImageBlock,
     read: ReadFn,
+    data: bytearray,
     chunk_size: int,
     progress: ProgressFn,
     cancelled: CancelledFn,
 ) -> bytes:
-    """Write one block's used range; returns its digest."""
+    """Write one block's used range, a buffer of ``data`` at a time; returns its digest."""
     hasher = BlockHasher()
-    io_size = max(IO_SIZE, chunk_size)  # a multiple of chunk_size: both are powers of two
-    page = zeros(ALIGN)
+    view = memoryview(data)
     pos = 0
     while pos < block.size:
         if cancelled():
             raise ImageCancelled()
-        n = min(io_size, block.size - pos)
-        data = read(index, pos, n)
-        if not isinstance(data, bytes | bytearray) or len(data) != n:
-            raise ImageError(f"Cannot read block '{block.id}' at 0x{pos:x}")
-        view = memoryview(data)
-        run_start = run_end = 0  # the pending run of non-zero pages, [run_start, run_end)
-        for c in range(0, n, chunk_size):
+        n = min(len(data), block.size - pos)
+        read(index, pos, view[:n])
+        found = scan(data, n, chunk_size, ALIGN)
+        for i, is_zero in enumerate(found.zero_chunks):
+            c = i * chunk_size
             clen = min(chunk_size, n - c)
-            if data.startswith(zeros(clen), c):
-                hasher.add(zero_chunk_digest(clen))
-                continue
-            hasher.add(chunk_digest(view[c : c + clen]))
-            for p in range(c, c + clen, ALIGN):
-                if data.startswith(page, p):
-                    continue
-                if p != run_end:
-                    if run_end > run_start:
-                        _pwrite(fd, view[run_start:run_end], block.offset + pos + run_start)
-                    run_start = p
-                run_end = p + ALIGN
-        if run_end > run_start:
-            _pwrite(fd, view[run_start:run_end], block.offset + pos + run_start)
+            hasher.add(zero_chunk_digest(clen) if is_zero else chunk_digest(view[c : c + clen]))
+        for start, end, is_zero in found.segments:
+            if not is_zero:
+                _pwrite(fd, view[start:end], block.offset + pos + start)
         progress(n)
         pos += n
     return hasher.digest()
