@@ -14,8 +14,10 @@ import stat
 from ramd.snapshot.format import ImageError
 
 #: Bytes moved per read or write call. Large enough that per-call costs vanish, small enough
-#: to stay in the CPU caches between the copy, the zero check and the hash.
-IO_SIZE = 8 * 1024 * 1024
+#: that the buffer stays in the CPU caches between the copy, the zero check, the hash and the
+#: write. Measured on a 1 GiB save (no fsync), median of 4: 1 MiB 1.61 s, 2 MiB 1.42 s,
+#: 4 MiB 1.56 s, 8 MiB 2-3.5 s; verify + load: 2 MiB 1.21 s, 8 MiB 1.61 s.
+IO_SIZE = 2 * 1024 * 1024
 
 
 def strerror(e: OSError) -> str:

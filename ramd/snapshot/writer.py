@@ -58,10 +58,13 @@ def write_image(
     Raises :class:`ImageError` for a bad descriptor or a failed write; an exception from
     ``read`` propagates as it is.
     """
-    check_regular(fd, writing=True)
+    st = check_regular(fd, writing=True)
     info, table_length = layout(blocks, chunk_size)
     try:
-        _truncate(fd, 0)
+        if st.st_size:
+            # Only when needed: on ext4, a truncate to zero makes the next close() start the
+            # writeback of the whole file (auto_da_alloc), which would double a save's time.
+            _truncate(fd, 0)
         _truncate(fd, info.file_length)
         done = []
         buf = bytearray(max(IO_SIZE, chunk_size))  # a multiple of chunk_size: powers of two
