@@ -1,10 +1,10 @@
-"""Find the all-zero parts of a buffer of block data, with ``memcmp`` and no allocation.
+"""Find the all-zero parts of a buffer of block data with ``memcmp``, never copying it.
 
 A zero check is ``bytearray.startswith(zeros, offset)``: one C ``memcmp`` that stops at the
 first non-zero byte, so random data costs almost nothing and zero data runs at memory speed
-(a ``memoryview`` comparison is element by element in CPython: about 60 times slower). A chunk
-in which ``find`` sees no 4 KiB of zeros at all is data as a whole: ``find`` skips through
-such data about a page per step, which spares the per-page loop for dense data.
+(a ``memoryview`` comparison is element by element in CPython: about 60 times slower). Inside
+a chunk that is not all zero, only a page whose first byte is zero can be a zero page: one
+strided slice gives every page's first byte, so dense data costs no per-page Python work.
 """
 
 from __future__ import annotations
