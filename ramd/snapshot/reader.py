@@ -1,0 +1,236 @@
+"""Read an image: verify all of it first, then replay it into blocks through callables.
+
+:func:`verify` only reads the file. :func:`load` reads it again and hands its contents to
+``write`` and ``zero``; it hashes what it reads once more, so a file changed between the two
+calls is reported (after the blocks it reached were written). Holes are found with
+``SEEK_DATA``/``SEEK_HOLE`` and never read. Both run in the calling thread (in the daemon, a
+job's worker thread) and call their callables in that thread, in block and offset order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ramd.snapshot.callbacks import CancelledFn, ProgressFn, never_cancelled, no_progress
+from ramd.snapshot.fileio import IO_SIZE, check_regular, next_data, next_hole, pread_into
+from ramd.snapshot.format import (
+    HEADER_SIZE,
+    VERSION,
+    BlockHasher,
+    ImageBlock,
+    ImageCancelled,
+    ImageError,
+    ImageInfo,
+    chunk_digest,
+    file_digest,
+    parse_header,
+    parse_table,
+    zero_chunk_digest,
+    zeros,
+)
+from ramd.snapshot.scan import scan
+
+#: ``write(block_index, offset, data)``: put ``data`` at ``offset`` in the block. ``data`` is a
+#: view of a buffer that is reused after the call returns: copy it, do not keep it.
+WriteFn = Callable[[int, int, memoryview], None]
+#: Zero runs shorter than this inside data are passed to ``write`` as data: fewer calls, at the
+#: cost of backing those zero pages in the block.
+MIN_ZERO_RUN = 64 * 1024
+#: ``zero(block_index, offset, length)``: make the range read as zeros (discard or fill).
+#: ``offset`` and ``length`` are multiples of 4096, not necessarily of the block's page size.
+ZeroFn = Callable[[int, int, int], None]
+
+
+def verify(
+    fd: int, *, progress: ProgressFn = no_progress, cancelled: CancelledFn = never_cancelled
+) -> ImageInfo:
+    """Check a whole image without changing anything; returns what it describes.
+
+    Order: magic, version, header checksum, flags and header fields, file length, file
+    checksum (header and table), table, then every block's data against its checksum.
+    ``progress`` counts block bytes (of :attr:`ImageInfo.data_bytes`). Raises
+    :class:`ImageError` naming the first problem found, :class:`ImageCancelled` if
+    ``cancelled()`` turned true.
+    """
+    st = check_regular(fd, writing=False)
+    if st.st_size == 0:
+        raise ImageError("Bad image: empty file")
+    raw = _pread(fd, min(HEADER_SIZE, st.st_size), 0)
+    header = parse_header(raw)
+    if st.st_size < header.file_length:
+        raise ImageError(f"Bad image: truncated ({st.st_size} of {header.file_length} bytes)")
+    if st.st_size > header.file_length:
+        raise ImageError(f"Bad image: {st.st_size - header.file_length} bytes past its end")
+    meta = _pread(fd, header.data_offset - HEADER_SIZE, HEADER_SIZE)
+    if file_digest(raw, meta) != header.file_digest:
+        raise ImageError("Bad image: file checksum mismatch")
+    entries = parse_table(header, meta)
+    blocks = tuple(ImageBlock(desc, offset, digest) for desc, offset, digest in entries)
+    buf = bytearray(max(IO_SIZE, header.chunk_size))
+    for block in blocks:
+        got = _scan(fd, block, header.chunk_size, buf, None, progress, cancelled)
+        if got != block.digest:
+            raise ImageError(f"Bad image: checksum mismatch in block '{block.id}'")
+    return ImageInfo(
+        version=VERSION,
+        flags=header.flags,
+        chunk_size=header.chunk_size,
+        data_offset=header.data_offset,
+        file_length=header.file_length,
+        file_digest=header.file_digest,
+        blocks=blocks,
+    )
+
+
+def load(
+    fd: int,
+    info: ImageInfo,
+    write: WriteFn,
+    zero: ZeroFn,
+    *,
+    progress: ProgressFn = no_progress,
+    cancelled: CancelledFn = never_cancelled,
+) -> None:
+    """Replay a verified image: every block's whole used range goes to ``write`` or ``zero``.
+
+    ``info`` is what :func:`verify` returned for this fd. Block ``i`` of ``info.blocks`` is
+    ``block_index`` ``i``; the caller has already given each block the image's size. A cancel
+    stops between chunks: the blocks before it are complete, the current one is partly
+    written. Raises :class:`ImageError` "Image changed after verification" if the file no
+    longer matches ``info`` (blocks already written stay written).
+    """
+    st = check_regular(fd, writing=False)
+    if st.st_size != info.file_length:
+        raise ImageError(
+            f"Image changed after verification: {st.st_size} bytes, not {info.file_length}"
+        )
+    buf = bytearray(max(IO_SIZE, info.chunk_size))
+    for index, block in enumerate(info.blocks):
+        sink = _Sink(index, write, zero)
+        got = _scan(fd, block, info.chunk_size, buf, sink, progress, cancelled)
+        if got != block.digest:
+            raise ImageError(f"Image changed after verification: block '{block.id}'")
+
+
+class _Sink:
+    """Passes one block's contents on, merging neighbouring zero ranges into one call."""
+
+    def __init__(self, index: int, write: WriteFn, zero: ZeroFn) -> None:
+        self._index = index
+        self._write = write
+        self._zero = zero
+        self._zero_start = self._zero_end = 0
+
+    def data(self, offset: int, view: memoryview) -> None:
+        self.flush()
+        self._write(self._index, offset, view)
+
+    def zeros(self, offset: int, length: int) -> None:
+        if offset != self._zero_end:
+            self.flush()
+            self._zero_start = offset
+        self._zero_end = offset + length
+
+    def flush(self) -> None:
+        if self._zero_end > self._zero_start:
+            self._zero(self._index, self._zero_start, self._zero_end - self._zero_start)
+        self._zero_start = self._zero_end = 0
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    buf = bytearray(length)
+    if pread_into(fd, memoryview(buf), offset) != length:
+        raise ImageError("Bad image: truncated")
+    return bytes(buf)
+
+
+def _scan(
+    fd: int,
+    block: ImageBlock,
+    chunk: int,
+    buf: bytearray,
+    sink: _Sink | None,
+    progress: ProgressFn,
+    cancelled: CancelledFn,
+) -> bytes:
+    """Hash one block's data (passing it to ``sink`` if given); returns the block digest.
+
+    Only the file's data extents are read (``SEEK_DATA``/``SEEK_HOLE``): whole chunks inside
+    holes cost one constant digest each, and the hole parts of a chunk that holds some data
+    are zero-filled in ``buf`` rather than read (reading a hole would fill the page cache with
+    zero pages). Runs of zero pages of at least ``MIN_ZERO_RUN`` go to ``sink.zeros``, the
+    rest to ``sink.data``.
+    """
+    hasher = BlockHasher()
+    view = memoryview(buf)
+    blank = memoryview(zeros(len(buf)))
+    base, size = block.offset, block.size
+    pos = 0  # block-relative, a multiple of chunk
+    extent = _Extent(fd, base, size)
+    while pos < size:
+        if cancelled():
+            raise ImageCancelled()
+        if pos >= extent.end:
+            extent.find(pos)
+        if extent.start - pos >= chunk or extent.start >= size:
+            end = size if extent.start >= size else extent.start // chunk * chunk
+            full, tail = divmod(end - pos, chunk)
+            hasher.add_zero_chunks(full, chunk)
+            if tail:
+                hasher.add(zero_chunk_digest(tail))
+            if sink is not None:
+                sink.zeros(pos, end - pos)
+            progress(end - pos)
+            pos = end
+            continue
+        end = min(size, -(-extent.end // chunk) * chunk, pos + len(buf))
+        n = end - pos
+        cur = pos
+        while cur < end:
+            if cur >= extent.end:
+                extent.find(cur)
+            upto = min(extent.start, end)
+            if cur < upto:
+                view[cur - pos : upto - pos] = blank[: upto - cur]
+                cur = upto
+                continue
+            upto = min(extent.end, end)
+            if pread_into(fd, view[cur - pos : upto - pos], base + cur) != upto - cur:
+                raise ImageError(f"Bad image: truncated in block '{block.id}'")
+            cur = upto
+        found = scan(buf, n, chunk, None if sink is None else MIN_ZERO_RUN)
+        for i, is_zero in enumerate(found.zero_chunks):
+            c = i * chunk
+            clen = min(chunk, n - c)
+            hasher.add(zero_chunk_digest(clen) if is_zero else chunk_digest(view[c : c + clen]))
+        if sink is not None:
+            for start, stop, is_zero in found.segments:
+                if is_zero:
+                    sink.zeros(pos + start, stop - start)
+                else:
+                    sink.data(pos + start, view[start:stop])
+        progress(n)
+        pos = end
+    if sink is not None:
+        sink.flush()
+    return hasher.digest()
+
+
+class _Extent:
+    """The current data extent ``[start, end)`` of one block's range in the file, found with
+    ``SEEK_DATA``/``SEEK_HOLE`` (block-relative offsets, clamped to the block's size)."""
+
+    def __init__(self, fd: int, base: int, size: int) -> None:
+        self._fd = fd
+        self._base = base
+        self._size = size
+        self.start = self.end = 0
+
+    def find(self, offset: int) -> None:
+        """Move to the first extent that ends after ``offset``; ``start`` = ``size`` if none."""
+        limit = self._base + self._size
+        self.start = next_data(self._fd, self._base + offset, limit) - self._base
+        if self.start >= self._size:
+            self.start = self.end = self._size
+        else:
+            self.end = next_hole(self._fd, self._base + self.start, limit) - self._base
