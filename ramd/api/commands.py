@@ -57,7 +57,17 @@ class Command:
     doc: str
     readonly: bool
     audit: bool
+
+    def no_args(self) -> m.Args:
+        """The arguments when none are given (validated once, then shared: args are frozen)."""
+        return _no_args(self.args)
+
     qmp_result: type[BaseModel] | None = None
+
+
+@functools.cache
+def _no_args(model: type[m.Args]) -> m.Args:
+    return model.model_validate({})
 
 
 @dataclass(frozen=True, slots=True)

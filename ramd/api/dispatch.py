@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from ramd.api.commands import COMMANDS, Raw, WithFds
 from ramd.api.outcome import BadArguments, Done, Failed, Final, Internal, NotFound, Outcome, Pending
@@ -43,7 +44,7 @@ def call(session: Session, name: str, params: dict[str, Any]) -> Outcome:
             session, name, RamdError(f"Permission denied: read-only peer may not run '{name}'")
         )
     try:
-        args = cmd.args.model_validate(params)
+        args = cmd.args.model_validate(params) if params else cmd.no_args()
     except ValidationError as e:
         bad = BadArguments(e.errors(include_url=False, include_context=False))
         _refused(session, name, f"invalid arguments: {bad.message()}")
@@ -92,7 +93,13 @@ def _done(result: BaseModel | Raw | WithFds) -> Done:
         return replace(_done(result.result), fds=result.fds)
     if isinstance(result, Raw):
         return Done(raw=result.text)
-    return Done(result.model_dump(mode="json", by_alias=True, exclude_none=True))
+    try:
+        # pydantic's own serializer writes the JSON directly (the dialects splice it in)
+        return Done(
+            raw=result.__pydantic_serializer__.to_json(result, by_alias=True, exclude_none=True)
+        )
+    except PydanticSerializationError:  # a lone surrogate from a client's text
+        return Done(result.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
 def _failed(session: Session, name: str, e: RamdError) -> Failed:

@@ -23,12 +23,20 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: One decoder for every message (``json.loads`` with options builds one per call).
+_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
+
+
 def loads(message: bytes) -> Any:
-    """One JSON text as Python data, strictly. Every failure is a ``ValueError`` whose text
-    describes the input, never the interpreter (an integer past Python's 4,300-digit
-    conversion limit is reported as such; converting it would cost quadratic time)."""
+    """One JSON text (UTF-8, as the protocol says) as Python data, strictly. Every failure is
+    a ``ValueError`` whose text describes the input, never the interpreter (an integer past
+    Python's 4,300-digit conversion limit is reported as such; converting it would cost
+    quadratic time; bytes that are not UTF-8 are reported as such, not guessed to be UTF-16
+    or UTF-32 as ``json.loads`` would)."""
     try:
-        return json.loads(message, parse_constant=_reject_constant, parse_float=_finite_float)
+        return _decode(message.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"invalid UTF-8 at byte {e.start}") from None
     except json.JSONDecodeError:
         raise
     except RecursionError:

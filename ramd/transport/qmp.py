@@ -162,6 +162,8 @@ def _response(outcome: Outcome, name: str, req_id: Any) -> bytes:
     if isinstance(outcome, Done):
         if outcome.raw is None:
             return _success(outcome.value, req_id)
+        if not outcome.raw.isascii():  # QEMU's writer escapes non-ASCII: so do we
+            return _success(json.loads(outcome.raw), req_id)
         tail = b"" if req_id is _NO_ID else b',"id":' + _dumps(req_id).encode()
         return b'{"return":%s%s}\r\n' % (outcome.raw, tail)
     if isinstance(outcome, Failed):
