@@ -75,6 +75,8 @@ async def test_every_request_of_the_client_validates(daemon: Daemon) -> None:
         await c.query_jobs()
         with pytest.raises(ramd_client.RamdError):
             await c.job_cancel("nosuchjob")
+        while {j.status for j in await c.query_jobs()} != {"concluded"}:
+            await asyncio.sleep(0.05)
         load = await c.ram_load("img")
         while {j.status for j in await c.query_jobs()} != {"concluded"}:
             await asyncio.sleep(0.05)
