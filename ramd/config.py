@@ -110,6 +110,16 @@ class BlockConfig(_Section):
     align: PositiveSize | None = None
 
 
+#: ``state-dir`` when the config names none and systemd's ``StateDirectory=`` sets nothing.
+DEFAULT_STATE_DIR = "/var/lib/ramd"
+
+
+def default_state_dir() -> Path:
+    """Protocol rule (§10): ``$STATE_DIRECTORY`` (its first entry), else /var/lib/ramd."""
+    env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(env or DEFAULT_STATE_DIR)
+
+
 class Config(_Section):
     socket: Path | None = None
     qmp_socket: Path | None = None
@@ -123,6 +133,8 @@ class Config(_Section):
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
     #: Directory of ``file`` blocks (created 0700 at the first one).
     memory_dir: Path = Path(DEFAULT_MEMORY_DIR)
+    #: Directory of ``ram-save``/``ram-load`` image files (created 0700 at the first use).
+    state_dir: Path = Field(default_factory=default_state_dir)
     allow_uids: list[StrictInt] = []
     allow_gids: list[StrictInt] = []
     readonly_uids: list[StrictInt] = []

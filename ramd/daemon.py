@@ -85,7 +85,12 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = HostLimits()
-    service = Service(host.effective(config.limits), RAMList(config.memory_dir), host=host)
+    service = Service(
+        host.effective(config.limits),
+        RAMList(config.memory_dir),
+        host=host,
+        state_dir=str(config.state_dir),
+    )
     service.request_shutdown = stop.set
     server: Server | None = None
     try:
@@ -115,6 +120,10 @@ async def serve(
     finally:
         if server is not None:
             await server.shutdown(config.stop_timeout)
+        if service.jobs is not None:
+            abandoned = await service.jobs.shutdown(config.stop_timeout)
+            if abandoned:
+                log.warning("jobs abandoned at exit: %s", ", ".join(abandoned))
         service.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

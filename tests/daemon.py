@@ -42,7 +42,11 @@ class Daemon:
             cmd += ["--config", str(cfg)]
         cmd += list(args)
         self._logf = open(self.log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([*wrap, *cmd], stdout=self._logf, stderr=subprocess.STDOUT)
+        # Images go to the test's directory unless its config names a state-dir.
+        env = {**os.environ, "STATE_DIRECTORY": str(tmp / "state")}
+        self.proc = subprocess.Popen(
+            [*wrap, *cmd], stdout=self._logf, stderr=subprocess.STDOUT, env=env
+        )
         self.pid = self.proc.pid
         self._wait_ready()
 

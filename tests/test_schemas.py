@@ -3,6 +3,7 @@ the client's requests (and the daemon's verdicts on bad ones) agree with."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -70,6 +71,17 @@ async def test_every_request_of_the_client_validates(daemon: Daemon) -> None:
         async with c.events(["RAM_BLOCK_REMOVED"], replay=False) as events:
             await c.ram_block_del("ram1")
             assert (await anext(events)).data.id == "ram1"
+        save = await c.ram_save("img", blocks=["ram0"])
+        await c.query_jobs()
+        with pytest.raises(ramd_client.RamdError):
+            await c.job_cancel("nosuchjob")
+        while {j.status for j in await c.query_jobs()} != {"concluded"}:
+            await asyncio.sleep(0.05)
+        load = await c.ram_load("img")
+        while {j.status for j in await c.query_jobs()} != {"concluded"}:
+            await asyncio.sleep(0.05)
+        await c.job_dismiss(save)
+        await c.job_dismiss(load)
         await c.query_stats()
         await c.query_commands()
         await c.query_schema()

@@ -34,7 +34,9 @@ from ramd_client.cli_output import (
     emit_json,
     event_line,
     pairs,
+    table,
 )
+from ramd_client.cli_progress import WITH_TOTAL as _BAR_WITH_TOTAL
 from ramd_client.cli_progress import progress_bar
 from ramd_client.client import AsyncClient
 from ramd_client.error import ConnectionLost, EventOverflow, RamdError
@@ -386,7 +388,68 @@ async def cmd_stats(client: AsyncClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Seconds between two ``query-jobs`` while ``save``/``load`` wait for their job.
+JOB_POLL = 0.2
+
+
+async def _wait_job(client: AsyncClient, args: argparse.Namespace, job_id: str) -> int:
+    """Follow job ``job_id`` until it concludes (a progress bar on a terminal), dismiss it,
+    and exit 0, or exit 1 with its error."""
+    if args.no_wait:
+        emit_json({"job-id": job_id}) if args.json else emit(job_id)
+        return EXIT_OK
+    with progress_bar(None, f"{args.command} {args.name}") as bar:
+        while True:
+            job = next((j for j in await client.query_jobs() if j.id == job_id), None)
+            if job is None:
+                raise Failure(EXIT_FAILED, f"job {job_id} was dismissed by another client")
+            if job.total_progress and bar.total != job.total_progress:
+                bar.total = job.total_progress
+                bar.bar_format = _BAR_WITH_TOTAL
+            bar.update(job.current_progress - bar.n)
+            if job.status == "concluded":
+                break
+            await asyncio.sleep(JOB_POLL)
+    await client.job_dismiss(job_id)
+    if job.error is not None:
+        raise Failure(EXIT_FAILED, f"{job.type} {args.name} ({job_id}): {job.error}", "JobFailed")
+    if args.json:
+        emit_json(job.model_dump(mode="json", by_alias=True))
+    return EXIT_OK
+
+
+async def cmd_save(client: AsyncClient, args: argparse.Namespace) -> int:
+    job_id = await client.ram_save(args.name, blocks=args.blocks or None)
+    return await _wait_job(client, args, job_id)
+
+
+async def cmd_load(client: AsyncClient, args: argparse.Namespace) -> int:
+    return await _wait_job(client, args, await client.ram_load(args.name))
+
+
+async def cmd_jobs(client: AsyncClient, args: argparse.Namespace) -> int:
+    jobs = await client.query_jobs()
+    if args.json:
+        emit_json([j.model_dump(mode="json", by_alias=True) for j in jobs])
+        return EXIT_OK
+    rows = [
+        (
+            j.id,
+            j.type,
+            j.status,
+            f"{format_size(j.current_progress)}/{format_size(j.total_progress)}",
+            j.error or "",
+        )
+        for j in jobs
+    ]
+    emit(table(("ID", "TYPE", "STATUS", "PROGRESS", "ERROR"), rows))
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Handler] = {
+    "save": cmd_save,
+    "load": cmd_load,
+    "jobs": cmd_jobs,
     "add": cmd_add,
     "del": cmd_del,
     "resize": cmd_resize,

@@ -221,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"events to show (default all): {', '.join(EVENT_NAMES)}",
     )
 
+    p = command("save", "save RAM blocks to an image in the daemon's state-dir")
+    p.add_argument("name", metavar="NAME", help="the image's name (no paths)")
+    p.add_argument("blocks", metavar="ID", nargs="*", help="blocks to save (default all)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id, do not wait")
+
+    p = command("load", "load an image from the daemon's state-dir (QEMU's incoming rules)")
+    p.add_argument("name", metavar="NAME", help="the image's name")
+    p.add_argument("--no-wait", action="store_true", help="print the job id, do not wait")
+
+    command("jobs", "list the daemon's save and load jobs")
+
     command("stats", "show the daemon's usage figures and limits")
     command("version", "show the daemon's version")
 

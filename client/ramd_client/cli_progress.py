@@ -15,9 +15,9 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 from ramd.sizes import format_size
 
-__all__ = ["progress_bar"]
+__all__ = ["WITH_TOTAL", "progress_bar"]
 
-_WITH_TOTAL = "{desc}: {percentage:3.0f}%|{bar}| {done}/{whole} [{elapsed}<{remaining}, {speed}]"
+WITH_TOTAL = "{desc}: {percentage:3.0f}%|{bar}| {done}/{whole} [{elapsed}<{remaining}, {speed}]"
 _WITHOUT_TOTAL = "{desc}: {done} [{elapsed}, {speed}]"
 
 
@@ -47,5 +47,5 @@ def progress_bar(total: int | None, desc: str) -> Any:
         file=sys.stderr,
         disable=not sys.stderr.isatty(),
         leave=False,
-        bar_format=_WITH_TOTAL if total is not None else _WITHOUT_TOTAL,
+        bar_format=WITH_TOTAL if total is not None else _WITHOUT_TOTAL,
     )

@@ -61,6 +61,13 @@ def wire_params(model: type[m.Args], **values: Any) -> dict[str, Any]:
     return params
 
 
+def _target(file: str | None, fd: str | None) -> dict[str, str]:
+    """A ``ram-save`` target or ``ram-load`` source: exactly one of a file name or an fd name."""
+    if (file is None) == (fd is None):
+        raise ValueError("give exactly one of file and fd")
+    return {"file": file} if file is not None else {"fd": fd}  # type: ignore[dict-item]
+
+
 def parse_result(model: type[R], data: Any) -> R:
     """``data`` (a command's raw result) as ``model``; ProtocolError if it does not fit."""
     try:
@@ -179,6 +186,37 @@ class AsyncClient(JsonRpcProtocol):
         """``ram-block-discard``: drop the pages of a page-aligned range (reads back zeros)."""
         params = wire_params(m.RamBlockDiscardArgs, id=id, offset=offset, length=length)
         await self.call("ram-block-discard", params)
+
+    async def ram_save(
+        self,
+        file: str | None = None,
+        *,
+        fd: str | None = None,
+        blocks: list[str] | None = None,
+    ) -> str:
+        """``ram-save``: start a job writing an image of ``blocks`` (default all) to ``file``
+        in the daemon's ``state-dir``, or to the fd passed earlier with ``getfd`` as ``fd``.
+        Returns the job id (follow it with :meth:`query_jobs` or ``JOB_STATUS_CHANGE``)."""
+        params = wire_params(m.RamSaveArgs, target=_target(file, fd), blocks=blocks)
+        return parse_result(m.JobStarted, await self.call("ram-save", params)).job_id
+
+    async def ram_load(self, file: str | None = None, *, fd: str | None = None) -> str:
+        """``ram-load``: start a job loading the image ``file`` (or ``getfd`` fd ``fd``), as
+        QEMU's incoming migration. Returns the job id."""
+        params = wire_params(m.RamLoadArgs, source=_target(file, fd))
+        return parse_result(m.JobStarted, await self.call("ram-load", params)).job_id
+
+    async def query_jobs(self) -> list[m.JobInfo]:
+        """``query-jobs``: every job not dismissed, with its progress and error."""
+        return parse_result(m.JobInfoList, await self.call("query-jobs")).root
+
+    async def job_cancel(self, id: str) -> None:
+        """``job-cancel``: ask job ``id`` to stop."""
+        await self.call("job-cancel", wire_params(m.JobIdArgs, id=id))
+
+    async def job_dismiss(self, id: str) -> None:
+        """``job-dismiss``: forget the concluded job ``id``."""
+        await self.call("job-dismiss", wire_params(m.JobIdArgs, id=id))
 
     async def query_stats(self) -> m.StatsResult:
         """``query-stats``: usage figures of the daemon and its ``limits``."""

@@ -178,6 +178,27 @@ class Client:
     def ram_block_discard(self, id: str, offset: int, length: int) -> None:
         self._call(self._client.ram_block_discard(id, offset, length))
 
+    def ram_save(
+        self,
+        file: str | None = None,
+        *,
+        fd: str | None = None,
+        blocks: list[str] | None = None,
+    ) -> str:
+        return self._call(self._client.ram_save(file, fd=fd, blocks=blocks))
+
+    def ram_load(self, file: str | None = None, *, fd: str | None = None) -> str:
+        return self._call(self._client.ram_load(file, fd=fd))
+
+    def query_jobs(self) -> list[m.JobInfo]:
+        return self._call(self._client.query_jobs())
+
+    def job_cancel(self, id: str) -> None:
+        self._call(self._client.job_cancel(id))
+
+    def job_dismiss(self, id: str) -> None:
+        self._call(self._client.job_dismiss(id))
+
     def query_stats(self) -> m.StatsResult:
         return self._call(self._client.query_stats())
 

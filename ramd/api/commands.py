@@ -515,3 +515,7 @@ def quit_daemon(session: Session, args: m.NoArgs) -> m.Empty:
         raise RamdError("quit is not available: nothing serves this daemon's shutdown")
     shutdown()
     return m.Empty()
+
+
+# The snapshot and job commands register in the same table (they use the helpers above).
+from ramd.api import snapshots  # noqa: E402, F401

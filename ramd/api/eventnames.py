@@ -10,6 +10,13 @@ from typing import Literal
 
 __all__ = ["EVENT_NAMES", "EventName"]
 
-EventName = Literal["RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED"]
+EventName = Literal[
+    "RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED", "JOB_STATUS_CHANGE"
+]
 #: Every event name, in the order the protocol lists them.
-EVENT_NAMES: tuple[EventName, ...] = ("RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED")
+EVENT_NAMES: tuple[EventName, ...] = (
+    "RAM_BLOCK_ADDED",
+    "RAM_BLOCK_RESIZED",
+    "RAM_BLOCK_REMOVED",
+    "JOB_STATUS_CHANGE",
+)

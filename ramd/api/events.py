@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ramd.api.models import (
+    JobStatusChangeData,
     RamBlockAddedData,
     RamBlockRemovedData,
     RamBlockResizedData,
@@ -168,3 +169,11 @@ class Broadcaster:
             ack=False,
         ).model_dump(by_alias=True)
         self._emit("RAM_BLOCK_REMOVED", data, block, ack=True)
+
+    def job_status(self, job_id: str, status: str) -> None:
+        """``JOB_STATUS_CHANGE``: to subscribers only (a job is no block: no mapper gets it)."""
+        seq = self._next()
+        data = JobStatusChangeData.model_validate({"seq": seq, "id": job_id, "status": status})
+        event = make_event("JOB_STATUS_CHANGE", data.model_dump(by_alias=True))
+        for sub in list(self._subscribers):
+            sub.deliver(event)

@@ -147,6 +147,43 @@ class FdNameArgs(Args):
     fdname: FdName
 
 
+ImageName = Annotated[
+    StrictStr,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="an image file name in the daemon's state-dir (no paths)",
+    ),
+]
+
+
+class FileTarget(Args):
+    """An image file in the daemon's ``state-dir``."""
+
+    file: ImageName
+
+
+class FdTarget(Args):
+    """An fd passed earlier on this connection with ``getfd`` (a regular file)."""
+
+    fd: FdName
+
+
+class RamSaveArgs(Args):
+    target: FileTarget | FdTarget
+    blocks: list[BlockId] | None = Field(None, description="block ids; default all")
+
+
+class RamLoadArgs(Args):
+    source: FileTarget | FdTarget
+
+
+JobId = Annotated[StrictStr, Field(pattern=ID_PATTERN, description="job id")]
+
+
+class JobIdArgs(Args):
+    id: JobId
+
+
 class QueryRamBlocksArgs(Args):
     id: BlockId | None = None
     resident: StrictBool = Field(
@@ -243,6 +280,29 @@ class ReadResult(Result):
 
 class WriteResult(Result):
     written: int
+
+
+class JobStarted(Result):
+    job_id: str
+
+
+JobStatusName = Literal["created", "running", "aborting", "concluded", "null"]
+
+
+class JobInfo(Result):
+    id: str
+    type: Literal["ram-save", "ram-load"]
+    status: JobStatusName
+    current_progress: int = Field(description="bytes done")
+    total_progress: int = Field(description="bytes expected (may change while running)")
+    error: str | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="why the job failed or that it was cancelled; absent on success",
+    )
+
+
+JobInfoList = RootModel[list[JobInfo]]
 
 
 class SubscribeResult(Result):
@@ -421,8 +481,15 @@ class RamBlockRemovedData(Result):
     ack: bool = Field(False, description="this connection maps the block: ram-block-ack it")
 
 
+class JobStatusChangeData(Result):
+    seq: int
+    id: str
+    status: JobStatusName
+
+
 EVENT_MODELS: dict[str, type[Result]] = {
     "RAM_BLOCK_ADDED": RamBlockAddedData,
     "RAM_BLOCK_RESIZED": RamBlockResizedData,
     "RAM_BLOCK_REMOVED": RamBlockRemovedData,
+    "JOB_STATUS_CHANGE": JobStatusChangeData,
 }

@@ -18,8 +18,9 @@ from ramd.api.blockinfo import BlockInfoCache
 from ramd.api.events import Broadcaster, Event, EventSink
 from ramd.api.mappers import Mappers
 from ramd.api.models import EVENT_NAMES
-from ramd.config import Limits
+from ramd.config import DEFAULT_STATE_DIR, Limits
 from ramd.hostlimits import HostLimits
+from ramd.jobs import JobManager
 from ramd.logs import LogBudget
 from ramd.ramblock import RAMBlock, RAMList
 
@@ -37,6 +38,7 @@ class Service:
         limits: Limits | None = None,
         ram: RAMList | None = None,
         host: HostLimits | None = None,
+        state_dir: str = DEFAULT_STATE_DIR,
     ) -> None:
         self.limits = limits or Limits()
         #: The host's memory bounds, checked before a block is added or grown.
@@ -56,6 +58,12 @@ class Service:
         #: and its answer be sent first.
         self.request_shutdown: Callable[[], None] | None = None
         self._workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="ramd-worker")
+        #: Directory of image files, and its fd once opened (at the first save or load of a
+        #: file; see :mod:`ramd.api.snapshots`).
+        self.state_dir = state_dir
+        self.state_dir_fd = -1
+        #: The save and load jobs; created at the first one (it needs the running loop).
+        self.jobs: JobManager | None = None
 
     async def in_worker(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a worker thread and return its result on the loop thread.
@@ -75,6 +83,9 @@ class Service:
         """Free every block (each removal is notified) and forget the sessions."""
         self.ram.close()
         self.sessions.clear()
+        if self.state_dir_fd >= 0:
+            os.close(self.state_dir_fd)
+            self.state_dir_fd = -1
         self._workers.shutdown(wait=False, cancel_futures=True)
 
 

@@ -1,0 +1,377 @@
+"""``ram-save``, ``ram-load`` and the job commands (protocol.md §10), on :mod:`ramd.jobs` and
+:mod:`ramd.snapshot`.
+
+Threads and ownership:
+
+- the handlers run on the loop thread: they resolve the target or source to an fd owned by
+  the job (an image file opened in ``state-dir``, or a ``dup`` of a ``getfd`` fd, so a
+  ``closefd`` meanwhile changes nothing), pin the blocks a save reads, and start the job;
+- the work runs in a job worker thread: it reads or writes block memory only while the block
+  is pinned (commands that would change it answer "busy"); every block creation, resize,
+  commit or abort runs on the loop thread through :meth:`JobContext.run_on_loop`;
+- ``on_finish`` (loop thread) unpins every block the job pinned and closes its fd. A job
+  abandoned at shutdown keeps its pins: :meth:`RAMList.close` leaves pinned blocks mapped.
+
+Load, as QEMU's incoming migration: the whole image is verified first (the library's
+:func:`ramd.snapshot.verify`), then every block of the image is checked against the daemon's
+blocks (``Size mismatch``, ``Size too large``, limits, "busy") before anything changes; only
+then are missing blocks created and resizable ones resized (events as for any add or resize),
+and their contents replaced. Cancel: a load honours ``job-cancel`` until its blocks start to
+change (during verification and checks), and a cancelled load changed nothing; once the first
+block changed, it runs to the end, so a load that concluded without error is complete.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+
+from ramd.api import models as m
+from ramd.api.commands import _check_add_limits, _check_host, _limit, command
+from ramd.api.service import Service, Session
+from ramd.errors import DeviceNotFound, RamdError
+from ramd.jobs import Job, JobContext, JobManager
+from ramd.ramblock import RAMBlock
+from ramd.snapshot import (
+    BlockDescriptor,
+    ImageInfo,
+    atomic_target,
+    load,
+    open_image,
+    open_state_dir,
+    remove_stale_temporaries,
+    verify,
+    write_image,
+)
+from ramd.snapshot.fileio import pread_into, pwrite_all
+
+#: The add-time settings an image records for each block (``BlockDescriptor.settings``).
+SETTINGS = ("hugetlb", "prealloc", "merge", "dump", "hugepages", "lock", "align")
+SAVING = "it is being saved"
+LOADING = "it is being loaded"
+#: Bytes of zeros written per call where a range cannot be discarded (huge or locked pages).
+ZERO_CHUNK = 2 * 1024 * 1024
+
+
+def job_manager(service: Service) -> JobManager:
+    """The service's job manager, created at the first job (loop thread, running loop)."""
+    if service.jobs is None:
+        broadcaster = service.broadcaster
+        service.jobs = JobManager(lambda job: broadcaster.job_status(job.id, job.status))
+    return service.jobs
+
+
+def _state_dir_fd(service: Service) -> int:
+    """The state directory's fd, opened (and cleared of dead writers' temporaries) once."""
+    if service.state_dir_fd < 0:
+        fd = open_state_dir(service.state_dir)
+        try:
+            remove_stale_temporaries(fd)
+        except OSError as e:
+            os.close(fd)
+            raise RamdError(f"Cannot clean the state directory: {e.strerror}") from None
+        service.state_dir_fd = fd
+    return service.state_dir_fd
+
+
+def _session_fd(session: Session, name: str) -> int:
+    """A duplicate of the ``getfd`` fd ``name`` (the job owns it)."""
+    fd = session.fds.get(name)
+    if fd is None:
+        raise RamdError(f"File descriptor named '{name}' not found")
+    return os.dup(fd)
+
+
+def descriptor(block: RAMBlock) -> BlockDescriptor:
+    """What an image records about ``block``."""
+    settings = {name: getattr(block, name) for name in SETTINGS}
+    return BlockDescriptor(
+        block.id,
+        block.size,
+        block.max_size,
+        block.resizable,
+        block.page_size,
+        block.backend,
+        settings,
+    )
+
+
+# -- block memory from a worker thread (the block is pinned) -----------------------------------
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def read_block(block: RAMBlock, offset: int, buf: memoryview) -> None:
+    """Fill ``buf`` from ``block`` at ``offset``: ``pread`` for a shared block (a file shortened
+    by another process is an error, never SIGBUS), the mapping for an anonymous one."""
+    if block.shared:
+        if pread_into(block.fd, buf, offset) != len(buf):
+            raise RamdError(f"Cannot read RAM block '{block.id}': its file was shortened")
+    elif buf:
+        ctypes.memmove(_address(buf), block.host + offset, len(buf))
+
+
+def write_block(block: RAMBlock, offset: int, data: memoryview) -> None:
+    """Store ``data`` at ``offset`` of ``block`` (within its size)."""
+    if not block.shared:
+        ctypes.memmove(block.host + offset, _address(data), len(data))
+        return
+    size = os.fstat(block.fd).st_size
+    if size < offset + len(data):
+        raise RamdError(f"Cannot write RAM block '{block.id}': its file was shortened")
+    if block.hugetlb:
+        block.mem.write(offset, bytes(data))
+    else:
+        pwrite_all(block.fd, data, offset)
+
+
+def zero_block(block: RAMBlock, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` of ``block`` read as zeros: discarded when the range
+    is whole pages of an unlocked block, written with zeros otherwise."""
+    if not block.lock and offset % block.page_size == 0 and length % block.page_size == 0:
+        block.mem.discard(offset, length)
+    elif not block.shared:
+        ctypes.memset(block.host + offset, 0, length)
+    else:
+        zeros = memoryview(bytearray(min(length, ZERO_CHUNK)))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            write_block(block, offset, zeros[:n])
+            offset += n
+
+
+# -- ram-save ----------------------------------------------------------------------------------
+
+
+@command("ram-save", m.RamSaveArgs, m.JobStarted, audit=True)
+def ram_save(session: Session, args: m.RamSaveArgs) -> m.JobStarted:
+    """Start a job that writes an image of the blocks (all, or those listed) to ``target``:
+    a name in ``state-dir`` (written to a temporary name, fsynced, renamed) or a ``getfd``
+    fd. The blocks are pinned while it runs: resize, del, discard and write answer busy."""
+    service = session.service
+    ram = service.ram
+    ids = list(dict.fromkeys(args.blocks)) if args.blocks is not None else [b.id for b in ram]
+    if not ids:
+        raise RamdError("Nothing to save: no RAM block")
+    blocks = [ram.changeable(block_id) for block_id in ids]
+    target = args.target
+    dir_fd = _state_dir_fd(service) if isinstance(target, m.FileTarget) else -1
+    fd = _session_fd(session, target.fd) if isinstance(target, m.FdTarget) else -1
+    descs = [descriptor(b) for b in blocks]
+
+    def read(index: int, offset: int, buf: memoryview) -> None:
+        read_block(blocks[index], offset, buf)
+
+    def work(ctx: JobContext) -> None:
+        if isinstance(target, m.FileTarget):
+            with atomic_target(dir_fd, target.file) as out:
+                write_image(out, descs, read, progress=ctx.advance, cancelled=ctx.cancelled)
+        else:
+            write_image(fd, descs, read, progress=ctx.advance, cancelled=ctx.cancelled)
+            os.fsync(fd)
+
+    def finish(job: Job | None) -> None:
+        for block in blocks:
+            ram.unpin(block)
+        if fd >= 0:
+            os.close(fd)
+
+    for block in blocks:
+        ram.pin(block, SAVING)
+    try:
+        job = job_manager(service).start(
+            "ram-save", work, total=sum(b.size for b in blocks), on_finish=finish
+        )
+    except BaseException:
+        finish(None)
+        raise
+    return m.JobStarted(job_id=job.id)
+
+
+# -- ram-load ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Load:
+    """One load's blocks, in image order, and what it holds (loop thread, except ``targets``,
+    which the worker reads once the blocks are pinned)."""
+
+    service: Service
+    fd: int
+    targets: list[RAMBlock] = field(default_factory=list)
+    created: list[RAMBlock] = field(default_factory=list)  # not yet committed
+    pinned: list[RAMBlock] = field(default_factory=list)
+
+    def check(self, info: ImageInfo) -> None:
+        """Refuse the image if any of its blocks cannot take it; changes nothing."""
+        ram = self.service.ram
+        for image_block in info.blocks:
+            desc = image_block.desc
+            try:
+                block = ram.changeable(desc.id)
+            except DeviceNotFound:
+                _check_add_limits(self.service, _add_args(desc))
+                continue
+            _, new = ram.check_resize(desc.id, desc.size)
+            if new != desc.size:
+                raise RamdError(
+                    f"Cannot load RAM block '{desc.id}': size 0x{desc.size:x} is not a"
+                    f" multiple of its page size 0x{block.page_size:x}"
+                )
+            grow = new - block.size
+            lim = self.service.limits.max_used
+            if lim and grow > 0 and ram.used + grow > lim:
+                raise _limit("max-used", lim, f"{ram.used} used, {grow} more asked")
+            _check_host(self.service, grow, touch=block.lock, lock=block.lock)
+            mappers = len(self.service.mappers.of(block))
+            if grow < 0 and mappers:
+                raise RamdError(
+                    f"Cannot load RAM block '{desc.id}': it would shrink while {mappers}"
+                    " mapper(s) hold it"
+                )
+
+    def prepare(self, info: ImageInfo) -> None:
+        """Check again (the loop ran other commands since), then resize present blocks and
+        pin them, and create missing ones (uncommitted: invisible and "busy" until
+        :meth:`commit`). A failure here (the kernel refusing memory) leaves the blocks
+        already resized as they are; the created ones are aborted by :meth:`release`."""
+        self.check(info)
+        ram = self.service.ram
+        for image_block in info.blocks:
+            desc = image_block.desc
+            if desc.id in ram:
+                block = ram.resize(desc.id, desc.size)
+                ram.pin(block, LOADING)
+                self.pinned.append(block)
+            else:
+                args = _add_args(desc)
+                _check_add_limits(self.service, args)
+                block = ram.create(
+                    args.id,
+                    args.size,
+                    args.max_size,
+                    backend=args.backend,
+                    hugetlb=args.hugetlb,
+                    prealloc=args.prealloc,
+                    merge=args.merge,
+                    dump=args.dump,
+                    hugepages=args.hugepages,
+                    lock=args.lock,
+                    align=args.align,
+                )
+                self.created.append(block)
+            self.targets.append(block)
+
+    def commit(self) -> None:
+        """Make the created blocks visible (``RAM_BLOCK_ADDED``), pinned for the load."""
+        ram = self.service.ram
+        while self.created:
+            block = self.created.pop(0)
+            ram.commit(block)
+            ram.pin(block, LOADING)
+            self.pinned.append(block)
+
+    def release(self, job: Job) -> None:
+        """``on_finish``: abort blocks created and never committed, unpin, close the fd."""
+        ram = self.service.ram
+        for block in self.created:
+            ram.abort(block)
+        self.created.clear()
+        for block in self.pinned:
+            ram.unpin(block)
+        self.pinned.clear()
+        os.close(self.fd)
+
+
+def _add_args(desc: BlockDescriptor) -> m.RamBlockAddArgs:
+    """The ``ram-block-add`` arguments that re-create an image's block."""
+    params: dict[str, object] = {"id": desc.id, "size": desc.size, "backend": desc.backend}
+    if desc.resizable:
+        params["max-size"] = desc.max_size
+    for name in SETTINGS:
+        value = desc.settings.get(name)
+        if value is not None:
+            params[name] = value
+    try:
+        return m.RamBlockAddArgs.model_validate(params)
+    except ValueError:
+        raise RamdError(f"Bad image: block '{desc.id}' has invalid settings") from None
+
+
+@command("ram-load", m.RamLoadArgs, m.JobStarted, audit=True)
+def ram_load(session: Session, args: m.RamLoadArgs) -> m.JobStarted:
+    """Start a job that loads an image, as QEMU's incoming migration: the whole image is
+    verified and checked first, and nothing changes if that fails; then missing blocks are
+    created, resizable ones resized to the image's size, and their contents replaced."""
+    service = session.service
+    source = args.source
+    if isinstance(source, m.FileTarget):
+        fd = open_image(_state_dir_fd(service), source.file)
+    else:
+        fd = _session_fd(session, source.fd)
+    state = _Load(service, fd)
+
+    def write(index: int, offset: int, data: memoryview) -> None:
+        write_block(state.targets[index], offset, data)
+
+    def zero(index: int, offset: int, length: int) -> None:
+        zero_block(state.targets[index], offset, length)
+
+    def work(ctx: JobContext) -> None:
+        ctx.set_total(2 * os.fstat(fd).st_size)
+        info = verify(fd, progress=ctx.advance, cancelled=ctx.cancelled)
+        ctx.set_total(2 * info.data_bytes)
+        ctx.check_cancelled()
+        ctx.run_on_loop(lambda: state.prepare(info))
+        for block in list(state.created):
+            service.ram.fill(block)  # lock and preallocate as asked, still invisible
+        ctx.run_on_loop(state.commit)
+        load(fd, info, write, zero, progress=ctx.advance)
+
+    try:
+        job = job_manager(service).start("ram-load", work, on_finish=state.release)
+    except BaseException:
+        os.close(fd)
+        raise
+    return m.JobStarted(job_id=job.id)
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+
+def _job_info(info: object) -> m.JobInfo:
+    return m.JobInfo.model_validate(info, from_attributes=True)
+
+
+@command("query-jobs", m.NoArgs, m.JobInfoList, readonly=True)
+def query_jobs(session: Session, args: m.NoArgs) -> m.JobInfoList:
+    """Every job not dismissed, in creation order, with its byte progress and, once it
+    failed or was cancelled, its error."""
+    jobs = session.service.jobs
+    return m.JobInfoList([_job_info(i) for i in jobs.query()] if jobs is not None else [])
+
+
+def _manager(session: Session) -> JobManager:
+    jobs = session.service.jobs
+    if jobs is None:
+        raise RamdError("Job not found")
+    return jobs
+
+
+@command("job-cancel", m.JobIdArgs, m.Empty, audit=True)
+def job_cancel(session: Session, args: m.JobIdArgs) -> m.Empty:
+    """Ask a job to stop: a save removes its file; a load stops only before its first block
+    changed (then nothing changed), else it completes."""
+    _manager(session).cancel(args.id)
+    return m.Empty()
+
+
+@command("job-dismiss", m.JobIdArgs, m.Empty, audit=True)
+def job_dismiss(session: Session, args: m.JobIdArgs) -> m.Empty:
+    """Forget a concluded job (it goes to status null and leaves ``query-jobs``)."""
+    _manager(session).dismiss(args.id)
+    return m.Empty()
