@@ -25,10 +25,12 @@ class Daemon:
         qmp: bool = False,
         wrap: Sequence[str] = (),
         socket_path: Path | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         """``wrap``: a command that execs the daemon's command line given after it (setpriv,
         prlimit, ...); the daemon keeps its pid. ``socket_path``: where the JSON-RPC socket
-        goes, instead of ``tmp/ramd.sock`` (the log and config stay in ``tmp``)."""
+        goes, instead of ``tmp/ramd.sock`` (the log and config stay in ``tmp``). ``pass_fds``:
+        fds the daemon (or ``wrap``) inherits."""
         self.dir = tmp
         self.path = socket_path or tmp / "ramd.sock"
         self.qmp_path: Path | None = tmp / "qmp.sock" if qmp else None
@@ -42,7 +44,9 @@ class Daemon:
             cmd += ["--config", str(cfg)]
         cmd += list(args)
         self._logf = open(self.log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([*wrap, *cmd], stdout=self._logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*wrap, *cmd], stdout=self._logf, stderr=subprocess.STDOUT, pass_fds=pass_fds
+        )
         self.pid = self.proc.pid
         self._wait_ready()
 
