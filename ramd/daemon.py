@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from ramd import heap, systemd
+from ramd import adoption, fdstore, heap, systemd
 from ramd.api import dispatch
 from ramd.api.outcome import BadArguments, Failed, Internal, Pending
 from ramd.api.service import Service, Session
@@ -36,12 +36,16 @@ class _NoSink:
         return None
 
 
-async def create_config_blocks(service: Service, config: Config) -> None:
-    """Create every ``[[block]]`` through the ``ram-block-add`` command; ConfigError on the
-    first failure, naming the block."""
+async def create_config_blocks(
+    service: Service, config: Config, kept: frozenset[str] = frozenset()
+) -> None:
+    """Create every ``[[block]]`` but those ``kept`` (adopted) through the ``ram-block-add``
+    command; ConfigError on the first failure, naming the block."""
     session = Session(service, _NoSink())
     try:
         for i, block in enumerate(config.block):
+            if block.id in kept:
+                continue
             params = block.model_dump(by_alias=True, exclude_none=True)
             outcome = dispatch.call(session, "ram-block-add", params)
             if isinstance(outcome, Pending):
@@ -56,10 +60,11 @@ async def create_config_blocks(service: Service, config: Config) -> None:
         session.close()
 
 
-def listeners_for(config: Config) -> list[Listener]:
-    """Inherited sockets (systemd) first; bind paths for dialects that got none."""
+def listeners_for(config: Config, passed: list[tuple[int, str]]) -> list[Listener]:
+    """Inherited sockets (systemd's ``passed`` fds) first; bind paths for dialects that
+    got none."""
     out: list[Listener] = []
-    for fd, name in systemd.listen_fds():
+    for fd, name in passed:
         out.append(Listener("qmp" if name == "qmp" else "jsonrpc", fd=fd))
     have = {lst.dialect for lst in out}
     if "jsonrpc" not in have:
@@ -95,8 +100,13 @@ async def serve(
     server: Server | None = None
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
-        await create_config_blocks(service, config)
-        server = Server(service, config, listeners_for(config), DIALECTS)
+        passed = systemd.listen_fds()
+        adoption.adopt_memory_dir(service.ram)
+        fdstore.adopt_stored(service.ram, [p for p in passed if fdstore.is_block_name(p[1])])
+        kept = adoption.kept_config_blocks(service.ram, config.block)
+        await create_config_blocks(service, config, kept)
+        sockets = [p for p in passed if not fdstore.is_block_name(p[1])]
+        server = Server(service, config, listeners_for(config, sockets), DIALECTS)
         await server.start()
         systemd.notify(f"READY=1\nSTATUS=serving {len(service.ram)} RAM blocks")
         log.info(

@@ -30,6 +30,7 @@ import errno
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, TypedDict, Unpack
@@ -37,6 +38,8 @@ from typing import Literal, TypedDict, Unpack
 from ramd.errors import DeviceNotFound, RamdError
 from ramd.hostmem import libc, linux
 from ramd.hostmem.backend import AnonymousMemory, BackingTruncated, HostMemory
+from ramd.hostmem.blockmeta import BlockMeta
+from ramd.hostmem.dirlock import lock_memory_dir
 from ramd.hostmem.mmap_alloc import mmap_pagesize
 from ramd.hostmem.shared import FileMemory, MemfdMemory, open_memory_dir
 from ramd.ids import ID_PATTERN
@@ -151,6 +154,7 @@ class RAMList:
         #: Directory of ``file`` blocks; opened (created 0700) at the first ``file`` block.
         self.memory_dir = os.fspath(memory_dir)
         self._memory_dir_fd = -1
+        self._memory_dir_lock = -1
         self._blocks: dict[str, RAMBlock] = {}
         self._pending: dict[str, RAMBlock] = {}
         self._space = RamAddrSpace()
@@ -248,8 +252,13 @@ class RAMList:
         hugepages: bool = False,
         lock: bool = False,
         align: int | None = None,
+        memory: HostMemory | None = None,
     ) -> RAMBlock:
         """Validate, map and configure a block, reserving its id; not yet visible.
+
+        ``memory``: an opened backend holding an earlier daemon's block, adopted with its
+        contents (:meth:`adopt`), instead of new memory of kind ``backend``. A ``file``
+        block's metadata is written (:mod:`ramd.hostmem.blockmeta`) before this returns.
 
         ``backend`` chooses the memory (``memfd`` and ``file`` are shared; ``hugetlb`` asks
         for huge pages: ``MFD_HUGETLB``, or a hugetlbfs ``memory_dir``). ``merge`` and
@@ -267,7 +276,7 @@ class RAMList:
             raise RamdError(f"RAM block '{block_id}' already exists")
         if size <= 0:
             raise RamdError(f"Invalid size: {block_id}: 0x{size:x}: Invalid argument")
-        mem = self._new_memory(block_id, backend, hugetlb)
+        mem = memory if memory is not None else self._new_memory(block_id, backend, hugetlb)
         try:
             for name, value in (("merge", merge), ("hugepages", hugepages)):
                 if value and not mem.private:
@@ -288,8 +297,10 @@ class RAMList:
                 lock=lock,
             )
             self._advise(block, 0, block.size)
+            if isinstance(mem, FileMemory):
+                _keep_meta(mem, block)
         except BaseException:
-            _free_memory(mem, block_id, delete=True)
+            _free_memory(mem, block_id, delete=memory is None)
             raise
         block.offset = self._space.alloc(block.max_size)
         self._pending[block_id] = block
@@ -329,15 +340,51 @@ class RAMList:
         return AnonymousMemory()
 
     def _open_memory_dir(self) -> int:
+        try:
+            return self.open_memory_dir()
+        except OSError as e:
+            raise RamdError(
+                f"Cannot use memory-dir '{self.memory_dir}': {e.strerror or e}", errno=e.errno
+            ) from None
+
+    def open_memory_dir(self) -> int:
+        """The fd of ``memory-dir``, opened (created 0700) and locked on first use
+        (:mod:`ramd.hostmem.dirlock`: ``MemoryDirInUse`` names the pid of another daemon
+        holding it). Both fds are kept until :meth:`close`."""
         if self._memory_dir_fd < 0:
+            fd = open_memory_dir(self.memory_dir)
             try:
-                self._memory_dir_fd = open_memory_dir(self.memory_dir)
-            except OSError as e:
-                raise RamdError(
-                    f"Cannot use memory-dir '{self.memory_dir}': {e.strerror or e}",
-                    errno=e.errno,
-                ) from None
+                self._memory_dir_lock = lock_memory_dir(fd, self.memory_dir)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._memory_dir_fd = fd
         return self._memory_dir_fd
+
+    def adopt(self, mem: HostMemory, meta: BlockMeta) -> RAMBlock:
+        """Map and commit a block an earlier daemon left (``mem`` opened on its file or
+        memfd, taken over: freed on failure, never deleted), with its size, settings and
+        contents; ``added`` is notified as for any new block. Raises :class:`RamdError`."""
+        try:
+            block = self.create(
+                meta.id,
+                meta.size,
+                meta.max_size if meta.resizable else None,
+                backend="file" if mem.persistent else "memfd",
+                memory=mem,
+                **meta.settings,
+            )
+        except BaseException:
+            mem.free()  # a no-op when create freed it already
+            raise
+        try:
+            self.fill(block)
+        except BaseException:
+            self._pending.pop(block.id)
+            self._release(block, delete=False)
+            raise
+        self.commit(block)
+        return block
 
     def _map(
         self,
@@ -575,7 +622,8 @@ class RAMList:
             self._release(block, delete=False)
         if self._memory_dir_fd >= 0:
             os.close(self._memory_dir_fd)
-            self._memory_dir_fd = -1
+            os.close(self._memory_dir_lock)
+            self._memory_dir_fd = self._memory_dir_lock = -1
 
     # -- settings --------------------------------------------------------------------------
 
@@ -688,6 +736,33 @@ def _free_memory(mem: HostMemory, block_id: str, *, delete: bool) -> None:
         except OSError as e:
             log.warning("RAM block '%s': cannot remove %s: %s", block_id, mem.path, e)
     mem.free()
+
+
+def _keep_meta(mem: FileMemory, block: RAMBlock) -> None:
+    """Write a new (or adopted) file block's metadata; ``created`` survives adoption."""
+    if block.hugetlb:
+        # hugetlbfs files cannot be written: no metadata, so no adoption after a restart
+        log.warning(
+            "RAM block '%s': no metadata on hugetlbfs: not adopted after a restart", block.id
+        )
+        return
+    settings = {
+        "prealloc": block.prealloc,
+        "dump": block.dump,
+        "lock": block.lock,
+        "hugetlb": block.hugetlb,
+    }
+    created = mem.meta.created if mem.meta is not None else time.time_ns()
+    meta = BlockMeta(
+        block.id, block.size, block.max_size, block.resizable, block.page_size, settings, created
+    )
+    try:
+        mem.keep(meta)
+    except OSError as e:
+        raise RamdError(
+            f"Cannot create RAM block '{block.id}': cannot write its metadata: {_strerror(e)}",
+            errno=e.errno,
+        ) from None
 
 
 def _truncated(what: str, block: RAMBlock, e: BackingTruncated) -> str:

@@ -18,9 +18,11 @@ hold no state; they are meant to be called from the main thread at start-up (``l
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
+from collections.abc import Sequence
 
 __all__ = ["SD_LISTEN_FDS_START", "listen_fds", "notify", "watchdog_interval"]
 
@@ -35,7 +37,7 @@ _NOTIFY_TIMEOUT = 2.0
 _LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
-def notify(message: str) -> bool:
+def notify(message: str, fds: Sequence[int] = ()) -> bool:
     """Send ``message`` to the service manager; return whether it was sent.
 
     Returns ``False`` without doing anything when ``$NOTIFY_SOCKET`` is unset or empty (not
@@ -44,6 +46,8 @@ def notify(message: str) -> bool:
     logged at debug level and returns ``False``; it never raises. Each call uses its own
     short-lived socket, so it is safe from any thread; it blocks at most
     ``_NOTIFY_TIMEOUT`` seconds.
+
+    ``fds`` go with the message as ``SCM_RIGHTS`` (``FDSTORE=1``); the caller keeps them.
 
     Raises :class:`ValueError` only for a caller bug: an empty ``message``.
     """
@@ -61,7 +65,15 @@ def notify(message: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(_NOTIFY_TIMEOUT)
-            sock.sendto(message.encode(), address)
+            if fds:
+                sock.sendmsg(
+                    [message.encode()],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                    0,
+                    address,
+                )
+            else:
+                sock.sendto(message.encode(), address)
     except OSError as exc:
         logger.debug("sd_notify %r to %r failed: %s", message, address, exc)
         return False

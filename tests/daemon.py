@@ -25,10 +25,12 @@ class Daemon:
         qmp: bool = False,
         wrap: Sequence[str] = (),
         socket_path: Path | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         """``wrap``: a command that execs the daemon's command line given after it (setpriv,
         prlimit, ...); the daemon keeps its pid. ``socket_path``: where the JSON-RPC socket
-        goes, instead of ``tmp/ramd.sock`` (the log and config stay in ``tmp``)."""
+        goes, instead of ``tmp/ramd.sock`` (the log and config stay in ``tmp``). ``pass_fds``:
+        fds the daemon (or ``wrap``) inherits."""
         self.dir = tmp
         self.path = socket_path or tmp / "ramd.sock"
         self.qmp_path: Path | None = tmp / "qmp.sock" if qmp else None
@@ -45,7 +47,11 @@ class Daemon:
         # Images go to the test's directory unless its config names a state-dir.
         env = {**os.environ, "STATE_DIRECTORY": str(tmp / "state")}
         self.proc = subprocess.Popen(
-            [*wrap, *cmd], stdout=self._logf, stderr=subprocess.STDOUT, env=env
+            [*wrap, *cmd],
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=pass_fds,
         )
         self.pid = self.proc.pid
         self._wait_ready()

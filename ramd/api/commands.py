@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 import ramd
+from ramd import fdstore
 from ramd.api import hmp, release
 from ramd.api import models as m
 from ramd.api.blockinfo import json_list, with_resident
@@ -181,6 +182,7 @@ def ram_block_add(session: Session, args: m.RamBlockAddArgs) -> Raw | Awaitable[
         ram.abort(block)
         raise
     ram.commit(block)
+    fdstore.push(block)
     return block_info(session, block)
 
 
@@ -197,6 +199,7 @@ async def _fill_and_commit(session: Session, block: RAMBlock) -> Raw:
         ram.abort(block)
         raise
     ram.commit(block)
+    fdstore.push(block)
     return block_info(session, block)
 
 
@@ -206,13 +209,15 @@ def ram_block_del(session: Session, args: m.RamBlockDelArgs) -> m.Empty | Awaita
     ram = session.service.ram
     block = ram.changeable(args.id)
     if session.service.mappers.of(block):
-        return _empty_after(release.remove(session, block, args.mode))
+        return _forget_after(block, release.remove(session, block, args.mode))
     ram.remove(args.id)
+    fdstore.forget(block)
     return m.Empty()
 
 
-async def _empty_after(pending: Awaitable[None]) -> m.Empty:
+async def _forget_after(block: RAMBlock, pending: Awaitable[None]) -> m.Empty:
     await pending
+    fdstore.forget(block)
     return m.Empty()
 
 

@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 
 from ramd.hostmem import linux
 from ramd.hostmem.backend import BackingTruncated, HostMemory
+from ramd.hostmem.blockmeta import BlockMeta, remove_meta, write_meta
 from ramd.hostmem.mmap_alloc import mmap_populate, mmap_reserve
+
+log = logging.getLogger(__name__)
 
 
 class FdMemory(HostMemory):
@@ -42,7 +46,16 @@ class FdMemory(HostMemory):
     shared = True
     private = False
 
+    #: Length of the file when it was adopted with its contents (an existing file, or an fd
+    #: passed back from the fd store), until the first :meth:`populate` maps it; else -1.
+    adopted_length = -1
+
     def populate(self, start: int, end: int) -> None:
+        if start == 0 and end == self.adopted_length:
+            # an adopted file: map its contents as they are (no truncate, no fallocate)
+            self.adopted_length = -1
+            mmap_populate(self.host, end, self.fd, 0)
+            return
         length = end - start
         if not self.hugetlb and length > linux.mem_available():
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
@@ -103,10 +116,15 @@ class MemfdMemory(FdMemory):
     kind = "memfd"
     persistent = False
 
-    def __init__(self, name: str, *, hugetlb: bool = False) -> None:
-        fd = linux.memfd_create(name, hugetlb=hugetlb)
+    def __init__(self, name: str, *, hugetlb: bool = False, fd: int = -1) -> None:
+        """A new memfd named ``name``; or, with ``fd`` (taken over: closed on failure too),
+        an existing one whose contents the block adopts (its length is its size)."""
+        if fd < 0:
+            fd = linux.memfd_create(name, hugetlb=hugetlb)
         try:
             super().__init__(fd)
+            if hugetlb != self.hugetlb:
+                raise OSError(errno.EINVAL, "hugetlb does not match the memfd")
         except BaseException:
             os.close(fd)
             raise
@@ -115,28 +133,77 @@ class MemfdMemory(FdMemory):
 class FileMemory(FdMemory):
     """A file named ``name`` in a memory directory (tmpfs, or hugetlbfs for huge pages).
 
-    The file is created here (``O_EXCL``: an existing file is never adopted or truncated)
-    and outlives the process unless :meth:`unlink` removes it.
+    The file is created here (``O_EXCL``: an existing file is never truncated) and outlives
+    the process unless :meth:`unlink` removes it; or, with ``existing``, a file left by an
+    earlier daemon is opened to be adopted with its contents (:attr:`adopted_length`).
+
+    Once :meth:`keep` gave it its metadata, every size change rewrites ``name.meta`` in the
+    order of :mod:`.blockmeta` (the metadata's size never exceeds the file's length).
     """
 
     kind = "file"
     persistent = True
 
-    def __init__(self, dir_fd: int, dir_path: str, name: str) -> None:
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    def __init__(self, dir_fd: int, dir_path: str, name: str, *, existing: bool = False) -> None:
+        if existing:
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(name, flags, dir_fd=dir_fd)
+        else:
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
         self._dir_fd = os.dup(dir_fd)
         self._name = name
+        self.meta: BlockMeta | None = None
         try:
+            if existing:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                self.adopted_length = st.st_size
             super().__init__(fd, os.path.join(dir_path, name))
         except BaseException:
-            self.unlink()
+            if existing:
+                os.close(self._dir_fd)
+                self._dir_fd = -1
+            else:
+                self.unlink()
             os.close(fd)
             raise
 
+    def keep(self, meta: BlockMeta) -> None:
+        """Write the block's metadata beside its file (``OSError``: nothing written) and
+        keep it current from now on."""
+        write_meta(self._dir_fd, meta)
+        self.meta = meta
+
+    def populate(self, start: int, end: int) -> None:
+        super().populate(start, end)
+        if self.meta is None:
+            return
+        try:
+            self.keep(self.meta.with_size(end))
+        except OSError:
+            mmap_reserve(self.host + start, end - start)
+            os.ftruncate(self.fd, start)
+            raise
+
+    def release(self, start: int, end: int) -> None:
+        if self.meta is not None:
+            try:
+                self.keep(self.meta.with_size(start))
+            except OSError as e:
+                # The file keeps its length, so the metadata (the old size) still fits it.
+                log.warning("%s: metadata not updated, file not shortened: %s", self.path, e)
+                mmap_reserve(self.host + start, end - start)
+                return
+        super().release(start, end)
+
     def unlink(self) -> None:
+        """Remove the file, then its metadata (a crash between leaves metadata without a
+        file: logged at the next start, and replaced by the next block of that name)."""
         if self._dir_fd >= 0:
             os.unlink(self._name, dir_fd=self._dir_fd)
+            remove_meta(self._dir_fd, self._name)
             os.close(self._dir_fd)
             self._dir_fd = -1
 
