@@ -263,8 +263,9 @@ def test_getfd_and_closefd_never_leak_fds(shared: Daemon) -> None:
         finally:
             os.close(r)
             os.close(w)
+    # (the start-up probe's connection may still have been open when the baseline was taken)
     deadline = time.monotonic() + 5
-    while shared.fd_count() != baseline:
+    while shared.fd_count() > baseline:
         assert time.monotonic() < deadline, (shared.fd_count(), baseline)
         time.sleep(0.02)
 
