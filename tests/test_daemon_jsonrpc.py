@@ -266,7 +266,9 @@ def test_query_version_commands_schema_stats(rpc: Raw) -> None:
     }  # fmt: skip
     schema = rpc.call("query-schema")
     assert set(schema["commands"]) == names
-    assert set(schema["events"]) == {"RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED"}
+    assert set(schema["events"]) == {
+        "RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED", "JOB_STATUS_CHANGE",
+    }  # fmt: skip
     rpc.call("ram-block-add", id="a", size=MiB, **{"max-size": GiB})
     rpc.call("ram-block-write", id="a", offset=0, data=base64.b64encode(b"x").decode())
     stats = rpc.call("query-stats")

@@ -71,7 +71,12 @@ def test_own_events_come_before_the_response(daemon: Daemon) -> None:
         rpc.call("ram-block-add", id="a", size=PAGE, **{"max-size": MiB})
         assert rpc.call("subscribe", replay=False) == {
             "seq": 1,
-            "events": ["RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED"],
+            "events": [
+                "RAM_BLOCK_ADDED",
+                "RAM_BLOCK_RESIZED",
+                "RAM_BLOCK_REMOVED",
+                "JOB_STATUS_CHANGE",
+            ],
         }
         rpc.send(_req("ram-block-resize", 7, id="a", size=2 * PAGE))
         first, second = rpc.line(), rpc.line()

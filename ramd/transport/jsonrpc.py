@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from typing import Any
 
 from ramd.api import dispatch
@@ -29,16 +28,10 @@ from ramd.api.outcome import BadArguments, Done, Failed, Internal, NotFound, Out
 from ramd.api.service import Session
 from ramd.transport import jsontext
 from ramd.transport.dialect import Plan, Reply
+from ramd.transport.jsonrpc_core import NOID, Request, Success
+from ramd.transport.jsonrpc_core import call as jsonrpc_call
 from ramd.transport.output import close_fds
 from ramd.transport.splitter import SplitError
-
-with warnings.catch_warnings():
-    # jsonrpcserver 5.0.9 reads its bundled schema with a deprecated importlib API.
-    warnings.filterwarnings("ignore", category=DeprecationWarning, message="read_text")
-    from jsonrpcserver import Success
-    from jsonrpcserver.dispatcher import call as jsonrpc_call
-    from jsonrpcserver.request import Request
-    from jsonrpcserver.sentinels import NOID
 
 log = logging.getLogger(__name__)
 
