@@ -216,8 +216,8 @@ class AsyncSharedBlock:
 
     ``await AsyncSharedBlock.open(path, id)``; events are handled as they arrive (a reader
     on the connection's socket, on the loop thread) and then passed to ``on_event``; a
-    failure while following (the connection lost) stops following and is kept in
-    :attr:`error`. ``await block.close()``. Loop thread only.
+    failure while following (the connection lost) stops following, is kept in
+    :attr:`error` and sets :attr:`failed`. ``await block.close()``. Loop thread only.
     """
 
     def __init__(
@@ -226,6 +226,7 @@ class AsyncSharedBlock:
         self.block = block
         self.on_event = on_event
         self.error: BaseException | None = None
+        self.failed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(block.conn.fileno(), self._readable)
         self._following = True
@@ -257,6 +258,7 @@ class AsyncSharedBlock:
         except (RamdClientError, OSError) as e:
             self.error = e
             self._stop()
+            self.failed.set()
             return
         if self.on_event is not None:
             for event in events:
