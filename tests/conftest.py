@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,3 +31,16 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 def daemon(request: pytest.FixtureRequest, start_daemon: Callable[..., Daemon]) -> Daemon:
     """A daemon with the embedded defaults, on each event loop implementation."""
     return start_daemon("", "--event-loop", request.param)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def shared_daemon(
+    request: pytest.FixtureRequest, start_daemon: Callable[..., Daemon]
+) -> Iterator[Daemon]:
+    """:func:`daemon` with a ``memory-dir`` of its own on tmpfs (``file`` blocks), removed
+    with its files after."""
+    parent = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm"))
+    try:
+        yield start_daemon(f'memory-dir = "{parent}/mem"\n', "--event-loop", request.param)
+    finally:
+        shutil.rmtree(parent)

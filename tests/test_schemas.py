@@ -89,7 +89,10 @@ async def test_every_request_of_the_client_validates(daemon: Daemon) -> None:
         assert {i["name"] for i in await c.query_qmp_schema()} >= set(COMMANDS)
         await c.quit()  # last: the daemon shuts down once it has answered
     requests = wire.requests()
-    # fd passing needs a socket of its own (SCM_RIGHTS): tests/test_shared_fds.py covers it.
+    # fd passing needs a socket of its own (SCM_RIGHTS): ramd_client.shared sends
+    # ram-block-get-fd/-put-fd/-ack, validated by tests/test_shared_client.py
+    # (test_every_request_of_the_shared_client_validates); getfd/closefd are sent raw by
+    # tests/test_shared_fds.py (no client sends them).
     assert {method for method, _ in requests} == set(COMMANDS) - FD_COMMANDS
     for method, params in requests:
         errors = [e.message for e in arguments_validator(method).iter_errors(params)]

@@ -203,12 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt:
-        return EXIT_OK if args.command == "watch" else 130
+        return EXIT_OK if args.command in ("watch", "map") else 130
     except BrokenPipeError:
         # The reader of stdout went away (``ramctl watch | head``): stop quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK if args.command == "watch" else EXIT_FAILED
+        return EXIT_OK if args.command in ("watch", "map") else EXIT_FAILED
 
 
 if __name__ == "__main__":

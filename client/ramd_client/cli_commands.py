@@ -38,6 +38,7 @@ from ramd_client.cli_output import (
 )
 from ramd_client.cli_progress import WITH_TOTAL as _BAR_WITH_TOTAL
 from ramd_client.cli_progress import progress_bar
+from ramd_client.cli_shared import CHUNK, cmd_map, read_mapped, write_mapped
 from ramd_client.client import AsyncClient
 from ramd_client.error import ConnectionLost, EventOverflow, RamdError
 from ramd_client.events import Event, EventStream
@@ -63,6 +64,8 @@ async def cmd_add(client: AsyncClient, args: argparse.Namespace) -> int:
         args.id,
         args.size,
         max_size=args.max_size,
+        backend=args.backend,
+        hugetlb=args.hugetlb,
         prealloc=args.prealloc,
         merge=args.merge,
         dump=not args.no_dump,
@@ -173,7 +176,7 @@ async def cmd_read(client: AsyncClient, args: argparse.Namespace) -> int:
             f"Range out of bounds: {args.id}: {asked} exceeds size {block.size:#x}",
             "GenericError",
         )
-    chunk = await transfer_chunk(client)
+    chunk = CHUNK if block.shared else await transfer_chunk(client)
     with contextlib.ExitStack() as stack:
         out = (
             stack.enter_context(_replacing(args.output))
@@ -182,9 +185,14 @@ async def cmd_read(client: AsyncClient, args: argparse.Namespace) -> int:
         )
         bar = stack.enter_context(progress_bar(args.length, f"read {args.id}"))
         try:
-            async for data in read_range(client, args.id, args.offset, args.length, chunk=chunk):
-                out.write(data)
-                bar.update(len(data))
+            if block.shared:
+                await read_mapped(client.path, args, out, bar.update)
+            else:
+                async for data in read_range(
+                    client, args.id, args.offset, args.length, chunk=chunk
+                ):
+                    out.write(data)
+                    bar.update(len(data))
         except RamdError as e:  # the block changed meanwhile: name the range asked for
             e.add_note(f"while reading {asked} of {args.id}")
             raise
@@ -215,18 +223,24 @@ def _remaining(f: IO[bytes]) -> int | None:
 
 
 async def cmd_write(client: AsyncClient, args: argparse.Namespace) -> int:
-    chunk = await transfer_chunk(client)
+    (block,) = await client.query_ram_blocks(args.id)
+    chunk = CHUNK if block.shared else await transfer_chunk(client)
     src = _open(args.input, "rb") if args.input is not None else sys.stdin.buffer
     try:
         with progress_bar(_remaining(src), f"write {args.id}") as bar:
-            written = await write_range(
-                client,
-                args.id,
-                args.offset,
-                _file_chunks(src, chunk),
-                chunk=chunk,
-                progress=bar.update,
-            )
+            if block.shared:
+                written = await write_mapped(
+                    client.path, args, _file_chunks(src, chunk), bar.update
+                )
+            else:
+                written = await write_range(
+                    client,
+                    args.id,
+                    args.offset,
+                    _file_chunks(src, chunk),
+                    chunk=chunk,
+                    progress=bar.update,
+                )
     finally:
         if src is not sys.stdin.buffer:
             src.close()
@@ -456,6 +470,7 @@ COMMANDS: dict[str, Handler] = {
     "list": cmd_list,
     "info": cmd_info,
     "read": cmd_read,
+    "map": cmd_map,
     "write": cmd_write,
     "discard": cmd_discard,
     "watch": cmd_watch,

@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     block_id(p, "the new block's id (letters, digits, '-', '.', '_')")
     p.add_argument("size", metavar="SIZE", type=size_arg, help="its size in bytes (used part)")
     p.add_argument("--max-size", metavar="S", type=size_arg, help="make it resizable up to S")
+    p.add_argument(
+        "--backend",
+        choices=("anonymous", "memfd", "file"),
+        default="anonymous",
+        help="its memory: private (anonymous, the default), or shared with other processes "
+        "through an fd (memfd; file: a file in the daemon's memory-dir)",
+    )
+    p.add_argument("--hugetlb", action="store_true", help="huge pages from hugetlbfs (shared)")
     p.add_argument("--prealloc", action="store_true", help="fault every page in now")
     p.add_argument("--merge", action="store_true", help="allow KSM merging")
     p.add_argument("--no-dump", action="store_true", help="exclude from core dumps")
@@ -184,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("info", "show one RAM block")
     block_id(p)
 
-    p = command("read", "copy a range of a block to stdout or a file")
+    p = command("read", "copy a range of a block to stdout or a file (through a mapping if shared)")
     block_id(p)
     p.add_argument("offset", metavar="OFFSET", type=size_arg, help="first byte to read")
     p.add_argument("length", metavar="LENGTH", type=size_arg, help="bytes to read")
@@ -195,7 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="write to FILE, not stdout (replaced only once the whole range is read)",
     )
 
-    p = command("write", "copy stdin or a file into a block at OFFSET")
+    p = command("map", "map a shared block and follow its events, until interrupted")
+    block_id(p)
+    p.add_argument("--readonly", action="store_true", help="ask for a read-only fd")
+
+    p = command(
+        "write", "copy stdin or a file into a block at OFFSET (through a mapping if shared)"
+    )
     block_id(p)
     p.add_argument("offset", metavar="OFFSET", type=size_arg, help="where the data goes")
     p.add_argument("-i", "--input", metavar="FILE", help="read FILE, not stdin")

@@ -128,14 +128,19 @@ class AsyncClient(JsonRpcProtocol):
         hugepages: bool = False,
         lock: bool = False,
         align: int | None = None,
+        backend: str = "anonymous",
+        hugetlb: bool = False,
     ) -> m.RamBlockInfo:
         """``ram-block-add``: create block ``id`` of ``size`` bytes; resizable up to
-        ``max_size`` when given. Returns the new block."""
+        ``max_size`` when given; ``backend`` ``"memfd"`` or ``"file"`` makes it shared
+        (mappable by other processes, see :mod:`ramd_client.shared`). Returns the new block."""
         params = wire_params(
             m.RamBlockAddArgs,
             id=id,
             size=size,
             max_size=max_size,
+            backend=backend,
+            hugetlb=hugetlb,
             prealloc=prealloc,
             merge=merge,
             dump=dump,

@@ -151,10 +151,12 @@ class Client:
         hugepages: bool = False,
         lock: bool = False,
         align: int | None = None,
+        backend: str = "anonymous",
+        hugetlb: bool = False,
     ) -> m.RamBlockInfo:
         return self._call(
             self._client.ram_block_add(
-                id, size, max_size, prealloc, merge, dump, hugepages, lock, align
+                id, size, max_size, prealloc, merge, dump, hugepages, lock, align, backend, hugetlb
             )
         )
 
