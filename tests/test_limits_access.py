@@ -8,6 +8,7 @@ import select
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,19 @@ def test_socket_unavailable_to_others_by_default(daemon: Daemon) -> None:
     assert stat.S_IMODE(os.stat(daemon.path).st_mode) == 0o600
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(daemon.path))
+
+
+def test_idle_connections_are_closed_and_subscribers_are_not(start_daemon: Any) -> None:
+    d = start_daemon("[limits]\nidle-timeout = 1\n")
+    with Raw(d.path) as idle, Raw(d.path) as subscriber, Raw(d.path) as busy:
+        subscriber.call("subscribe")
+        t0 = time.monotonic()
+        for _ in range(6):  # 3 s: the busy client asks something every half second
+            assert busy.call("query-version")
+            time.sleep(0.5)
+        idle.sock.settimeout(0.1)
+        with pytest.raises(ConnectionError):
+            idle.line()
+        assert subscriber.call("query-version") and busy.call("query-version")
+        assert time.monotonic() - t0 >= 1
+    assert "closing idle connection" in d.log_text()
