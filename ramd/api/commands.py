@@ -154,14 +154,10 @@ def _check_io(service: Service, length: int) -> None:
         )
 
 
-@command("ram-block-add", m.RamBlockAddArgs, m.RamBlockInfo, audit=True)
-def ram_block_add(session: Session, args: m.RamBlockAddArgs) -> Raw | Awaitable[Raw]:
-    """Create a RAM block of ``size`` bytes; with ``max-size`` it is resizable up to that,
-    the rest reserved but inaccessible. ``prealloc`` faults in every page first."""
-    service = session.service
+def create_block(service: Service, args: m.RamBlockAddArgs) -> RAMBlock:
+    """Check the limits and create (not yet commit) the block ``args`` describe."""
     _check_add_limits(service, args)
-    ram = service.ram
-    block = ram.create(
+    return service.ram.create(
         args.id,
         args.size,
         args.max_size,
@@ -174,6 +170,14 @@ def ram_block_add(session: Session, args: m.RamBlockAddArgs) -> Raw | Awaitable[
         lock=args.lock,
         align=args.align,
     )
+
+
+@command("ram-block-add", m.RamBlockAddArgs, m.RamBlockInfo, audit=True)
+def ram_block_add(session: Session, args: m.RamBlockAddArgs) -> Raw | Awaitable[Raw]:
+    """Create a RAM block of ``size`` bytes; with ``max-size`` it is resizable up to that,
+    the rest reserved but inaccessible. ``prealloc`` faults in every page first."""
+    ram = session.service.ram
+    block = create_block(session.service, args)
     if args.prealloc or (args.lock and block.size > LOCK_INLINE_MAX):
         return _fill_and_commit(session, block)
     try:

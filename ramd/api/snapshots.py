@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 
 from ramd.api import models as m
-from ramd.api.commands import _check_add_limits, _check_host, _limit, command
+from ramd.api.commands import _check_add_limits, _check_host, _limit, command, create_block
 from ramd.api.service import Service, Session
 from ramd.errors import DeviceNotFound, RamdError
 from ramd.jobs import Job, JobContext, JobManager
@@ -248,21 +248,7 @@ class _Load:
                 ram.pin(block, LOADING)
                 self.pinned.append(block)
             else:
-                args = _add_args(desc)
-                _check_add_limits(self.service, args)
-                block = ram.create(
-                    args.id,
-                    args.size,
-                    args.max_size,
-                    backend=args.backend,
-                    hugetlb=args.hugetlb,
-                    prealloc=args.prealloc,
-                    merge=args.merge,
-                    dump=args.dump,
-                    hugepages=args.hugepages,
-                    lock=args.lock,
-                    align=args.align,
-                )
+                block = create_block(self.service, _add_args(desc))
                 self.created.append(block)
             self.targets.append(block)
 
