@@ -229,3 +229,34 @@ def test_idle_connections_are_closed_and_subscribers_are_not(start_daemon: Any) 
         assert subscriber.call("query-version") and busy.call("query-version")
         assert time.monotonic() - t0 >= 1
     assert "closing idle connection" in d.log_text()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_successful_change_is_one_audit_line_naming_the_peer(
+    start_daemon: Any, fmt: str
+) -> None:
+    d = start_daemon('log-level = "info"\n', "--log-format", fmt, "--log-level", "info")
+    with Raw(d.path) as rpc:
+        rpc.call("ram-block-add", id="a", size=PAGE, **{"max-size": MiB})
+        rpc.call("ram-block-resize", id="a", size=2 * PAGE)
+        rpc.call("ram-block-write", id="a", offset=0, data="AA==")  # not a change of the set
+        rpc.error("ram-block-resize", id="a", size=2 * MiB)  # refused: no audit line
+        rpc.call("ram-block-del", id="a")
+    d.stop()
+    pid = os.getpid()
+    if fmt == "json":
+        records = [json.loads(line) for line in d.log_text().splitlines() if line.strip()]
+        changes = [r for r in records if r.get("event") == "change"]
+        assert [(r["command"], r["target"]) for r in changes] == [
+            ("ram-block-add", "a"), ("ram-block-resize", "a"), ("ram-block-del", "a"),
+        ]  # fmt: skip
+        assert all(r["pid"] == pid and r["uid"] == os.getuid() for r in changes)
+    else:
+        lines = [line for line in d.log_text().splitlines() if " ramd.audit: " in line]
+        assert [line.split(" ramd.audit: ")[1] for line in lines] == [
+            f"ram-block-add 'a' size={PAGE} by pid={pid} uid=0 gid=0",
+            f"ram-block-resize 'a' size={2 * PAGE} by pid={pid} uid=0 gid=0",
+            f"ram-block-del 'a' by pid={pid} uid=0 gid=0",
+        ]
+    text = d.log_text()
+    assert "accepted connection" not in text  # connects and closes are debug lines
