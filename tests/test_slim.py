@@ -22,7 +22,7 @@ def test_asyncio_daemon_maps_no_openssl(start_daemon: Callable[..., Daemon]) -> 
     with Raw(d.path) as r:
         assert r.call("query-version")["package"].startswith("ramd ")
     libs = mapped_files(d.pid)
-    assert any(name.startswith("libpython") for name in libs), libs
+    assert Path(sys.executable).resolve().name in libs, libs  # the maps were read
     assert not [name for name in libs if name.startswith(("libssl", "libcrypto"))], libs
 
 
