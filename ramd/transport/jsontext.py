@@ -27,7 +27,7 @@ def _finite_float(text: str) -> float:
 _decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
 
 
-def loads(message: bytes) -> Any:
+def loads(message: bytes | bytearray) -> Any:
     """One JSON text (UTF-8, as the protocol says) as Python data, strictly. Every failure is
     a ``ValueError`` whose text describes the input, never the interpreter (an integer past
     Python's 4,300-digit conversion limit is reported as such; converting it would cost

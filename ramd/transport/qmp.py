@@ -87,7 +87,7 @@ def _greeting() -> bytes:
 _GREETING = _greeting()
 
 
-def parse(message: bytes) -> Any:
+def parse(message: bytes | bytearray) -> Any:
     """One JSON text as Python data, strictly (no NaN, no Infinity, no float overflow, which
     would not encode back). ``ValueError`` carries QEMU's wording: ``JSON parse error, ...``."""
     try:
@@ -243,7 +243,7 @@ class QmpDialect:
             event.encoded[key] = wire
         return wire
 
-    def handle(self, message: bytes) -> Reply | Plan:
+    def handle(self, message: bytes | bytearray) -> Reply | Plan:
         try:
             request = parse(message)
         except ValueError as e:
