@@ -86,7 +86,7 @@ async def serve(
     # json.loads recurses once per nesting level; let it reach the configured depth (the
     # splitter refuses anything deeper before it is parsed).
     sys.setrecursionlimit(max(sys.getrecursionlimit(), config.limits.max_depth + 1000))
-    heap.return_large_buffers()
+    heap.keep_large_buffers()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = HostLimits()

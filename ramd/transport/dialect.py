@@ -57,7 +57,7 @@ class Dialect(Protocol):
         """Bytes to send when the connection opens."""
         ...
 
-    def handle(self, message: bytes) -> Reply | Plan:
+    def handle(self, message: bytes | bytearray) -> Reply | Plan:
         """The answer to one JSON text, or the plan of the calls it asks for."""
         ...
 

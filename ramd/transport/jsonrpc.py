@@ -26,7 +26,7 @@ from ramd.api.commands import COMMANDS
 from ramd.api.events import Event
 from ramd.api.outcome import BadArguments, Done, Failed, Internal, NotFound, Outcome, Pending
 from ramd.api.service import Session
-from ramd.transport import jsontext
+from ramd.transport import bulk, jsontext
 from ramd.transport.dialect import Plan, Reply
 from ramd.transport.jsonrpc_core import NOID, Request, Success
 from ramd.transport.jsonrpc_core import call as jsonrpc_call
@@ -300,9 +300,10 @@ class JsonRpcDialect:
             event.encoded[key] = wire
         return wire
 
-    def handle(self, message: bytes) -> Reply | Plan:
+    def handle(self, message: bytes | bytearray) -> Reply | Plan:
         try:
-            obj = jsontext.loads(message)
+            small = len(message) < bulk.BULK_FROM
+            obj = jsontext.loads(message) if small else bulk.loads(message)
         except ValueError as e:
             return _line(_error(PARSE_ERROR, "Parse error", None, str(e)))
         if type(obj) is not list:

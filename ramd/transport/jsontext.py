@@ -32,7 +32,7 @@ _decode = _decoder.decode
 _scan: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 
-def loads(message: bytes) -> Any:
+def loads(message: bytes | bytearray) -> Any:
     """One JSON text (UTF-8, as the protocol says) as Python data, strictly. Every failure is
     a ``ValueError`` whose text describes the input, never the interpreter (an integer past
     Python's 4,300-digit conversion limit is reported as such; converting it would cost

@@ -55,15 +55,15 @@ class Pipeline:
     def __init__(self, dialect: Dialect, output: Output) -> None:
         self._dialect = dialect
         self._output = output
-        self.inbox: deque[bytes | SplitError] = deque()
+        self.inbox: deque[bytes | bytearray | SplitError] = deque()
         self.inbox_bytes = 0
         self._plan: Plan | None = None
         #: The outcome the plan in progress waits for; set only by :meth:`run`.
         self.pending: Pending | None = None
 
-    def push(self, item: bytes | SplitError) -> None:
+    def push(self, item: bytes | bytearray | SplitError) -> None:
         self.inbox.append(item)
-        self.inbox_bytes += len(item) if isinstance(item, bytes) else 0
+        self.inbox_bytes += 0 if isinstance(item, SplitError) else len(item)
 
     @property
     def full(self) -> bool:

@@ -240,7 +240,7 @@ class QmpDialect:
             event.encoded[key] = wire
         return wire
 
-    def handle(self, message: bytes) -> Reply | Plan:
+    def handle(self, message: bytes | bytearray) -> Reply | Plan:
         try:
             request = jsontext.loads(message)
         except ValueError as e:
