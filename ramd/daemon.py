@@ -121,6 +121,7 @@ async def serve(
             meminfo_total(),
             ", ".join(f"{c.cgroup} {c.limit}" for c in host.cgroup_limits()) or "none",
         )
+        heap.trim()  # what start-up allocated and freed (imports, adoption) goes back
         watchdog = _start_watchdog()
         await stop.wait()
         if watchdog is not None:
