@@ -23,7 +23,6 @@ large data calls it when it closes. Other C libraries: nothing to do, nothing do
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from typing import Any
 
 #: glibc's ``mallopt`` parameter numbers.
@@ -42,7 +41,7 @@ def keep_large_buffers() -> bool:
     """Fix glibc's thresholds (see the module docstring); False when the C library has no
     ``mallopt``. Call once, at start-up, on the main thread."""
     global _malloc_trim
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own C library (dlopen(NULL))
     mallopt = getattr(libc, "mallopt", None)
     trim_fn = getattr(libc, "malloc_trim", None)
     if mallopt is None or trim_fn is None:

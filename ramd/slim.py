@@ -9,6 +9,11 @@ then offers no TLS, and hashlib and hmac use their built-in implementations of t
 algorithms. Both modules are importable again afterwards (uvloop imports ``ssl`` itself, and
 pays for it).
 
+Compression: ``argparse`` imports ``shutil`` (for the terminal's width), which imports
+``zlib``, ``bz2`` and ``lzma`` to offer compressed archives, mapping three libraries (about
+0.4 MiB). The daemon makes no archive; ``shutil`` is first imported while those are made
+unimportable in the same way, and then offers no compressed formats.
+
 pydantic's plugins: pydantic looks for plugins (the ``pydantic`` entry point group) when it
 builds its first model, which imports ``importlib.metadata`` (with ``email``, ``zipfile``,
 ``csv``) and reads the metadata of every installed distribution: 2.4 MiB of RSS and tens of
@@ -16,7 +21,7 @@ ms of start-up. The daemon runs no pydantic plugin, so it registers a plugin loa
 none; pydantic then builds exactly the validators it builds when no plugin is installed.
 
 Invariant: :func:`keep_out` runs before anything in the process has imported asyncio, hashlib,
-hmac or pydantic's plugin loader; a module already imported is left as it is. Processes that
+hmac, shutil or pydantic's plugin loader; a module already imported is left as it is. Processes that
 import ``ramd.cli`` directly (tests, tools) are unaffected.
 """
 
@@ -26,9 +31,10 @@ import importlib
 import sys
 import types
 
-#: Imported while ``ssl`` and ``_hashlib`` are unimportable; they keep the choice they made.
-_OPENSSL_USERS = ("asyncio", "hashlib", "hmac")
-_OPENSSL_MODULES = ("ssl", "_hashlib")
+#: Imported while ``ssl``, ``_hashlib`` and the compression modules are unimportable; they
+#: keep the choice they made.
+_KEPT_OUT_USERS = ("asyncio", "hashlib", "hmac", "shutil")
+_KEPT_OUT = ("ssl", "_hashlib", "zlib", "_bz2", "_lzma")
 _PLUGIN_LOADER = "pydantic.plugin._loader"
 #: The module of pydantic that imports the loader.
 _PLUGIN_USER = "pydantic.plugin._schema_validator"
@@ -40,13 +46,14 @@ def _no_plugins() -> tuple[()]:
 
 
 def keep_out() -> None:
-    """Import asyncio, hashlib and hmac without OpenSSL, and give pydantic a plugin loader
-    that loads none. Call first thing in the process (see the module's invariant)."""
-    blocked = [name for name in _OPENSSL_MODULES if name not in sys.modules]
+    """Import asyncio, hashlib and hmac without OpenSSL, and shutil without compression, and
+    give pydantic a plugin loader that loads none. Call first thing in the process (see the
+    module's invariant)."""
+    blocked = [name for name in _KEPT_OUT if name not in sys.modules]
     for name in blocked:
         sys.modules[name] = None  # type: ignore[assignment]
     try:
-        for name in _OPENSSL_USERS:
+        for name in _KEPT_OUT_USERS:
             importlib.import_module(name)
     finally:
         for name in blocked:

@@ -43,7 +43,10 @@ assert hashlib.sha256(b"ramd").hexdigest().startswith("e169c653")
 assert hmac.new(b"k", b"m", "sha256").digest()
 from ramd.api.models import RamBlockAddArgs
 assert RamBlockAddArgs.model_validate({"id": "a", "size": 4096}).size == 4096
-print(sorted(m for m in ("ssl", "_ssl", "_hashlib", "importlib.metadata") if m in sys.modules))
+import argparse
+argparse.ArgumentParser().add_argument("--x")  # imports shutil
+kept_out = ("ssl", "_ssl", "_hashlib", "importlib.metadata", "zlib", "_bz2", "_lzma")
+print(sorted(m for m in kept_out if m in sys.modules))
 import ssl
 print(ssl.__name__)
 """
