@@ -10,12 +10,25 @@ mapping (:class:`ramd_client.shared.SharedBlock`), and times, for two contents:
 
 ``ram-save`` into the state directory (the daemon's atomic target: write, fsync, rename) and
 ``ram-load`` of that image after ``ram-block-del`` of the block (the load creates it again, as
-an incoming migration into fresh memory). Each time runs from sending the command to the job's
-``concluded`` status in ``query-jobs``, polled every 20 ms. In the same repetition it times
-``cp`` of a dense regular file of the same size to a new name in the same directory, without
-and with ``sync FILE``. ``sync`` runs (untimed) before every timed step. Bandwidth is block
-bytes / time; ratio is ramd's bandwidth over cp's (medians over ``--repeat``). The daemon is
-stopped and the temporary directory removed at the end, also on error.
+an incoming migration into fresh memory: verify pass, then copy pass). Each time runs from
+sending the command to the job's ``concluded`` status in ``query-jobs``, polled every 20 ms.
+In the same repetition it times ``cp`` of a dense regular file of the same size to a new name
+in the same directory, without and with ``sync FILE``. ``sync`` runs (untimed) before every
+timed step. Bandwidth is block bytes / time; ratio is ramd's bandwidth over cp's (medians over
+``--repeat``). The daemon is stopped and the temporary directory removed at the end, also on
+error.
+
+Which ``cp`` is the peer: a save is durable (its image is fsynced before the rename), so
+``cp`` + ``sync`` does the same work; plain ``cp`` leaves up to the dirty limits of its copy in
+the page cache, so against it a save is bounded by the disk's write bandwidth. A load reads
+the image twice (verify, then copy) where ``cp`` reads its source once; both sources are in the
+page cache (the image was just written, the reference just copied).
+
+What ramd does to keep up (ramd/snapshot/, docs/image-format.md "Writing"): page-aligned
+1 MiB buffers (on this VM's AMD EPYC, a ``pread`` into a buffer 16 bytes past a page boundary,
+where CPython puts a large ``bytearray``, copies 3-4 times slower), the read and hash of one
+buffer overlapped with the write of the previous ones in a helper thread, and, for saves,
+writeback started as each range is written (``sync_file_range``), so the fsync finds little.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import argparse
 import ctypes
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -116,11 +130,20 @@ class Daemon:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
-        while not self.socket.exists():
+        while not self._accepts():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"ramd did not start: {(base / 'ramd.log').read_text()}")
             time.sleep(0.05)
+
+    def _accepts(self) -> bool:
+        """True once the socket accepts connections (it exists a little before)."""
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(self.socket))
+        except OSError:
+            return False
+        return True
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -167,6 +190,7 @@ def report(times: dict[str, list[float]], size: int, repeat: int, loads: list[st
     gib = size / GiB
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"ramd ram-save/ram-load vs cp, block {format_size(size)}, median of {repeat}")
+    print(f"command: {' '.join(sys.argv)}")
     print(f"loadavg before / after: {loads[0]} / {loads[1]}; cores: {os.cpu_count()}")
     print(f"cp {gib / med['cp']:.2f} GiB/s, cp+sync {gib / med['cp+sync']:.2f} GiB/s")
     print(f"{'step':<18}{'seconds':>9}{'GiB/s':>9}{'/cp':>8}{'/cp+sync':>10}")

@@ -6,9 +6,11 @@ Threads and ownership:
 - the handlers run on the loop thread: they resolve the target or source to an fd owned by
   the job (an image file opened in ``state-dir``, or a ``dup`` of a ``getfd`` fd, so a
   ``closefd`` meanwhile changes nothing), pin the blocks a save reads, and start the job;
-- the work runs in a job worker thread: it reads or writes block memory only while the block
-  is pinned (commands that would change it answer "busy"); every block creation, resize,
-  commit or abort runs on the loop thread through :meth:`JobContext.run_on_loop`;
+- the work runs in a job worker thread (a save's file writes and a load's block writes in
+  the image library's helper thread, :mod:`ramd.snapshot.pipeline`): it reads or writes
+  block memory only while the block is pinned (commands that would change it answer
+  "busy"); every block creation, resize, commit or abort runs on the loop thread through
+  :meth:`JobContext.run_on_loop`;
 - ``on_finish`` (loop thread) unpins every block the job pinned and closes its fd. A job
   abandoned at shutdown keeps its pins: :meth:`RAMList.close` leaves pinned blocks mapped.
 
@@ -169,9 +171,13 @@ def ram_save(session: Session, args: m.RamSaveArgs) -> m.JobStarted:
     def work(ctx: JobContext) -> None:
         if isinstance(target, m.FileTarget):
             with atomic_target(dir_fd, target.file) as out:
-                write_image(out, descs, read, progress=ctx.advance, cancelled=ctx.cancelled)
+                write_image(
+                    out, descs, read, progress=ctx.advance, cancelled=ctx.cancelled, durable=True
+                )
         else:
-            write_image(fd, descs, read, progress=ctx.advance, cancelled=ctx.cancelled)
+            write_image(
+                fd, descs, read, progress=ctx.advance, cancelled=ctx.cancelled, durable=True
+            )
             os.fsync(fd)
 
     def finish(job: Job | None) -> None:

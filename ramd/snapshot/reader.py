@@ -3,14 +3,22 @@
 :func:`verify` only reads the file. :func:`load` reads it again and hands its contents to
 ``write`` and ``zero``; it hashes what it reads once more, so a file changed between the two
 calls is reported (after the blocks it reached were written). Holes are found with
-``SEEK_DATA``/``SEEK_HOLE`` and never read. Both run in the calling thread (in the daemon, a
-job's worker thread) and call their callables in that thread, in block and offset order.
+``SEEK_DATA``/``SEEK_HOLE`` and never read.
+
+Threads: both run in the calling thread (in the daemon, a job's worker thread), which reads
+the file and calls ``progress`` and ``cancelled``; the zero scan, the hash and the ``write``
+and ``zero`` callables run in one helper thread per call (:mod:`ramd.snapshot.pipeline`), in
+block and offset order, at most ``DEPTH`` buffers of ``IO_SIZE`` behind the reads. The helper
+thread has ended when :func:`verify` or :func:`load` returns or raises. Memory: ``DEPTH + 1``
+buffers (2 of ``chunk_size`` when the image's chunks are larger than ``IO_SIZE``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+from ramd.snapshot.buffer import AlignedBuffer, BufferRing, ring_for
 from ramd.snapshot.callbacks import CancelledFn, ProgressFn, never_cancelled, no_progress
 from ramd.snapshot.fileio import IO_SIZE, check_regular, next_data, next_hole, pread_into
 from ramd.snapshot.format import (
@@ -28,7 +36,11 @@ from ramd.snapshot.format import (
     zero_chunk_digest,
     zeros,
 )
+from ramd.snapshot.pipeline import Pipeline
 from ramd.snapshot.scan import scan
+
+#: Buffers in flight to the hash thread (one more is being read).
+DEPTH = 2
 
 #: ``write(block_index, offset, data)``: put ``data`` at ``offset`` in the block. ``data`` is a
 #: view of a buffer that is reused after the call returns: copy it, do not keep it.
@@ -66,11 +78,12 @@ def verify(
         raise ImageError("Bad image: file checksum mismatch")
     entries = parse_table(header, meta)
     blocks = tuple(ImageBlock(desc, offset, digest) for desc, offset, digest in entries)
-    buf = bytearray(max(IO_SIZE, header.chunk_size))
-    for block in blocks:
-        got = _scan(fd, block, header.chunk_size, buf, None, progress, cancelled)
-        if got != block.digest:
-            raise ImageError(f"Bad image: checksum mismatch in block '{block.id}'")
+    ring = ring_for(header.chunk_size, IO_SIZE, DEPTH + 1)
+    with _pipeline(ring) as work:
+        for block in blocks:
+            got = _scan(fd, block, header.chunk_size, ring, work, None, progress, cancelled)
+            if got != block.digest:
+                raise ImageError(f"Bad image: checksum mismatch in block '{block.id}'")
     return ImageInfo(
         version=VERSION,
         flags=header.flags,
@@ -104,12 +117,13 @@ def load(
         raise ImageError(
             f"Image changed after verification: {st.st_size} bytes, not {info.file_length}"
         )
-    buf = bytearray(max(IO_SIZE, info.chunk_size))
-    for index, block in enumerate(info.blocks):
-        sink = _Sink(index, write, zero)
-        got = _scan(fd, block, info.chunk_size, buf, sink, progress, cancelled)
-        if got != block.digest:
-            raise ImageError(f"Image changed after verification: block '{block.id}'")
+    ring = ring_for(info.chunk_size, IO_SIZE, DEPTH + 1)
+    with _pipeline(ring) as work:
+        for index, block in enumerate(info.blocks):
+            sink = _Sink(index, write, zero)
+            got = _scan(fd, block, info.chunk_size, ring, work, sink, progress, cancelled)
+            if got != block.digest:
+                raise ImageError(f"Image changed after verification: block '{block.id}'")
 
 
 class _Sink:
@@ -144,11 +158,21 @@ def _pread(fd: int, length: int, offset: int) -> bytes:
     return bytes(buf)
 
 
+def _pipeline(ring: BufferRing) -> Pipeline[Callable[[], None]]:
+    """The helper thread that hashes what the calling thread reads (and passes it on)."""
+    return Pipeline(_call, ring.depth, "ramd-image-read")
+
+
+def _call(step: Callable[[], None]) -> None:
+    step()
+
+
 def _scan(
     fd: int,
     block: ImageBlock,
     chunk: int,
-    buf: bytearray,
+    ring: BufferRing,
+    work: Pipeline[Callable[[], None]],
     sink: _Sink | None,
     progress: ProgressFn,
     cancelled: CancelledFn,
@@ -157,34 +181,34 @@ def _scan(
 
     Only the file's data extents are read (``SEEK_DATA``/``SEEK_HOLE``): whole chunks inside
     holes cost one constant digest each, and the hole parts of a chunk that holds some data
-    are zero-filled in ``buf`` rather than read (reading a hole would fill the page cache with
-    zero pages). Runs of zero pages of at least ``MIN_ZERO_RUN`` go to ``sink.zeros``, the
-    rest to ``sink.data``.
+    are zero-filled in the buffer rather than read (reading a hole would fill the page cache
+    with zero pages). Runs of zero pages of at least ``MIN_ZERO_RUN`` go to ``sink.zeros``,
+    the rest to ``sink.data``.
+
+    The calling thread reads into ``ring``'s buffers; the zero scan, the hash and ``sink``
+    run in ``work``'s helper thread, in order. On a cancel, what was read is passed on
+    (:meth:`Pipeline.drain`) before :class:`ImageCancelled` is raised.
     """
     hasher = BlockHasher()
-    view = memoryview(buf)
-    blank = memoryview(zeros(len(buf)))
+    blank = memoryview(zeros(ring.size))
     base, size = block.offset, block.size
     pos = 0  # block-relative, a multiple of chunk
     extent = _Extent(fd, base, size)
     while pos < size:
         if cancelled():
+            work.drain()
             raise ImageCancelled()
         if pos >= extent.end:
             extent.find(pos)
         if extent.start - pos >= chunk or extent.start >= size:
             end = size if extent.start >= size else extent.start // chunk * chunk
-            full, tail = divmod(end - pos, chunk)
-            hasher.add_zero_chunks(full, chunk)
-            if tail:
-                hasher.add(zero_chunk_digest(tail))
-            if sink is not None:
-                sink.zeros(pos, end - pos)
+            work.put(functools.partial(_holes, hasher, sink, chunk, pos, end))
             progress(end - pos)
             pos = end
             continue
-        end = min(size, -(-extent.end // chunk) * chunk, pos + len(buf))
-        n = end - pos
+        end = min(size, -(-extent.end // chunk) * chunk, pos + ring.size)
+        buf = ring.next()
+        view = buf.view
         cur = pos
         while cur < end:
             if cur >= extent.end:
@@ -198,22 +222,42 @@ def _scan(
             if pread_into(fd, view[cur - pos : upto - pos], base + cur) != upto - cur:
                 raise ImageError(f"Bad image: truncated in block '{block.id}'")
             cur = upto
-        found = scan(buf, n, chunk, None if sink is None else MIN_ZERO_RUN)
-        for i, is_zero in enumerate(found.zero_chunks):
-            c = i * chunk
-            clen = min(chunk, n - c)
-            hasher.add(zero_chunk_digest(clen) if is_zero else chunk_digest(view[c : c + clen]))
-        if sink is not None:
-            for start, stop, is_zero in found.segments:
-                if is_zero:
-                    sink.zeros(pos + start, stop - start)
-                else:
-                    sink.data(pos + start, view[start:stop])
-        progress(n)
+        work.put(functools.partial(_data, hasher, sink, chunk, buf, pos, end - pos))
+        progress(end - pos)
         pos = end
     if sink is not None:
-        sink.flush()
+        work.put(sink.flush)
+    work.drain()
     return hasher.digest()
+
+
+def _holes(hasher: BlockHasher, sink: _Sink | None, chunk: int, pos: int, end: int) -> None:
+    """Helper thread: ``[pos, end)`` of the block is a hole of the file (whole chunks, and
+    the end of the block)."""
+    full, tail = divmod(end - pos, chunk)
+    hasher.add_zero_chunks(full, chunk)
+    if tail:
+        hasher.add(zero_chunk_digest(tail))
+    if sink is not None:
+        sink.zeros(pos, end - pos)
+
+
+def _data(
+    hasher: BlockHasher, sink: _Sink | None, chunk: int, buf: AlignedBuffer, pos: int, n: int
+) -> None:
+    """Helper thread: the first ``n`` bytes of ``buf`` hold the block's bytes at ``pos``."""
+    view = buf.view
+    found = scan(buf.raw, n, chunk, None if sink is None else MIN_ZERO_RUN, buf.start)
+    for i, is_zero in enumerate(found.zero_chunks):
+        c = i * chunk
+        clen = min(chunk, n - c)
+        hasher.add(zero_chunk_digest(clen) if is_zero else chunk_digest(view[c : c + clen]))
+    if sink is not None:
+        for start, stop, is_zero in found.segments:
+            if is_zero:
+                sink.zeros(pos + start, stop - start)
+            else:
+                sink.data(pos + start, view[start:stop])
 
 
 class _Extent:

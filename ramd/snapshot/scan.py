@@ -28,9 +28,10 @@ class Scan:
     segments: list[tuple[int, int, bool]]
 
 
-def scan(buf: bytearray, length: int, chunk: int, min_zero: int | None) -> Scan:
-    """Scan ``buf[:length]`` by chunks of ``chunk`` bytes and, unless ``min_zero`` is None,
-    the non-zero chunks by pages of ``ALIGN`` bytes.
+def scan(buf: bytearray, length: int, chunk: int, min_zero: int | None, start: int = 0) -> Scan:
+    """Scan ``buf[start : start + length]`` by chunks of ``chunk`` bytes and, unless
+    ``min_zero`` is None, the non-zero chunks by pages of ``ALIGN`` bytes. Offsets in the
+    result are relative to ``start`` (an :class:`~ramd.snapshot.buffer.AlignedBuffer`'s).
 
     ``length`` is a multiple of ``ALIGN``; ``chunk`` and ``min_zero`` are multiples of it.
     """
@@ -40,7 +41,7 @@ def scan(buf: bytearray, length: int, chunk: int, min_zero: int | None) -> Scan:
     runs = _Runs(min_zero or 0)
     for c in range(0, length, chunk):
         clen = min(chunk, length - c)
-        is_zero = buf.startswith(blank[:clen], c)
+        is_zero = buf.startswith(blank[:clen], start + c)
         flags.append(is_zero)
         if min_zero is None:
             continue
@@ -48,11 +49,11 @@ def scan(buf: bytearray, length: int, chunk: int, min_zero: int | None) -> Scan:
             runs.zero(c, c + clen)
             continue
         # Only a page whose first byte is zero can be all zero: find those in one C call.
-        firsts = buf[c : c + clen : ALIGN]
+        firsts = buf[start + c : start + c + clen : ALIGN]
         i = firsts.find(0)
         while i >= 0:
             p = c + i * ALIGN
-            if buf.startswith(page, p):
+            if buf.startswith(page, start + p):
                 runs.zero(p, p + ALIGN)
             i = firsts.find(0, i + 1)
     return Scan(flags, runs.finish(length) if min_zero is not None else [])
