@@ -12,8 +12,10 @@ and an absent one leaves it alone.
 from __future__ import annotations
 
 import argparse
+import os
 import re
-from typing import NoReturn
+import sys
+from typing import Any, NoReturn
 
 import ramd
 from ramd.api.eventnames import EVENT_NAMES
@@ -60,9 +62,43 @@ class UsageError(Exception):
         self.message = message
 
 
+def _columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size`` finds it ($COLUMNS, else the
+    terminal on standard output, else 80), without importing shutil (and the compression
+    modules it imports): argparse would import it for every parser it builds."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, told the width (:func:`_columns`, less 2 as argparse does)."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors raise :class:`UsageError` (help and --version still
-    print and exit)."""
+    print and exit), with :class:`_Formatter` unless told otherwise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(self.format_usage(), f"{self.prog}: error: {message}")
