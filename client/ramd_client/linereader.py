@@ -150,15 +150,20 @@ class LineReader(asyncio.BufferedProtocol):
     # -- the writers' side ----------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Wait until the transport takes more writes. Raises ConnectionResetError once the
-        connection is lost."""
-        if self._closed.done():
-            raise ConnectionResetError("connection lost")
-        if not self._write_paused:
-            return
-        drainer = asyncio.get_running_loop().create_future()
-        self._drainers.append(drainer)
-        await drainer
+        """Wait until the transport's buffer is below its high-water mark (at once when it
+        is). Raises ConnectionResetError once the connection is lost.
+
+        Waiters wake in the order they came and each looks again: when the first one's
+        write fills the buffer past the mark, the others wait on.
+        """
+        while True:
+            if self._closed.done():
+                raise ConnectionResetError("connection lost")
+            if not self._write_paused:
+                return
+            drainer = asyncio.get_running_loop().create_future()
+            self._drainers.append(drainer)
+            await drainer
 
     async def wait_closed(self) -> None:
         """Wait until the connection is lost (closed by either side)."""

@@ -265,14 +265,17 @@ class JsonRpcProtocol:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._pending[req_id] = _Pending(future, on_result, binary)
             try:
+                # Wait for the transport's buffer to drain first, so that of the requests in
+                # flight only one at a time is copied there (what the socket did not take),
+                # however large they are. A lost connection: the reader side sees the end
+                # too and fails the future.
+                with contextlib.suppress(ConnectionError, OSError):
+                    await wire.drain()
                 if self.trace is not None:
                     self.trace("send", plain(obj))
                 for part in request_parts(obj):
                     # a view: the transport then copies only what the socket did not take
                     transport.write(memoryview(part) if len(part) > _VIEW_FROM else part)
-                # A failed write: the reader side sees the end too and fails the future.
-                with contextlib.suppress(ConnectionError, OSError):
-                    await wire.drain()
                 return await future
             finally:
                 self._pending.pop(req_id, None)
