@@ -7,11 +7,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from ramd_client.message import Spliced, encode_request, plain, request, request_parts
 
+from ramd.api.models import DecodedBase64, RamBlockWriteArgs
 from ramd.transport import bulk, jsontext
 from ramd.transport.splitter import JsonSplitter, control_error, long_string
 
@@ -26,9 +29,10 @@ def _write(data: bytes, **extra: Any) -> bytes:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` with memoryviews as the str the usual parse gives."""
-    if isinstance(value, memoryview):
-        return bytes(value).decode("ascii")
+    """``value`` with decoded base64 as the str the usual parse gives (the tests' base64 is
+    canonical: encoding the bytes again gives the text back)."""
+    if isinstance(value, DecodedBase64):
+        return base64.b64encode(value.data).decode("ascii")
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -36,12 +40,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def test_a_large_write_keeps_its_data_as_bytes() -> None:
+def test_a_large_write_has_its_data_decoded_as_it_is_parsed() -> None:
     msg = bytearray(_write(BIG))
     obj = bulk.loads(msg)
-    assert isinstance(obj["params"]["data"], memoryview)
-    assert bytes(obj["params"]["data"]) == BIG
+    assert isinstance(obj["params"]["data"], DecodedBase64)
+    assert obj["params"]["data"].data == base64.b64decode(BIG)
     assert _plain(obj) == jsontext.loads(msg)
+    args = RamBlockWriteArgs.model_validate(obj["params"])  # the model takes it as is
+    assert args.data == base64.b64decode(BIG)
+    with pytest.raises(ValidationError):  # and never from JSON's own types
+        RamBlockWriteArgs.model_validate({**jsontext.loads(msg)["params"], "data": [1]})
 
 
 @pytest.mark.parametrize(
@@ -57,6 +65,10 @@ def test_a_large_write_keeps_its_data_as_bytes() -> None:
         _write(BIG).replace(b'"id":"b"', b'"id":"' + b"x" * 70 * KiB + b'"'),  # long id first
         b"[" + _write(BIG) + b"]",  # a batch
         _write(BIG[:5000] + "é".encode() + BIG[5000:]),  # not ASCII (not base64 either)
+        _write(BIG[:5000] + b"*" + BIG[5000:]),  # not base64: the plain path's str
+        _write(BIG[:-4] + b"QQ=="),  # padded
+        _write(BIG[:-4] + b"QQ=A"),  # padding inside
+        _write(BIG).replace(b'"id":"b"', '"id":"é"'.encode()),  # not ASCII elsewhere
         _write(BIG).replace(b'"params":{', b'"params":[').replace(b'"}}', b'"]}'),
     ],
 )
@@ -111,6 +123,23 @@ def test_a_control_byte_deep_inside_a_long_string_ends_the_message(where: int) -
             assert out == [control_error(0x0A)]
             break
         assert out == []
+
+
+@pytest.mark.parametrize("control", range(0x20))
+def test_every_control_byte_in_base64_is_found_wherever_it_lies(control: int) -> None:
+    """The long-string scan trusts pybase64's validator to find no control byte: it must
+    find each one at its exact place, in runs of base64 with and without padding."""
+    text = base64.b64encode(os.urandom(30000))  # no padding
+    padded = base64.b64encode(os.urandom(30001))  # "=="
+    rng = random.Random(control)
+    for body in (text, padded, padded[:-1], text[:-1], text[:-2], text[:-3]):
+        for where in (0, 1, 3, 4, 31, 32, 2049, rng.randrange(len(body)), len(body) - 1):
+            stream = b'{"data":"' + body[:where] + bytes((control,)) + body[where:]
+            assert JsonSplitter().feed(stream) == [control_error(control)], (where, len(body))
+    clean = JsonSplitter()  # and none where there is none
+    for body in (text, padded, padded[:-1], text[:-3]):
+        assert clean.feed(b'{"data":"' + body) == []
+        assert clean.feed(b'"}') == [b'{"data":"' + body + b'"}']
 
 
 def test_spliced_requests_encode_as_the_plain_request() -> None:

@@ -34,7 +34,7 @@ from ramd_client.error import (
     RamdClientError,
 )
 from ramd_client.events import MAX_QUEUE, MAX_REPLAY, Event, EventStream, check_names
-from ramd_client.message import Notification, Spliced
+from ramd_client.message import Binary, Notification, Spliced
 from ramd_client.protocol import MAX_MESSAGE_SIZE, MAX_PENDING, JsonRpcProtocol, Trace
 
 __all__ = ["AsyncClient", "connect"]
@@ -172,7 +172,10 @@ class AsyncClient(JsonRpcProtocol):
         """``ram-block-read``: ``length`` bytes at ``offset`` (at most the daemon's
         ``io-chunk``; :func:`ramd_client.transfer.read_range` splits larger ranges)."""
         params = wire_params(m.RamBlockReadArgs, id=id, offset=offset, length=length)
-        result = parse_result(m.ReadResult, await self.call("ram-block-read", params))
+        answer = await self.call("ram-block-read", params, binary=True)
+        if type(answer) is Binary:  # a large answer, decoded as it was read
+            return answer.data
+        result = parse_result(m.ReadResult, answer)
         try:
             return pybase64.b64decode(result.data, validate=True)
         except (binascii.Error, ValueError):

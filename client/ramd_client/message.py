@@ -14,19 +14,25 @@ dataclasses, which ``ramctl version`` would pay for).
 
 from __future__ import annotations
 
+import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
+
+import pybase64
 
 from ramd_client.error import CLASS_OF_CODE, ProtocolError, RamdError
 
 __all__ = [
+    "BULK_FROM",
+    "Binary",
     "ErrorReply",
     "Message",
     "Notification",
     "Response",
     "Spliced",
     "decode",
+    "decode_binary",
     "encode_request",
     "plain",
     "refusal",
@@ -62,6 +68,13 @@ class Notification(NamedTuple):
 
 
 Message = Response | ErrorReply | Notification
+
+
+class Binary(NamedTuple):
+    """The result ``{"data": BASE64}`` of a ``ram-block-read`` answer, already decoded:
+    ``data`` is the bytes the base64 text stands for (see :func:`decode_binary`)."""
+
+    data: bytes
 
 
 class Spliced(NamedTuple):
@@ -148,6 +161,71 @@ def decode(line: bytes) -> tuple[Message, dict[str, Any]]:
     if type(err) is dict and type(err.get("code")) is int and type(err.get("message")) is str:
         return ErrorReply(req_id, err["code"], err["message"], err.get("data")), obj
     raise ProtocolError(f"malformed response: {_preview(line)}")
+
+
+#: Lines shorter than this are always parsed as usual (:func:`decode`).
+BULK_FROM = 64 * 1024
+_PLACEHOLDER = b"ramd-client-bulk-placeholder"
+_PLACEHOLDER_STR = _PLACEHOLDER.decode()
+_DATA_KEY = b'"data":"'
+
+
+def decode_binary(
+    buf: bytes | bytearray,
+    start: int,
+    end: int,
+    wanted: Callable[[Any], bool],
+    traced: bool = False,
+) -> tuple[Response, dict[str, Any]] | None:
+    """The line ``buf[start:end]`` from the daemon, when it is a large answer whose
+    ``result.data`` is a base64 string, parsed without making a str of that string:
+    ``Response(id, Binary(decoded bytes))`` and the raw object; else None.
+
+    ``wanted(id)`` says whether the call of that id takes a :class:`Binary` result (the
+    caller of a ``ram-block-read``, which decodes ``data`` as base64 and ignores any other
+    member of the result); it is asked only once the rest of the line parsed. In the raw
+    object ``data`` is the str :func:`decode` gives when ``traced`` (a copy), else the
+    :class:`Binary`. ``buf`` is only read, and not referenced once this returns.
+
+    None (decode the line with :func:`decode`, which then gives the very same data, or the
+    very same error) unless all of this holds: the line is at least :data:`BULK_FROM` bytes;
+    its first ``"data":"`` begins a string that makes up at least half the line; the line
+    with that string replaced by a placeholder parses as a JSON-RPC 2.0 response (``id`` and
+    ``result``, no ``QMP``), has no backslash and holds the placeholder exactly once, as
+    ``result.data``; and the string is valid base64. Then no byte of the string can end or
+    escape it, so the whole line parses the same way with the string in the placeholder's
+    place, and the base64 is decoded once, from the line's own bytes.
+    """
+    if end - start < BULK_FROM:
+        return None
+    key = buf.find(_DATA_KEY, start, end)
+    if key < 0:
+        return None
+    first = key + len(_DATA_KEY)
+    last = buf.find(b'"', first, end)
+    if last - first < (end - start) // 2:
+        return None
+    with memoryview(buf) as view:
+        rest = b"".join((view[start:first], _PLACEHOLDER, view[last:end]))
+        if rest.count(_PLACEHOLDER) != 1 or b"\\" in rest:
+            return None
+        try:
+            obj = json.loads(rest)
+        except (ValueError, RecursionError):
+            return None
+        if type(obj) is not dict or "QMP" in obj or obj.get("jsonrpc") != "2.0":
+            return None
+        result = obj.get("result")
+        if "id" not in obj or type(result) is not dict or result.get("data") != _PLACEHOLDER_STR:
+            return None
+        if not wanted(obj["id"]):
+            return None
+        try:
+            binary = Binary(pybase64.b64decode(view[first:last], validate=True))
+        except (binascii.Error, ValueError):
+            return None
+    result["data"] = buf[first:last].decode("ascii") if traced else binary
+    return Response(obj["id"], binary), obj
 
 
 def refusal(reply: ErrorReply) -> RamdError:

@@ -16,8 +16,9 @@ Two sides of the loop, as in ``qemu.qmp``:
   socket, so a slow consumer can never stall the answers of other calls.
 
 Bounds: at most ``max_pending`` calls are in flight (more callers wait for a slot); one
-message is at most ``max_message_size`` bytes (the stream reader's buffer is bounded by it, a
-longer one ends the connection); writes wait for the socket to drain. Nothing grows with
+message is at most ``max_message_size`` bytes (the receive buffer of
+:class:`~ramd_client.linereader.LineReader` is bounded by it, a longer one ends the
+connection); writes wait for the socket to drain. Nothing grows with
 what the daemon or the callers do.
 
 Time: with a ``timeout``, :meth:`JsonRpcProtocol.open` (connecting and the first answer) and
@@ -51,12 +52,14 @@ from ramd_client.error import (
     RamdClientError,
     RamdError,
 )
+from ramd_client.linereader import LineReader
 from ramd_client.message import (
     ErrorReply,
     Message,
     Notification,
     Response,
     decode,
+    decode_binary,
     plain,
     refusal,
     request,
@@ -98,10 +101,12 @@ class Runstate(Enum):
 @dataclass(slots=True)
 class _Pending:
     """A call waiting for its answer. ``on_result`` runs on the reader side, with the result,
-    before any later message is read."""
+    before any later message is read. ``binary``: the caller takes a
+    :class:`~ramd_client.message.Binary` result (see :meth:`JsonRpcProtocol.call`)."""
 
     future: asyncio.Future[Any]
     on_result: Callable[[Any], None] | None
+    binary: bool
 
 
 class JsonRpcProtocol:
@@ -125,8 +130,8 @@ class JsonRpcProtocol:
         self.trace: Trace | None = None
         self._runstate = Runstate.IDLE
         self._path = ""
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._wire: LineReader | None = None
+        self._transport: asyncio.Transport | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, _Pending] = {}
         self._slots = asyncio.Semaphore(max_pending)
@@ -161,17 +166,18 @@ class JsonRpcProtocol:
             raise RuntimeError("a protocol object connects only once")
         self._path = os.fspath(path)
         self._runstate = Runstate.CONNECTING
+        limit = self.max_message_size
         try:
-            reader, writer = await asyncio.open_unix_connection(
-                self._path, limit=self.max_message_size
+            transport, wire = await asyncio.get_running_loop().create_unix_connection(
+                lambda: LineReader(limit), self._path
             )
         except OSError as e:
             self._runstate = Runstate.IDLE
             self._lost = ConnectionLost("never connected")
             raise ConnectError(self._path, e.strerror or str(e), e.errno) from None
-        self._reader, self._writer = reader, writer
+        self._wire, self._transport = wire, transport
         with contextlib.suppress(OSError, AttributeError):
-            sock = writer.transport.get_extra_info("socket")
+            sock = transport.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._runstate = Runstate.RUNNING
         self._reader_task = asyncio.get_running_loop().create_task(
@@ -216,12 +222,17 @@ class JsonRpcProtocol:
         params: Mapping[str, Any] | None = None,
         *,
         on_result: Callable[[Any], None] | None = None,
+        binary: bool = False,
     ) -> Any:
         """Send request ``method`` and return its ``result`` (raw JSON data). Caller side.
 
         Waits for a free slot when ``max_pending`` calls are in flight. ``on_result``, if
         given, runs on the reader side with the result as soon as the answer is read, before
         any later message (used to switch event streams at the exact point of the answer).
+        With ``binary``, a large result ``{"data": BASE64}`` may come as a
+        :class:`~ramd_client.message.Binary` (the decoded bytes; other members of the result
+        dropped), as :func:`~ramd_client.message.decode_binary` says; the caller then
+        handles both forms.
 
         Raises :class:`~ramd_client.error.RamdError` when the daemon refuses,
         :class:`ConnectionLost` when the connection is (or goes) down before the answer,
@@ -230,10 +241,10 @@ class JsonRpcProtocol:
         still run.
         """
         if self.timeout is None:
-            return await self._call(method, params, on_result)
+            return await self._call(method, params, on_result, binary)
         try:
             async with asyncio.timeout(self.timeout):
-                return await self._call(method, params, on_result)
+                return await self._call(method, params, on_result, binary)
         except TimeoutError:
             raise CallTimeout(method, self.timeout) from None
 
@@ -242,25 +253,29 @@ class JsonRpcProtocol:
         method: str,
         params: Mapping[str, Any] | None,
         on_result: Callable[[Any], None] | None,
+        binary: bool = False,
     ) -> Any:
         """:meth:`call` without the timeout."""
         async with self._slots:
-            writer = self._writer
-            if self._runstate is not Runstate.RUNNING or writer is None:
+            wire, transport = self._wire, self._transport
+            if self._runstate is not Runstate.RUNNING or wire is None or transport is None:
                 raise ConnectionLost(self._lost.reason if self._lost else "not connected")
             req_id = next(self._ids)
             obj = request(method, params or {}, req_id)
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._pending[req_id] = _Pending(future, on_result)
+            self._pending[req_id] = _Pending(future, on_result, binary)
             try:
+                # Wait for the transport's buffer to drain first, so that of the requests in
+                # flight only one at a time is copied there (what the socket did not take),
+                # however large they are. A lost connection: the reader side sees the end
+                # too and fails the future.
+                with contextlib.suppress(ConnectionError, OSError):
+                    await wire.drain()
                 if self.trace is not None:
                     self.trace("send", plain(obj))
                 for part in request_parts(obj):
                     # a view: the transport then copies only what the socket did not take
-                    writer.write(memoryview(part) if len(part) > _VIEW_FROM else part)
-                # A failed write: the reader side sees the end too and fails the future.
-                with contextlib.suppress(ConnectionError, OSError):
-                    await writer.drain()
+                    transport.write(memoryview(part) if len(part) > _VIEW_FROM else part)
                 return await future
             finally:
                 self._pending.pop(req_id, None)
@@ -275,41 +290,42 @@ class JsonRpcProtocol:
         if self._runstate is Runstate.RUNNING:
             self._runstate = Runstate.DISCONNECTING
             self._closing = True
-            if self._writer is not None:
-                if self._writer.transport.get_write_buffer_size():
-                    self._writer.transport.abort()
+            if self._transport is not None:
+                if self._transport.get_write_buffer_size():
+                    self._transport.abort()
                 else:
-                    self._writer.close()
+                    self._transport.close()
         task = self._reader_task
         if task is not None and asyncio.current_task() is not task:
             if not task.done():
                 task.cancel()
             await asyncio.wait([task])  # its own outcome is not ours to raise
-        if self._writer is not None:
-            with contextlib.suppress(ConnectionError, OSError):
-                await self._writer.wait_closed()
+        if self._wire is not None:
+            await self._wire.wait_closed()
 
     # -- reader side -----------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         """Read and dispatch messages until the connection ends. Reader side."""
-        reader = self._reader
-        assert reader is not None
+        wire = self._wire
+        assert wire is not None
         reason = "the daemon closed the connection"
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    buf, start, end = await wire.readline()
                 except ValueError:
                     reason = f"a message from the daemon exceeds {self.max_message_size} bytes"
                     break
-                if not line.endswith(b"\n"):
-                    if line:
+                if start == end or buf[end - 1] != 10:  # no newline: the end of the stream
+                    if start != end:
                         reason = "the daemon closed the connection in the middle of a message"
                     break
-                message, raw = decode(line)
-                if self.trace is not None:
-                    self.trace("recv", raw)
+                trace = self.trace
+                decoded = decode_binary(buf, start, end, self._wants_binary, trace is not None)
+                message, raw = decoded or decode(bytes(memoryview(buf)[start:end]))
+                if trace is not None:
+                    trace("recv", raw)
                 self._dispatch(message)
         except ProtocolError as e:
             reason = str(e)
@@ -328,6 +344,11 @@ class JsonRpcProtocol:
             elif self._last_refusal is not None:
                 reason = f"{reason}: {self._last_refusal}"
             self._teardown(ConnectionLost(reason))
+
+    def _wants_binary(self, req_id: Any) -> bool:
+        """Whether the call ``req_id`` takes a Binary result. Reader side."""
+        pending = self._pending.get(req_id) if type(req_id) is int else None
+        return pending is not None and pending.binary and not pending.future.done()
 
     def _dispatch(self, message: Message) -> None:
         """Route one message: answer a call, or hand an event to the hook. Reader side."""
@@ -370,8 +391,8 @@ class JsonRpcProtocol:
             if not pending.future.done():
                 pending.future.set_exception(ConnectionLost(lost.reason))
         self._pending.clear()
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.close()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
         log.debug("disconnected from %s: %s", self._path, lost)
         try:
             self._on_disconnect(None if voluntary else lost)

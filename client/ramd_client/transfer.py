@@ -6,6 +6,12 @@ answer in the client's own message bound. :func:`chunk_size` picks the largest c
 all three; :func:`read_range` and :func:`write_range` keep ``window`` chunk requests in
 flight on one connection, so the memory held is about ``window`` chunks whatever the length.
 
+Memory: the first transfer fixes glibc's ``malloc`` thresholds for the whole process as the
+daemon does (:func:`ramd.heap.keep_large_buffers`: buffers up to 32 MiB come from the heap and
+are reused, instead of being mapped afresh, and faulted in page by page, for every chunk), and
+each transfer hands the heap's free pages back to the kernel when it ends
+(:func:`ramd.heap.trim`).
+
 All functions run on the caller side.
 """
 
@@ -23,6 +29,7 @@ from collections.abc import (
     Mapping,
 )
 
+from ramd import heap
 from ramd_client.client import AsyncClient
 
 __all__ = ["WINDOW", "chunk_size", "read_range", "write_range"]
@@ -63,6 +70,17 @@ async def transfer_chunk(client: AsyncClient) -> int:
     return chunk_size(stats.limits, client.max_message_size)
 
 
+_heap_kept = False
+
+
+def _keep_large_buffers() -> None:
+    """Fix the process's malloc thresholds, once (see the module docstring)."""
+    global _heap_kept
+    if not _heap_kept:
+        heap.keep_large_buffers()
+        _heap_kept = True
+
+
 async def _drain(tasks: Iterable[asyncio.Task[object]]) -> None:
     """Cancel ``tasks`` and wait for them, swallowing their outcome."""
     pending = list(tasks)
@@ -95,6 +113,7 @@ async def read_range(
     end = offset + length
     position = offset
     inflight: deque[asyncio.Task[bytes]] = deque()
+    _keep_large_buffers()
     try:
         while position < end or inflight:
             while position < end and len(inflight) < window:
@@ -104,6 +123,7 @@ async def read_range(
             yield await inflight.popleft()
     finally:
         await _drain(inflight)
+        heap.trim()
 
 
 async def _rechunk(
@@ -165,6 +185,7 @@ async def write_range(
     if chunk < 1 or window < 1:
         raise ValueError("chunk and window must be positive")
     pieces = _rechunk([source] if isinstance(source, bytes) else source, chunk)
+    _keep_large_buffers()
     position = offset
     written = 0
     inflight: deque[asyncio.Task[int]] = deque()
@@ -194,4 +215,5 @@ async def write_range(
         raise
     finally:
         await pieces.aclose()
+        heap.trim()
     return written

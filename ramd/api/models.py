@@ -60,10 +60,21 @@ def _power_of_two(value: int) -> int:
     return value
 
 
+class DecodedBase64:
+    """A JSON string of base64 text that the transport decoded (and validated) as it parsed
+    the request, ``data`` the bytes it stands for (see ramd.transport.bulk). JSON itself
+    never yields one."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 def _base64(value: object) -> bytes:
-    # A memoryview is the text of a JSON string the transport did not decode (ASCII without
-    # escapes, see ramd.transport.bulk); JSON itself never yields one.
-    if not isinstance(value, str | memoryview):
+    if type(value) is DecodedBase64:
+        return value.data
+    if not isinstance(value, str):
         raise PydanticCustomError("string_type", "Input should be a valid string")
     try:
         return pybase64.b64decode(value, validate=True)

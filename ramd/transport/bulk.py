@@ -4,14 +4,16 @@ A chunk of a bulk write is one JSON text of several MiB, nearly all of it the ba
 ``params.data``. Decoding it the usual way copies that string twice (bytes to str, then the
 JSON string into its own str) and scans it once more, only for the base64 decoder to read it
 again. :func:`loads` instead parses the text with that string replaced by a short
-placeholder and puts a ``memoryview`` of the original bytes in its place, which the argument
-model's base64 validator decodes directly (see ``ramd.api.models``).
+placeholder, decodes the base64 straight from the original bytes and puts the result in its
+place, as a :class:`ramd.api.models.DecodedBase64` that the argument model takes as is.
 
 It changes nothing a client can see: whenever the result could differ from
 :func:`ramd.transport.jsontext.loads` of the whole text (not a JSON-RPC ``ram-block-write``
-object, the long string not exactly ``params.data``, escapes, non-ASCII bytes, a parse error
-whose wording names a position, a duplicate member), the whole text is parsed as usual. Control
-characters cannot occur in the string: the splitter ends a message at the first one.
+object, the long string not exactly ``params.data``, escapes, a parse error whose wording names
+a position, a duplicate member, data that is not valid base64: the plain path words that
+error, or the parse error of bytes that are not UTF-8), the whole text is parsed as usual. A
+valid base64 string holds only ASCII letters, digits, ``+``, ``/`` and ``=``: it means the
+same as a JSON string as it does as bytes.
 
 Loop thread, no state.
 """
@@ -20,6 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pybase64
+
+from ramd.api.models import DecodedBase64
 from ramd.transport import jsontext
 from ramd.transport.splitter import long_string
 
@@ -32,8 +37,9 @@ _PLACEHOLDER_BYTES = _PLACEHOLDER.encode()
 def loads(message: bytes | bytearray) -> Any:
     """The JSON text ``message`` as Python data, as :func:`ramd.transport.jsontext.loads`
     gives it, except that a large ``params.data`` of a ``ram-block-write`` request is a
-    ``memoryview`` of its ASCII bytes in ``message`` (which must then not change)."""
-    if len(message) < BULK_FROM or not message.isascii():
+    :class:`~ramd.api.models.DecodedBase64` of the bytes its base64 text stands for.
+    ``message`` is not referenced once this returns."""
+    if len(message) < BULK_FROM:
         return jsontext.loads(message)
     span = long_string(message, len(message) // 2)
     if span is None:
@@ -53,5 +59,9 @@ def loads(message: bytes | bytearray) -> Any:
         or params.get("data") != _PLACEHOLDER
     ):
         return jsontext.loads(message)
-    params["data"] = memoryview(message)[start:end]
+    try:
+        with memoryview(message) as view:
+            params["data"] = DecodedBase64(pybase64.b64decode(view[start:end], validate=True))
+    except ValueError:  # binascii.Error is one: let the plain path word the error
+        return jsontext.loads(message)
     return obj
