@@ -1,7 +1,9 @@
-"""What a shell user waits for: ``ramctl`` start-up and bulk ``ramctl write`` / ``read``.
+"""What a shell user waits for: ``ramctl`` start-up and bulk ``ramctl write`` / ``read``, and
+the same transfers through the client library (bench/libtransfer.py).
 
 ``ramctl`` is the console script installed next to the interpreter running the benchmark (the
-worktree's venv); every run is a fresh process, timed from spawn to exit.
+worktree's venv); every run is a fresh process, timed from spawn to exit (the library's runs:
+the transfer itself, as the process reports it; CPU seconds are the whole process's).
 """
 
 from __future__ import annotations
@@ -79,11 +81,12 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _timed(cmd: list[str], pid: int, size: int, **kw: object) -> Transfer:
+def _timed(cmd: list[str], pid: int, size: int, reported: bool = False, **kw: object) -> Transfer:
+    """Run ``cmd``; with ``reported``, its wall time is the number it prints."""
     c0, s0 = _children_cpu(), cpu_seconds(pid)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
-    wall = time.perf_counter() - t0
+    out = subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
+    wall = float(out.stdout) if reported else time.perf_counter() - t0
     return Transfer(size, wall, _children_cpu() - c0, cpu_seconds(pid) - s0)
 
 
@@ -97,26 +100,46 @@ def make_file(path: Path, size: int) -> None:
             f.write(pattern[: min(MiB, size - i)])
 
 
-def bulk(sock: Path, pid: int, src: Path, size: int) -> tuple[Transfer, Transfer]:
-    """``ramctl write`` of ``src`` (``size`` bytes) into a fresh block, then ``ramctl read`` of
-    it to /dev/null; then a spot check that the last MiB read back equals the file's. The
-    block is deleted at the end."""
+LIBRARY = str(Path(__file__).resolve().parent / "libtransfer.py")
+
+
+def bulk(sock: Path, pid: int, src: Path, size: int) -> dict[str, Transfer]:
+    """``ramctl write`` of ``src`` (``size`` bytes) into a fresh block, ``ramctl read`` of it
+    to /dev/null, then the same through the library (bench/libtransfer.py: ``write_range`` of
+    the file's bytes into a second fresh block, ``read_range`` of it); then a spot check that
+    the last MiB of each block equals the file's. The blocks are deleted at the end."""
     c = Conn(sock)
     c.call("ram-block-add", {"id": "bulk", "size": size})
+    c.call("ram-block-add", {"id": "bulk-lib", "size": size})
     try:
         base = [*ramctl(), "--socket", str(sock)]
-        w = _timed(
-            [*base, "write", "bulk", "0", "-i", str(src)], pid, size, stdout=subprocess.DEVNULL
-        )
-        r = _timed([*base, "read", "bulk", "0", str(size)], pid, size, stdout=subprocess.DEVNULL)
-        check = subprocess.run(
-            [*base, "read", "bulk", str(size - MiB), str(MiB)], check=True, capture_output=True
-        ).stdout
+        lib = [sys.executable, LIBRARY, str(sock)]
+        quiet = {"stdout": subprocess.DEVNULL}
+        got = {
+            "ramctl write -i FILE": _timed(
+                [*base, "write", "bulk", "0", "-i", str(src)], pid, size, **quiet
+            ),
+            "ramctl read > /dev/null": _timed(
+                [*base, "read", "bulk", "0", str(size)], pid, size, **quiet
+            ),
+            "library write_range (bytes)": _timed(
+                [*lib, "write", "bulk-lib", str(src)], pid, size, True, capture_output=True
+            ),
+            "library read_range": _timed(
+                [*lib, "read", "bulk-lib", str(size)], pid, size, True, capture_output=True
+            ),
+        }
         with open(src, "rb") as f:
             f.seek(size - MiB)
-            if f.read() != check:
-                raise RuntimeError("ramctl read returned other bytes than ramctl write wrote")
+            want = f.read()
+        for block in ("bulk", "bulk-lib"):
+            check = subprocess.run(
+                [*base, "read", block, str(size - MiB), str(MiB)], check=True, capture_output=True
+            ).stdout
+            if check != want:
+                raise RuntimeError(f"block {block} holds other bytes than were written")
     finally:
         c.call("ram-block-del", {"id": "bulk"})
+        c.call("ram-block-del", {"id": "bulk-lib"})
         c.close()
-    return w, r
+    return got

@@ -2,6 +2,6 @@
 
 import sys
 
-from ramd.cli import main
+from ramd.slim import main
 
 sys.exit(main())

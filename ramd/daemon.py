@@ -86,7 +86,7 @@ async def serve(
     # json.loads recurses once per nesting level; let it reach the configured depth (the
     # splitter refuses anything deeper before it is parsed).
     sys.setrecursionlimit(max(sys.getrecursionlimit(), config.limits.max_depth + 1000))
-    heap.return_large_buffers()
+    heap.keep_large_buffers()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = HostLimits()
@@ -121,6 +121,7 @@ async def serve(
             meminfo_total(),
             ", ".join(f"{c.cgroup} {c.limit}" for c in host.cgroup_limits()) or "none",
         )
+        heap.trim()  # what start-up allocated and freed (imports, adoption) goes back
         watchdog = _start_watchdog()
         await stop.wait()
         if watchdog is not None:

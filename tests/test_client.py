@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import os
 import signal
 import threading
@@ -532,6 +533,59 @@ async def test_read_and_write_range_split_under_tight_limits(
     assert back == data
     with pytest.raises(RamdError):
         await write_range(c, "ram0", 4 * MiB - 10, data)
+
+
+async def test_bulk_round_trip_at_the_default_limits_keeps_every_byte(
+    daemon: Daemon, aconnect: Connect
+) -> None:
+    size = 3 * 4 * MiB + 12345  # whole default chunks and a ragged tail, at an odd offset
+    c = await aconnect(daemon.path)
+    await c.ram_block_add("bulk", 16 * MiB)
+    data = os.urandom(size)
+    assert await write_range(c, "bulk", 4097, data) == size
+    digest = hashlib.sha256()
+    async for piece in read_range(c, "bulk", 4097, size):
+        digest.update(piece)
+    assert digest.digest() == hashlib.sha256(data).digest()
+    assert await c.ram_block_read("bulk", 4096, 1) == b"\0"
+
+
+async def test_a_source_that_reuses_its_buffer_is_written_as_it_was(
+    daemon: Daemon, aconnect: Connect
+) -> None:
+    c = await aconnect(daemon.path)
+    await c.ram_block_add("bulk", 8 * MiB)
+    pieces = [os.urandom(n) for n in (MiB, 3 * MiB + 5, 2 * MiB, 7)]
+    shared = bytearray()
+
+    def source() -> Iterator[bytearray]:
+        for piece in pieces:  # the same buffer each time, overwritten after each yield
+            shared[:] = piece
+            yield shared
+
+    written = await write_range(c, "bulk", 0, source(), chunk=MiB + 1)
+    data = b"".join(pieces)
+    assert written == len(data)
+    assert b"".join([p async for p in read_range(c, "bulk", 0, len(data))]) == data
+
+
+async def test_pipelined_writes_stop_at_the_first_refused_chunk(
+    daemon: Daemon, aconnect: Connect
+) -> None:
+    c = await aconnect(daemon.path)
+    await c.ram_block_add("bulk", 2 * MiB)
+    chunk = 256 * 1024
+    data = os.urandom(3 * MiB)  # chunk 8 (from 2 MiB on) runs past the end; 4 in flight
+    done: list[int] = []
+    with pytest.raises(RamdError, match="Range out of bounds"):
+        await write_range(c, "bulk", 0, data, chunk=chunk, window=4, progress=done.append)
+    assert sum(done) == 2 * MiB  # every chunk before the refusal landed
+    back = b"".join([p async for p in read_range(c, "bulk", 0, 2 * MiB, chunk=chunk)])
+    assert back == data[: 2 * MiB]
+    with pytest.raises(RamdError):  # a read refused in the middle of a pipelined range
+        async for _ in read_range(c, "bulk", MiB, 2 * MiB, chunk=chunk, window=4):
+            pass
+    assert (await c.query_version()).package.startswith("ramd")
 
 
 # -- the synchronous client --------------------------------------------------------------------

@@ -146,6 +146,37 @@ def test_read_write_discard(rpc: Raw) -> None:
     assert base64.b64decode(zeros) == bytes(2 * PAGE)
 
 
+def _bulk_write(req_id: int, offset: int, data: bytes) -> bytes:
+    head = b'{"jsonrpc":"2.0","method":"ram-block-write","id":%d,' % req_id
+    return head + b'"params":{"id":"m","offset":%d,"data":"%s"}}' % (offset, data)
+
+
+def test_pipelined_bulk_writes_answer_in_order_around_refused_ones(rpc: Raw) -> None:
+    """Large writes sent at once (the daemon's bulk parse): each is answered in order; a
+    refused one in the middle changes nothing and the ones after it still run."""
+    rpc.call("ram-block-add", id="m", size=4 * 1024 * 1024)
+    first, last = bytes([1]) * 1024 * 1024, bytes([3]) * 1024 * 1024
+    bad = base64.b64encode(bytes([2]) * 1024 * 1024)
+    rpc.send(
+        _bulk_write(1, 0, base64.b64encode(first))
+        + _bulk_write(2, 1024 * 1024, bad[:1000] + b"*" + bad[1001:])  # not base64
+        + _bulk_write(3, 1024 * 1024, bad[:1000] + b"\xff" + bad[1001:])  # not UTF-8
+        + _bulk_write(4, 4 * 1024 * 1024 - 10, bad)  # past the end
+        + _bulk_write(5, 2 * 1024 * 1024, base64.b64encode(last))
+    )
+    answers = [rpc.reply() for _ in range(5)]
+    assert answers[0] == {"jsonrpc": "2.0", "result": {"written": len(first)}, "id": 1}
+    assert answers[1]["id"] == 2 and answers[1]["error"]["code"] == -32602
+    assert answers[1]["error"]["message"].startswith("data: ")
+    assert answers[2]["id"] is None and answers[2]["error"]["code"] == -32700
+    assert answers[3]["id"] == 4 and answers[3]["error"]["message"].startswith("Range out of")
+    assert answers[4] == {"jsonrpc": "2.0", "result": {"written": len(last)}, "id": 5}
+    got = base64.b64decode(
+        rpc.call("ram-block-read", id="m", offset=0, length=3 * 1024 * 1024)["data"]
+    )
+    assert got == first + bytes(1024 * 1024) + last
+
+
 @pytest.mark.parametrize(
     ("method", "args"),
     [

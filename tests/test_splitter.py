@@ -20,7 +20,7 @@ from ramd.transport.splitter import (
     stray_error,
 )
 
-Item = bytes | SplitError
+Item = bytes | bytearray | SplitError
 
 
 def feed_all(splitter: JsonSplitter, chunks: Iterable[bytes]) -> list[Item]:
@@ -419,7 +419,8 @@ def test_property_stream_of_json_texts(
         assert s.pending() == len(texts[-1])
         out += s.feed(b"\n")
     assert out == texts
-    assert [json.loads(t) for t in out if isinstance(t, bytes)] == [json.loads(t) for t in texts]
+    parsed = [json.loads(t) for t in out if isinstance(t, bytes | bytearray)]
+    assert parsed == [json.loads(t) for t in texts]
     assert s.pending() == 0
 
 
@@ -450,7 +451,7 @@ def test_property_any_bytes(data: bytes, points: list[int], limit: tuple[int, in
     assert normalized(out) == expected
     assert s.pending() == expected_pending
     for item in out:
-        if isinstance(item, bytes):
+        if isinstance(item, bytes | bytearray):
             assert 0 < len(item) <= max_size
             assert item == item.strip(b" \t\r\n")
 
@@ -470,4 +471,4 @@ def test_json_loads_round_trip_of_mixed_stream() -> None:
     data = "".join(json.dumps(v) for v in values).encode() + b"\n"
     s = JsonSplitter()
     out = feed_all(s, bytewise(data))
-    assert [json.loads(t) for t in out if isinstance(t, bytes)] == values
+    assert [json.loads(t) for t in out if isinstance(t, bytes | bytearray)] == values

@@ -15,7 +15,6 @@ reader task (the **reader side**) only routes answers and events; see
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import logging
 import os
@@ -23,6 +22,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
+import pybase64
 from pydantic import BaseModel, ValidationError
 
 from ramd.api import models as m
@@ -34,7 +34,7 @@ from ramd_client.error import (
     RamdClientError,
 )
 from ramd_client.events import MAX_QUEUE, MAX_REPLAY, Event, EventStream, check_names
-from ramd_client.message import Notification
+from ramd_client.message import Notification, Spliced
 from ramd_client.protocol import MAX_MESSAGE_SIZE, MAX_PENDING, JsonRpcProtocol, Trace
 
 __all__ = ["AsyncClient", "connect"]
@@ -174,7 +174,7 @@ class AsyncClient(JsonRpcProtocol):
         params = wire_params(m.RamBlockReadArgs, id=id, offset=offset, length=length)
         result = parse_result(m.ReadResult, await self.call("ram-block-read", params))
         try:
-            return base64.b64decode(result.data, validate=True)
+            return pybase64.b64decode(result.data, validate=True)
         except (binascii.Error, ValueError):
             raise ProtocolError("ram-block-read returned data that is not base64") from None
 
@@ -183,7 +183,7 @@ class AsyncClient(JsonRpcProtocol):
     ) -> int:
         """``ram-block-write``: write ``data`` at ``offset``; returns the bytes written.
         At most ``io-chunk`` bytes per call (see :func:`ramd_client.transfer.write_range`)."""
-        encoded = base64.b64encode(data).decode("ascii")
+        encoded = Spliced(pybase64.b64encode(data))  # base64: nothing to escape
         params = wire_params(m.RamBlockWriteArgs, id=id, offset=offset, data=encoded)
         return parse_result(m.WriteResult, await self.call("ram-block-write", params)).written
 

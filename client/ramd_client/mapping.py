@@ -20,7 +20,6 @@ daemon). Thread: the owner of a :class:`Mapping` serialises its calls.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap as _mm
 import os
 
@@ -31,7 +30,7 @@ _MAP_NORESERVE = getattr(_mm, "MAP_NORESERVE", 0x4000)
 _PROT_NONE = 0
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own C library (dlopen(NULL))
 _mmap_fn = _libc.mmap
 _mmap_fn.restype = ctypes.c_void_p
 _mmap_fn.argtypes = [

@@ -37,6 +37,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -56,9 +57,10 @@ from ramd_client.message import (
     Notification,
     Response,
     decode,
-    encode_request,
+    plain,
     refusal,
     request,
+    request_parts,
 )
 
 __all__ = ["MAX_MESSAGE_SIZE", "MAX_PENDING", "JsonRpcProtocol", "Runstate", "Trace"]
@@ -73,6 +75,11 @@ logging.getLogger("ramd_client").addHandler(logging.NullHandler())
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 #: Default bound of calls in flight on one connection.
 MAX_PENDING = 64
+
+#: Send buffer asked for on the socket (the kernel caps it at ``net.core.wmem_max``): a bulk
+#: write's request of several MiB goes to the kernel in a few writes, not hundreds of turns.
+SEND_BUFFER = 4 * 1024 * 1024
+_VIEW_FROM = 64 * 1024
 
 #: A message tracer: called with ``"send"`` and each request object just before it is
 #: written (caller side), and with ``"recv"`` and each decoded message (reader side).
@@ -163,6 +170,9 @@ class JsonRpcProtocol:
             self._lost = ConnectionLost("never connected")
             raise ConnectError(self._path, e.strerror or str(e), e.errno) from None
         self._reader, self._writer = reader, writer
+        with contextlib.suppress(OSError, AttributeError):
+            sock = writer.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._runstate = Runstate.RUNNING
         self._reader_task = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"ramd_client reader {self._path}"
@@ -244,8 +254,10 @@ class JsonRpcProtocol:
             self._pending[req_id] = _Pending(future, on_result)
             try:
                 if self.trace is not None:
-                    self.trace("send", obj)
-                writer.write(encode_request(obj))
+                    self.trace("send", plain(obj))
+                for part in request_parts(obj):
+                    # a view: the transport then copies only what the socket did not take
+                    writer.write(memoryview(part) if len(part) > _VIEW_FROM else part)
                 # A failed write: the reader side sees the end too and fails the future.
                 with contextlib.suppress(ConnectionError, OSError):
                     await writer.drain()

@@ -108,8 +108,13 @@ async def read_range(
 
 async def _rechunk(
     source: AsyncIterable[bytes] | Iterable[bytes], chunk: int
-) -> AsyncGenerator[bytes, None]:
-    """``source``'s bytes again, in pieces of exactly ``chunk`` bytes (the last shorter)."""
+) -> AsyncGenerator[bytes | memoryview, None]:
+    """``source``'s bytes again, in pieces of exactly ``chunk`` bytes (the last shorter).
+
+    Whole chunks of a ``bytes`` piece are views of it, not copies (it cannot change); other
+    pieces are copied first, so a source may reuse (and resize) its buffer once the next
+    piece is asked for. At most one partial chunk is held here.
+    """
     buffer = bytearray()
 
     async def pieces() -> AsyncIterator[bytes]:
@@ -121,10 +126,19 @@ async def _rechunk(
                 yield piece
 
     async for piece in pieces():
-        buffer += piece
-        while len(buffer) >= chunk:
-            yield bytes(buffer[:chunk])
-            del buffer[:chunk]
+        view = memoryview(piece if type(piece) is bytes else bytes(piece))
+        if buffer:  # complete the chunk begun by earlier pieces
+            take = chunk - len(buffer)
+            buffer += view[:take]
+            view = view[take:]
+            if len(buffer) < chunk:
+                continue
+            yield bytes(buffer)
+            buffer.clear()
+        whole = len(view) - len(view) % chunk
+        for start in range(0, whole, chunk):
+            yield view[start : start + chunk]
+        buffer += view[whole:]
     if buffer:
         yield bytes(buffer)
 

@@ -4,8 +4,8 @@ ended as an :class:`~ramd.api.outcome.Outcome`.
 Dialect-independent. Nothing a client sends makes :func:`call` raise: refusals are
 :class:`~ramd.api.outcome.Failed`, bad arguments :class:`~ramd.api.outcome.BadArguments`,
 unknown names :class:`~ramd.api.outcome.NotFound`, bugs :class:`~ramd.api.outcome.Internal`
-(logged with their traceback). A handler that must wait returns an awaitable; it becomes a
-:class:`~ramd.api.outcome.Pending` whose result is mapped the same way.
+(logged with their traceback). A handler that must wait returns a coroutine or a future;
+it becomes a :class:`~ramd.api.outcome.Pending` whose result is mapped the same way.
 
 Logging: each refusal of a peer's request is logged once at INFO with the peer and the
 reason, rate-limited per session; each successful change (commands marked ``audit``) is one
@@ -14,10 +14,11 @@ audit line with the peer's pid and uid. Names chosen by clients are logged with 
 
 from __future__ import annotations
 
-import inspect
+import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import replace
+from types import CoroutineType
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -30,6 +31,9 @@ from ramd.errors import RamdError
 
 log = logging.getLogger("ramd.requests")
 audit = logging.getLogger("ramd.audit")
+
+#: What a handler that must wait returns (an ``async def`` helper's coroutine, or a future).
+_AWAITABLES = (CoroutineType, asyncio.Future)
 
 _NO_MEMORY = Failed("GenericError", "Cannot allocate memory for this request")
 
@@ -58,7 +62,7 @@ def call(session: Session, name: str, params: dict[str, Any]) -> Outcome:
     except Exception:
         log.exception("internal error in %s", name)
         return Internal()
-    if inspect.isawaitable(result):
+    if isinstance(result, _AWAITABLES):
         return Pending(_settle(session, name, params, cmd.audit, result))
     if cmd.audit:
         _audit(session, name, params)

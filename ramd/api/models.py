@@ -8,10 +8,10 @@ of the wrong JSON type (no coercion of ``"1"`` to ``1`` or ``1`` to ``true``).
 
 from __future__ import annotations
 
-import base64
 import binascii
 from typing import Annotated, Any, Literal
 
+import pybase64
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -61,10 +61,12 @@ def _power_of_two(value: int) -> int:
 
 
 def _base64(value: object) -> bytes:
-    if not isinstance(value, str):
+    # A memoryview is the text of a JSON string the transport did not decode (ASCII without
+    # escapes, see ramd.transport.bulk); JSON itself never yields one.
+    if not isinstance(value, str | memoryview):
         raise PydanticCustomError("string_type", "Input should be a valid string")
     try:
-        return base64.b64decode(value, validate=True)
+        return pybase64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("not valid base64") from None
 

@@ -14,10 +14,14 @@ from typing import Any
 from pydantic_core import ErrorDetails
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Done:
     """Success. ``value`` is JSON-ready data, or ``raw`` the result already encoded as
-    ASCII JSON (large listings are spliced in, not encoded again)."""
+    ASCII JSON (large listings are spliced in, not encoded again).
+
+    Never changed once made, like the other outcomes, but not frozen: one is made per
+    successful call, and a frozen dataclass sets each field through ``object.__setattr__``
+    (three times the cost)."""
 
     value: Any = None
     raw: bytes | None = None

@@ -8,7 +8,6 @@ Linux-only calls and flags live in :mod:`ramd.hostmem.linux`.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap as _mmap
 import os
@@ -24,7 +23,10 @@ MAP_ANONYMOUS = _mmap.MAP_ANONYMOUS
 MAP_FIXED = 0x10
 MAP_FAILED = ctypes.c_void_p(-1).value
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+#: The C library the interpreter runs on: ``dlopen(NULL)`` (POSIX) gives the symbols the
+#: process already has, without ``ctypes.util.find_library`` (which imports shutil and
+#: tempfile, and with them the compression modules: half a MiB of the idle daemon).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 _mmap_fn = _libc.mmap
 _mmap_fn.restype = ctypes.c_void_p

@@ -7,7 +7,8 @@ socket, owns its transport, splitter, :class:`~ramd.transport.output.Output`,
 Reading: asyncio's transports cannot receive file descriptors (``SCM_RIGHTS``, QEMU's
 ``getfd``), so the transport's own reading is paused for good and the connection reads with
 ``recvmsg_into`` on a duplicate of the socket, registered with the loop's ``add_reader``
-(both event loops support it), into one reusable buffer. Received fds wait in a small
+(both event loops support it), into the server's one read buffer (see :func:`read_buffer`;
+each read is copied out before the callback returns). Received fds wait in a small
 bounded queue for the ``getfd`` that names them; extra ones are closed at once. Writing stays
 with the transport (:class:`~ramd.transport.output.Output`).
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import mmap
 import os
 import socket
 import time
@@ -39,6 +41,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
+from ramd import heap
 from ramd.api.events import Event
 from ramd.api.service import Session
 from ramd.transport.dialect import Dialect
@@ -54,14 +57,24 @@ DialectFactory = Callable[[Session], Dialect]
 
 log = logging.getLogger("ramd.connection")
 
-#: Size of the reusable read buffer of each connection.
-READ_BUFFER = 16 * 1024
+#: Size of the read buffer all connections of a server share: a read takes up to this much
+#: (a few reads per bulk message of megabytes, not hundreds).
+READ_BUFFER = 256 * 1024
+#: A connection that received or answered more bytes than this hands the heap's free pages
+#: back to the kernel when it closes (see :mod:`ramd.heap`).
+TRIM_AFTER = 1024 * 1024
 #: Seconds a refused connection is kept half-closed so that the peer reads its refusal.
 REFUSAL_LINGER = 2.0
 #: Received fds kept for ``getfd`` at once; more are closed on arrival.
 MAX_RECEIVED_FDS = 4
 _ANCILLARY = socket.CMSG_SPACE(MAX_RECEIVED_FDS * array.array("i").itemsize)
-_NO_BUFFER = memoryview(bytearray(READ_BUFFER))
+
+
+def read_buffer() -> memoryview:
+    """A read buffer for the connections of one server (one event loop: the loop thread
+    reads one socket at a time and copies the bytes out at once). Anonymous memory, so only
+    the pages reads have reached count in the daemon's RSS."""
+    return memoryview(mmap.mmap(-1, READ_BUFFER))
 
 
 class Connection(asyncio.Protocol):
@@ -74,7 +87,6 @@ class Connection(asyncio.Protocol):
         self._splitter: JsonSplitter | None = JsonSplitter(
             limits.max_message_size, limits.max_depth
         )
-        self._read_buffer = memoryview(bytearray(READ_BUFFER))
         self._read_paused = False
         self._sock: socket.socket | None = None
         self._received_fds: deque[int] = deque()
@@ -87,6 +99,7 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._last_request = time.monotonic()
+        self._bytes_in = 0
         self.task: asyncio.Task[None] | None = None
         self.dialect: Dialect | None = None
         self.output: Output | None = None
@@ -145,7 +158,8 @@ class Connection(asyncio.Protocol):
         if sock is None:
             return
         try:
-            nbytes, ancillary, _flags, _ = sock.recvmsg_into([self._read_buffer], _ANCILLARY)
+            buffer = self.server.read_buffer
+            nbytes, ancillary, _flags, _ = sock.recvmsg_into([buffer], _ANCILLARY)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -160,7 +174,7 @@ class Connection(asyncio.Protocol):
             self._stop_reading()
             self._eof_received()
         else:
-            self._received(bytes(self._read_buffer[:nbytes]))
+            self._received(bytes(buffer[:nbytes]))
 
     def _keep_fds(self, fds: Sequence[int]) -> None:
         for fd in fds:
@@ -200,6 +214,7 @@ class Connection(asyncio.Protocol):
         if self.closed or pipeline is None or splitter is None:
             return  # refused (input dropped) or closing
         self._last_request = time.monotonic()
+        self._bytes_in += len(data)
         try:
             for item in splitter.feed(data):
                 pipeline.push(item)
@@ -240,12 +255,15 @@ class Connection(asyncio.Protocol):
             os.close(self._received_fds.popleft())
         if self.dialect is not None:
             self.dialect.session.close()
+        moved = self._bytes_in
         if self.output is not None:
+            moved += self.output.bytes_out
             self.output.close()
         if self.pipeline is not None:
             self.pipeline.clear()
         self._splitter = None
-        self._read_buffer = _NO_BUFFER
+        if moved > TRIM_AFTER:
+            heap.trim()
         self.wake()
         self.server.forget(self)
         if not self._refused:

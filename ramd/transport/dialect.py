@@ -3,9 +3,11 @@
 A dialect turns one complete JSON text into either its answer right away (bytes, or None for
 nothing to send: a notification) or a :class:`Plan`: the calls that text asks for, run one at
 a time by the pipeline, each :class:`~ramd.api.outcome.Outcome` formatted by the dialect, and
-the answer assembled at the end. A dialect also words splitter errors and refusals, encodes
-events and may greet. It owns the connection's :class:`~ramd.api.service.Session`.
-Loop thread only; one dialect object per connection.
+the answer assembled at the end. A text that asks for a single call (the common case) may run
+it in :meth:`Dialect.handle` and answer at once; only when its outcome is pending, or carries
+fds, does it become a one-step plan that starts with that outcome. A dialect also words
+splitter errors and refusals, encodes events and may greet. It owns the connection's
+:class:`~ramd.api.service.Session`. Loop thread only; one dialect object per connection.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Dialect(Protocol):
         """Bytes to send when the connection opens."""
         ...
 
-    def handle(self, message: bytes) -> Reply | Plan:
+    def handle(self, message: bytes | bytearray) -> Reply | Plan:
         """The answer to one JSON text, or the plan of the calls it asks for."""
         ...
 

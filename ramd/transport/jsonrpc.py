@@ -26,7 +26,7 @@ from ramd.api.commands import COMMANDS
 from ramd.api.events import Event
 from ramd.api.outcome import BadArguments, Done, Failed, Internal, NotFound, Outcome, Pending
 from ramd.api.service import Session
-from ramd.transport import jsontext
+from ramd.transport import bulk, jsontext
 from ramd.transport.dialect import Plan, Reply
 from ramd.transport.jsonrpc_core import NOID, Request, Success
 from ramd.transport.jsonrpc_core import call as jsonrpc_call
@@ -121,34 +121,39 @@ def run_call(session: Session, obj: dict[str, Any]) -> Outcome:
 _OUTCOMES = (Done, Failed, BadArguments, NotFound, Internal, Pending)
 
 
+def _single_answer(obj: dict[str, Any], outcome: Outcome) -> bytes | None:
+    """The answer to one request object (None for a notification)."""
+    if "id" not in obj:
+        return None
+    req_id = obj["id"]
+    if isinstance(outcome, Done) and outcome.raw is not None:
+        if type(req_id) is int:  # the usual id: no encoder needed
+            return b'{"jsonrpc":"2.0","result":%s,"id":%d}\n' % (outcome.raw, req_id)
+        wire_id = _dumps(req_id).encode("utf-8", "backslashreplace")
+        return b'{"jsonrpc":"2.0","result":%s,"id":%s}\n' % (outcome.raw, wire_id)
+    return _line(response(outcome, req_id))
+
+
 class _Single:
-    """The plan of one request object with a known method and by-name params."""
+    """The plan of one request object whose call did not end at once: its outcome is
+    pending (work in a thread) or carries fds, which the pipeline sends with the answer."""
 
-    __slots__ = ("_obj", "_ran", "_session", "answer", "fds")
+    __slots__ = ("_first", "_obj", "answer", "fds")
 
-    def __init__(self, session: Session, obj: dict[str, Any]) -> None:
-        self._session = session
+    def __init__(self, obj: dict[str, Any], first: Outcome) -> None:
         self._obj = obj
-        self._ran = False
+        self._first: Outcome | None = first
         self.answer: bytes | None = None
         self.fds: list[int] = []
 
     def step(self) -> Outcome | None:
-        if self._ran:
-            return None
-        self._ran = True
-        return run_call(self._session, self._obj)
+        first, self._first = self._first, None
+        return first
 
     def record(self, outcome: Outcome) -> None:
-        if isinstance(outcome, Done) and outcome.fds:
-            self.fds.extend(outcome.fds)
-        if "id" not in self._obj:
-            return
-        if isinstance(outcome, Done) and outcome.raw is not None:
-            req_id = _dumps(self._obj["id"]).encode("utf-8", "backslashreplace")
-            self.answer = b'{"jsonrpc":"2.0","result":%s,"id":%s}\n' % (outcome.raw, req_id)
-        else:
-            self.answer = _line(response(outcome, self._obj["id"]))
+        if isinstance(outcome, Done):
+            self.fds.extend(outcome.fds)  # closed by the pipeline if there is no answer
+        self.answer = _single_answer(self._obj, outcome)
 
     def finish(self) -> Reply:
         return self.answer
@@ -295,16 +300,20 @@ class JsonRpcDialect:
             event.encoded[key] = wire
         return wire
 
-    def handle(self, message: bytes) -> Reply | Plan:
+    def handle(self, message: bytes | bytearray) -> Reply | Plan:
         try:
-            obj = jsontext.loads(message)
+            small = len(message) < bulk.BULK_FROM
+            obj = jsontext.loads(message) if small else bulk.loads(message)
         except ValueError as e:
             return _line(_error(PARSE_ERROR, "Parse error", None, str(e)))
         if type(obj) is not list:
             immediate = _immediate(obj)
             if immediate is not None:
                 return _line(immediate) if immediate else None
-            return _Single(self.session, obj)
+            outcome = run_call(self.session, obj)
+            if isinstance(outcome, Pending) or (isinstance(outcome, Done) and outcome.fds):
+                return _Single(obj, outcome)
+            return _single_answer(obj, outcome)
         if not obj:
             return _line(_error(INVALID_REQUEST, "Invalid request", None, "empty batch"))
         limits = self.session.service.limits

@@ -11,6 +11,9 @@ sit in that queue is bounded:
 - live events: when ``subscriber-queue`` of them wait, the subscriber is too slow and is
   disconnected (``on_slow``), so nobody else waits for it and the daemon's memory stays bounded.
 
+A connection that receives a bulk answer (over ``BULK_ANSWER``) gets a larger kernel send
+buffer (``BULK_SEND_BUFFER``), so it can hold about one more answer in the kernel.
+
 File descriptors (``SCM_RIGHTS``) travel with the first byte of the message they belong to.
 asyncio's transports cannot send them, so that byte goes out with ``sendmsg`` on the raw
 socket (``send_fds``), which is only correct once everything handed to the transport before
@@ -24,12 +27,19 @@ Ownership and thread: owned by its connection; loop thread only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 
 #: Bytes in the transport's buffer above which the output counts as backed up.
 WRITE_HIGH_WATER = 256 * 1024
+#: An answer larger than this (a bulk read) raises the socket's send buffer to
+#: ``BULK_SEND_BUFFER`` (the kernel caps it at ``net.core.wmem_max``), so that the answer goes
+#: to the kernel in a few writes and the client reads it without waiting for the daemon.
+BULK_ANSWER = 1024 * 1024
+BULK_SEND_BUFFER = 4 * 1024 * 1024
 #: Seconds between tries when the socket itself is full as an fd is to be sent.
 FD_RETRY = 0.005
 
@@ -38,6 +48,7 @@ class Output:
     """The output side of one connection (see the module docstring)."""
 
     __slots__ = (
+        "_bulk",
         "_closed",
         "_events",
         "_limit",
@@ -47,6 +58,7 @@ class Output:
         "_send_fds",
         "_t",
         "_waiters",
+        "bytes_out",
     )
 
     def __init__(
@@ -66,6 +78,9 @@ class Output:
         self._paused = False
         self._closed = False
         self._waiters: list[asyncio.Future[None]] = []
+        #: Bytes of answers handed over so far (events not counted).
+        self.bytes_out = 0
+        self._bulk = False
 
     @property
     def backed_up(self) -> bool:
@@ -75,6 +90,12 @@ class Output:
     def write(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send ``data`` after everything handed over before it; ``fds`` (owned by the
         output from now on) go with its first byte."""
+        self.bytes_out += len(data)
+        if len(data) > BULK_ANSWER and not self._bulk:
+            self._bulk = True
+            sock = self._t.get_extra_info("socket")
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BULK_SEND_BUFFER)
         if self._closed:
             close_fds(fds)
             return

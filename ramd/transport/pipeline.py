@@ -55,15 +55,15 @@ class Pipeline:
     def __init__(self, dialect: Dialect, output: Output) -> None:
         self._dialect = dialect
         self._output = output
-        self.inbox: deque[bytes | SplitError] = deque()
+        self.inbox: deque[bytes | bytearray | SplitError] = deque()
         self.inbox_bytes = 0
         self._plan: Plan | None = None
         #: The outcome the plan in progress waits for; set only by :meth:`run`.
         self.pending: Pending | None = None
 
-    def push(self, item: bytes | SplitError) -> None:
+    def push(self, item: bytes | bytearray | SplitError) -> None:
         self.inbox.append(item)
-        self.inbox_bytes += len(item) if isinstance(item, bytes) else 0
+        self.inbox_bytes += 0 if isinstance(item, SplitError) else len(item)
 
     @property
     def full(self) -> bool:
@@ -77,20 +77,25 @@ class Pipeline:
     def run(self, budget: float = BUDGET, start: bool = True) -> State:
         """Advance: answer queued messages until nothing is queued, an outcome is pending,
         the output backs up, or ``budget`` seconds are spent (at least one call runs).
-        With ``start`` False, only the message in progress is finished (shutdown)."""
+        With ``start`` False, only the message in progress is finished (shutdown).
+
+        The output is checked before each message starts, so at most one answer waits in
+        it. The clock is read once per turn, after each call and after each message that
+        others wait behind."""
         if self.pending is not None:
             return State.PENDING
         deadline = time.perf_counter() + budget
         output = self._output
         dialect = self._dialect
+        inbox = self.inbox
         while True:
-            if output.backed_up:
-                return State.OUTPUT
             plan = self._plan
             if plan is None:
-                if not (self.inbox and start):
+                if output.backed_up:
+                    return State.OUTPUT
+                if not (inbox and start):
                     return State.IDLE
-                item = self.inbox.popleft()
+                item = inbox.popleft()
                 answer: bytes | Plan | None
                 try:
                     if isinstance(item, SplitError):
@@ -103,24 +108,26 @@ class Pipeline:
                 if answer is None or isinstance(answer, bytes):
                     if answer:
                         output.write(answer)
-                    if time.perf_counter() > deadline:
+                    if inbox and time.perf_counter() > deadline:
                         return State.YIELD
                     continue
                 self._plan = plan = answer
-            outcome = plan.step()
-            if outcome is None:
-                self._plan = None
-                reply = plan.finish()
-                if reply:
-                    output.write(reply, plan.fds)
-                else:
-                    close_fds(plan.fds)
-            elif isinstance(outcome, Pending):
-                self.pending = outcome
-                return State.PENDING
-            else:
+            elif output.backed_up:
+                return State.OUTPUT
+            while (outcome := plan.step()) is not None:
+                if isinstance(outcome, Pending):
+                    self.pending = outcome
+                    return State.PENDING
                 plan.record(outcome)
-            if time.perf_counter() > deadline:
+                if time.perf_counter() > deadline:
+                    return State.YIELD
+            self._plan = None
+            reply = plan.finish()
+            if reply:
+                output.write(reply, plan.fds)
+            else:
+                close_fds(plan.fds)
+            if inbox and time.perf_counter() > deadline:
                 return State.YIELD
 
     async def settle(self) -> None:

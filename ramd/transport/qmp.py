@@ -32,7 +32,7 @@ from ramd.api import dispatch
 from ramd.api.commands import version_triple
 from ramd.api.events import Event
 from ramd.api.models import QmpCapabilitiesArgs
-from ramd.api.outcome import BadArguments, Done, Failed, NotFound, Outcome
+from ramd.api.outcome import BadArguments, Done, Failed, NotFound, Outcome, Pending
 from ramd.api.service import Session
 from ramd.transport import jsontext
 from ramd.transport.dialect import Plan, Reply
@@ -87,14 +87,11 @@ def _greeting() -> bytes:
 _GREETING = _greeting()
 
 
-def parse(message: bytes) -> Any:
-    """One JSON text as Python data, strictly (no NaN, no Infinity, no float overflow, which
-    would not encode back). ``ValueError`` carries QEMU's wording: ``JSON parse error, ...``."""
-    try:
-        return jsontext.loads(message)
-    except ValueError as e:
-        reason = str(e)
-        raise ValueError(f"JSON parse error, {reason[:1].lower()}{reason[1:]}") from None
+def _parse_error_desc(error: ValueError) -> str:
+    """QEMU's wording of why a text is not JSON (:func:`ramd.transport.jsontext.loads`
+    refuses NaN, Infinity and float overflow too, which would not encode back)."""
+    reason = str(error)
+    return f"JSON parse error, {reason[:1].lower()}{reason[1:]}"
 
 
 def check_request(request: dict[str, Any]) -> str | None:
@@ -164,8 +161,11 @@ def _response(outcome: Outcome, name: str, req_id: Any) -> bytes:
             return _success(outcome.value, req_id)
         if not outcome.raw.isascii():  # QEMU's writer escapes non-ASCII: so do we
             return _success(json.loads(outcome.raw), req_id)
-        tail = b"" if req_id is _NO_ID else b',"id":' + _dumps(req_id).encode()
-        return b'{"return":%s%s}\r\n' % (outcome.raw, tail)
+        if req_id is _NO_ID:
+            return b'{"return":%s}\r\n' % outcome.raw
+        if type(req_id) is int:  # the usual id: no encoder needed
+            return b'{"return":%s,"id":%d}\r\n' % (outcome.raw, req_id)
+        return b'{"return":%s,"id":%s}\r\n' % (outcome.raw, _dumps(req_id).encode())
     if isinstance(outcome, Failed):
         return _error(outcome.error_class, outcome.desc, req_id)
     if isinstance(outcome, BadArguments):
@@ -176,24 +176,21 @@ def _response(outcome: Outcome, name: str, req_id: Any) -> bytes:
 
 
 class _Command:
-    """The plan of one ``execute``: one call."""
+    """The plan of one ``execute`` whose call did not end at once: its outcome is pending
+    (work in a thread) or carries fds, which the pipeline sends with the answer."""
 
-    __slots__ = ("_arguments", "_name", "_ran", "_req_id", "_session", "answer", "fds")
+    __slots__ = ("_first", "_name", "_req_id", "answer", "fds")
 
-    def __init__(self, session: Session, name: str, arguments: dict[str, Any], req_id: Any):
-        self._session = session
+    def __init__(self, name: str, req_id: Any, first: Outcome) -> None:
         self._name = name
-        self._arguments = arguments
         self._req_id = req_id
-        self._ran = False
+        self._first: Outcome | None = first
         self.answer: bytes | None = None
-        self.fds: list[int] = list()
+        self.fds: list[int] = []
 
     def step(self) -> Outcome | None:
-        if self._ran:
-            return None
-        self._ran = True
-        return dispatch.call(self._session, self._name, self._arguments)
+        first, self._first = self._first, None
+        return first
 
     def record(self, outcome: Outcome) -> None:
         if isinstance(outcome, Done):
@@ -243,11 +240,11 @@ class QmpDialect:
             event.encoded[key] = wire
         return wire
 
-    def handle(self, message: bytes) -> Reply | Plan:
+    def handle(self, message: bytes | bytearray) -> Reply | Plan:
         try:
-            request = parse(message)
+            request = jsontext.loads(message)
         except ValueError as e:
-            return _error(GENERIC_ERROR, str(e))
+            return _error(GENERIC_ERROR, _parse_error_desc(e))
         if type(request) is not dict:
             return _error(GENERIC_ERROR, "QMP input must be a JSON object")
         req_id = request.get("id", _NO_ID)
@@ -261,7 +258,10 @@ class QmpDialect:
         if not self.negotiated:
             desc = "Expecting capabilities negotiation with 'qmp_capabilities'"
             return _error(COMMAND_NOT_FOUND, desc, req_id)
-        return _Command(self.session, name, arguments, req_id)
+        outcome = dispatch.call(self.session, name, arguments)
+        if isinstance(outcome, Pending) or (isinstance(outcome, Done) and outcome.fds):
+            return _Command(name, req_id, outcome)
+        return _response(outcome, name, req_id)
 
     def _negotiate(self, arguments: dict[str, Any], req_id: Any) -> bytes:
         """``qmp_capabilities``: validate, refuse a repeat or any capability, then subscribe."""

@@ -21,7 +21,7 @@ from ramd.api.service import Service
 from ramd.config import Config
 from ramd.logs import LogBudget
 from ramd.transport.admission import Admission
-from ramd.transport.connection import Connection, DialectFactory
+from ramd.transport.connection import Connection, DialectFactory, read_buffer
 from ramd.transport.peer import PeerCredentials
 from ramd.transport.unixbind import BoundSocket, bind_unix
 
@@ -65,6 +65,8 @@ class Server:
         self.listeners = listeners
         self.dialects = dialects
         self.connections: set[Connection] = set()
+        #: Where every connection's reads land (loop thread only; see read_buffer).
+        self.read_buffer = read_buffer()
         self.stopping = False
         self._servers: list[asyncio.Server] = []
         self._created: list[BoundSocket] = []

@@ -1,0 +1,59 @@
+"""The daemon process keeps out what it never uses (ramd/slim.py): OpenSSL on the asyncio
+loop, and pydantic's plugin scan (importlib.metadata). Proven on a real daemon through
+/proc/PID/maps, and on the entry's imports in a fresh interpreter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon import Daemon, Raw
+
+
+def mapped_files(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {Path(parts[5]).name for line in f if len(parts := line.split()) > 5}
+
+
+def test_asyncio_daemon_maps_no_openssl(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon("", "--event-loop", "asyncio")
+    with Raw(d.path) as r:
+        assert r.call("query-version")["package"].startswith("ramd ")
+    libs = mapped_files(d.pid)
+    assert Path(sys.executable).resolve().name in libs, libs  # the maps were read
+    assert not [name for name in libs if name.startswith(("libssl", "libcrypto"))], libs
+
+
+def test_uvloop_daemon_serves_with_ssl_imported_late(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon("", "--event-loop", "uvloop")
+    with Raw(d.path) as r:
+        assert r.call("query-version")["package"].startswith("ramd ")
+    assert any(name.startswith("libssl") for name in mapped_files(d.pid))
+
+
+ENTRY = """
+import sys
+from ramd import slim
+slim.keep_out()
+import ramd.cli, ramd.daemon
+import hashlib, hmac
+assert hashlib.sha256(b"ramd").hexdigest().startswith("e169c653")
+assert hmac.new(b"k", b"m", "sha256").digest()
+from ramd.api.models import RamBlockAddArgs
+assert RamBlockAddArgs.model_validate({"id": "a", "size": 4096}).size == 4096
+import argparse
+argparse.ArgumentParser().add_argument("--x")  # imports shutil
+kept_out = ("ssl", "_ssl", "_hashlib", "importlib.metadata", "zlib", "_bz2", "_lzma")
+print(sorted(m for m in kept_out if m in sys.modules))
+import ssl
+print(ssl.__name__)
+"""
+
+
+def test_entry_imports_leave_openssl_and_plugin_scan_out() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", ENTRY], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.splitlines()
+    assert out == ["[]", "ssl"]
