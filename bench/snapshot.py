@@ -8,19 +8,24 @@ mapping (:class:`ramd_client.shared.SharedBlock`), and times, for two contents:
 - "full": every page non-zero (a pseudo-random 64 MiB pattern, each chunk tagged apart);
 - "mostly zero": 8 MiB of data at the start and one data page every 64 MiB, the rest zero;
 
-``ram-save`` into the state directory (the daemon's atomic target: write, fsync, rename) and
-``ram-load`` of that image after ``ram-block-del`` of the block (the load creates it again, as
-an incoming migration into fresh memory: verify pass, then copy pass). Each time runs from
-sending the command to the job's ``concluded`` status in ``query-jobs``, polled every 20 ms.
+``ram-save`` into the state directory (the daemon's atomic target: write, fsync, rename),
+``ram-save`` to a ``getfd`` fd (a new file in the same directory, opened by the bench and sent
+with ``SCM_RIGHTS``, as QEMU's ``getfd`` + ``migrate fd:``: written, not fsynced) and
+``ram-load`` of the state-directory image after ``ram-block-del`` of the block (the load creates
+it again, as an incoming migration into fresh memory: verify pass, then copy pass). Each time
+runs from sending the command (for the fd save: opening the file and ``getfd``) to the job's
+``concluded`` status in ``query-jobs``, polled every 20 ms.
 In the same repetition it times ``cp`` of a dense regular file of the same size to a new name
 in the same directory, without and with ``sync FILE``. ``sync`` runs (untimed) before every
 timed step. Bandwidth is block bytes / time; ratio is ramd's bandwidth over cp's (medians over
 ``--repeat``). The daemon is stopped and the temporary directory removed at the end, also on
 error.
 
-Which ``cp`` is the peer: a save is durable (its image is fsynced before the rename), so
-``cp`` + ``sync`` does the same work; plain ``cp`` leaves up to the dirty limits of its copy in
-the page cache, so against it a save is bounded by the disk's write bandwidth. A load reads
+Which ``cp`` is the peer: a save to a file target is durable (its image is fsynced before
+the rename), so ``cp`` + ``sync`` does the same work; plain ``cp`` leaves up to the dirty limits
+of its copy in the page cache, so against it such a save is bounded by the disk's write
+bandwidth. A save to an fd is not fsynced (the client owns durability), so plain ``cp`` is its
+peer. A load reads
 the image twice (verify, then copy) where ``cp`` reads its source once; both sources are in the
 page cache (the image was just written, the reference just copied).
 
@@ -34,7 +39,9 @@ writeback started as each range is written (``sync_file_range``), so the fsync f
 from __future__ import annotations
 
 import argparse
+import array
 import ctypes
+import json
 import os
 import shutil
 import socket
@@ -101,6 +108,50 @@ def run_job(client: Client, start: Callable[[], str]) -> None:
         raise RuntimeError(f"job {job} failed: {info.error}")
 
 
+class FdSaver:
+    """A second connection that passes a file with ``getfd`` and saves to it: the fd belongs
+    to the connection's session, so ``getfd`` and ``ram-save`` go on the same one."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(path))
+        self.buf = b""
+        self.next_id = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def call(self, method: str, params: dict[str, object], fd: int = -1) -> object:
+        self.next_id += 1
+        data = json.dumps({"jsonrpc": "2.0", "id": self.next_id, "method": method})
+        data = data[:-1] + f', "params": {json.dumps(params)}}}\n'
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd >= 0 else []
+        self.sock.sendmsg([data.encode()], fds)
+        while True:
+            while b"\n" not in self.buf:
+                chunk = self.sock.recv(1 << 16)
+                if not chunk:
+                    raise RuntimeError("the daemon closed the connection")
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']['message']}")
+                return msg["result"]
+
+    def save(self, target: Path) -> str:
+        """Open ``target`` (new), pass it as ``img``, start ``ram-save`` to it; the job id."""
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            self.call("getfd", {"fdname": "img"}, fd)
+        finally:
+            os.close(fd)
+        result = self.call("ram-save", {"target": {"fd": "img"}})
+        self.call("closefd", {"fdname": "img"})  # the job holds its own duplicate
+        return str(result["job-id"])  # type: ignore[index]
+
+
 def make_reference(path: Path, size: int) -> None:
     """A dense regular file of ``size`` non-zero bytes, for ``cp``."""
     data = pattern()
@@ -156,6 +207,14 @@ class Daemon:
         self.log.close()
 
 
+def same_image(a: Path, b: Path) -> bool:
+    """Same length and same header page (whose file checksum covers the whole image)."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return os.fstat(fa.fileno()).st_size == os.fstat(fb.fileno()).st_size and fa.read(
+            PAGE
+        ) == fb.read(PAGE)
+
+
 def bench(
     base: Path, client: Client, socket: Path, size: int, repeat: int
 ) -> dict[str, list[float]]:
@@ -163,6 +222,7 @@ def bench(
     reference = base / "reference"
     make_reference(reference, size)
     times: dict[str, list[float]] = {}
+    saver = FdSaver(socket)
 
     def add(step: str, seconds: float) -> None:
         times.setdefault(step, []).append(seconds)
@@ -177,12 +237,18 @@ def bench(
             fill(socket, client, size, kind)
             expect = client.ram_block_read(BLOCK, 64 * MiB, PAGE)
             add(f"save {kind}", timed(partial(run_job, client, partial(client.ram_save, kind))))
+            fd_image = base / f"fd-{kind}"
+            add(f"fdsave {kind}", timed(partial(run_job, client, partial(saver.save, fd_image))))
+            if not same_image(fd_image, base / "state" / kind):
+                raise RuntimeError(f"{kind}: the image saved to an fd differs from the file one")
+            os.unlink(fd_image)
             client.ram_block_del(BLOCK)
             add(f"load {kind}", timed(partial(run_job, client, partial(client.ram_load, kind))))
             if client.ram_block_read(BLOCK, 64 * MiB, PAGE) != expect:
                 raise RuntimeError(f"{kind}: the loaded block differs from the saved one")
             client.ram_block_del(BLOCK)
             os.unlink(base / "state" / kind)
+    saver.close()
     return times
 
 
@@ -193,13 +259,22 @@ def report(times: dict[str, list[float]], size: int, repeat: int, loads: list[st
     print(f"command: {' '.join(sys.argv)}")
     print(f"loadavg before / after: {loads[0]} / {loads[1]}; cores: {os.cpu_count()}")
     print(f"cp {gib / med['cp']:.2f} GiB/s, cp+sync {gib / med['cp+sync']:.2f} GiB/s")
-    print(f"{'step':<18}{'seconds':>9}{'GiB/s':>9}{'/cp':>8}{'/cp+sync':>10}")
+    print("ratios: ramd bandwidth / cp's; 'peer' is the cp that does the same work")
+    print(
+        f"{'step':<33}{'seconds':>8}{'GiB/s':>7}{'/cp':>7}{'/cp+sync':>9}{'peer':>9}{'vs peer':>8}"
+    )
+    ops = (
+        ("save", "save file", "cp+sync"),
+        ("fdsave", "save fd (no fsync)", "cp"),
+        ("load", "load file", "cp"),
+    )
     for kind, label in (("full", "full"), ("zero", "mostly zero")):
-        for op in ("save", "load"):
+        for op, name, peer in ops:
             t = med[f"{op} {kind}"]
             print(
-                f"{op + ' ' + label:<18}{t:>9.2f}{gib / t:>9.2f}"
-                f"{med['cp'] / t:>8.2f}{med['cp+sync'] / t:>10.2f}"
+                f"{name + ', ' + label:<33}{t:>8.2f}{gib / t:>7.2f}"
+                f"{med['cp'] / t:>7.2f}{med['cp+sync'] / t:>9.2f}"
+                f"{peer:>9}{med[peer] / t:>8.2f}"
             )
 
 

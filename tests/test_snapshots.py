@@ -326,6 +326,27 @@ def test_save_to_and_load_from_an_fd_passed_with_getfd(start: Any, tmp_path: Pat
         )
 
 
+def test_a_cancelled_save_to_an_fd_leaves_the_file_empty(start: Any, tmp_path: Path) -> None:
+    """The client owns an fd target: ramd cannot remove it, so a cancel truncates it."""
+    d = start()
+    image = tmp_path / "outside.img"
+    image.write_bytes(b"previous contents")
+    with Raw(d.path) as r:
+        _big_file_block(r, tmp_path)
+        fd = os.open(image, os.O_RDWR)
+        try:
+            msg = {"jsonrpc": "2.0", "id": "g", "method": "getfd", "params": {"fdname": "img"}}
+            assert _send_with_fd(r, msg, fd)["result"] == {}
+        finally:
+            os.close(fd)
+        jid = r.call("ram-save", target={"fd": "img"})["job-id"]
+        wait_running(r, jid)
+        r.call("job-cancel", id=jid)
+        assert wait_job(r, jid)["error"] == "Operation canceled"
+        assert image.stat().st_size == 0
+        assert r.call("ram-block-discard", id="big", offset=0, length=4096) == {}
+
+
 def test_ramctl_save_load_and_jobs(start: Any, tmp_path: Path) -> None:
     d = start()
 

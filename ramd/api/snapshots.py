@@ -152,8 +152,10 @@ def zero_block(block: RAMBlock, offset: int, length: int) -> None:
 @command("ram-save", m.RamSaveArgs, m.JobStarted, audit=True)
 def ram_save(session: Session, args: m.RamSaveArgs) -> m.JobStarted:
     """Start a job that writes an image of the blocks (all, or those listed) to ``target``:
-    a name in ``state-dir`` (written to a temporary name, fsynced, renamed) or a ``getfd``
-    fd. The blocks are pinned while it runs: resize, del, discard and write answer busy."""
+    a name in ``state-dir`` (durable: written to a temporary name, fsynced, renamed) or a
+    ``getfd`` fd (written, not fsynced: the client owns the file and its durability, as with
+    QEMU's ``migrate fd:``; a failed or cancelled save leaves it truncated to zero length).
+    The blocks are pinned while it runs: resize, del, discard and write answer busy."""
     service = session.service
     ram = service.ram
     ids = list(dict.fromkeys(args.blocks)) if args.blocks is not None else [b.id for b in ram]
@@ -175,10 +177,7 @@ def ram_save(session: Session, args: m.RamSaveArgs) -> m.JobStarted:
                     out, descs, read, progress=ctx.advance, cancelled=ctx.cancelled, durable=True
                 )
         else:
-            write_image(
-                fd, descs, read, progress=ctx.advance, cancelled=ctx.cancelled, durable=True
-            )
-            os.fsync(fd)
+            write_image(fd, descs, read, progress=ctx.advance, cancelled=ctx.cancelled)
 
     def finish(job: Job | None) -> None:
         for block in blocks:
