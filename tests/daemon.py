@@ -35,6 +35,7 @@ class Daemon:
         self.path = socket_path or tmp / "ramd.sock"
         self.qmp_path: Path | None = tmp / "qmp.sock" if qmp else None
         self.log = tmp / "ramd.log"
+        self._log_from = 0
         cmd = [sys.executable, "-m", "ramd", "--socket", str(self.path), "--log-level", "debug"]
         if self.qmp_path is not None:
             cmd += ["--qmp-socket", str(self.qmp_path)]
@@ -73,7 +74,15 @@ class Daemon:
                     time.sleep(0.02)
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        """The log since the last :meth:`mark_log` (all of it when never marked)."""
+        with open(self.log, "rb") as f:
+            f.seek(self._log_from)
+            return f.read().decode(errors="replace")
+
+    def mark_log(self) -> None:
+        """Start :meth:`log_text` at the log's current end: a test on a daemon that earlier
+        tests used sees only the lines written during it."""
+        self._log_from = self.log.stat().st_size
 
     def alive(self) -> bool:
         return self.proc.poll() is None
