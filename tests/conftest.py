@@ -1,15 +1,17 @@
 """Shared fixtures: real daemon subprocesses on sockets in temp directories.
 
-``daemon``/``shared_daemon`` start a fresh daemon for each test. ``module_daemon``/
-``module_shared_daemon`` hand every test of a module the same daemon per event loop: for
-tests that need "a daemon" but nothing that only a fresh process has (counters from zero, its
-whole log, its RSS, signals, restarts). Before and after each test that daemon is brought back
-to the state of a fresh one (no blocks, no other clients, no subscribers, no files in its
-memory-dir) and checked to still be alive and answering; a test sees only its own log lines.
+``daemon``/``shared_daemon`` start a fresh daemon for each test. ``reused_daemon``/
+``reused_shared_daemon`` hand tests daemons that live for the whole session (one per event
+loop, from :class:`DaemonPool`): for tests that need "a daemon" but nothing that only a fresh
+process has (counters and event seqs from zero, its whole log, its RSS, signals, restarts, a
+config of their own). Before and after each test that daemon is brought back to the state of a
+fresh one (no blocks, no other clients, no subscribers, no files in its memory-dir) and checked
+to still be alive and answering; a test sees only its own log lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -76,46 +78,65 @@ def reset(d: Daemon, memory_dir: Path | None = None, timeout: float = 20.0) -> N
         assert not any(memory_dir.iterdir()), list(memory_dir.iterdir())
 
 
-@pytest.fixture(scope="module", params=LOOPS)
-def _module_daemon(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+class DaemonPool:
+    """Daemons kept for the whole session, started on first use: one per event loop, with
+    the embedded defaults and a QMP socket, and one per loop with a ``memory-dir`` of its own
+    on tmpfs. Owned by the session; used by one test at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.daemons: dict[tuple[str, bool], tuple[Daemon, Path | None]] = {}
+
+    def _get(self, loop: str, memory_dir: bool) -> tuple[Daemon, Path | None]:
+        key = (loop, memory_dir)
+        if key not in self.daemons:
+            tmp = self.root / f"{loop}{'-mem' if memory_dir else ''}"
+            tmp.mkdir()
+            mem: Path | None = None
+            config = ""
+            if memory_dir:
+                mem = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm")) / "mem"
+                config = f'memory-dir = "{mem}"\n'
+            self.daemons[key] = (Daemon(tmp, config, "--event-loop", loop, qmp=True), mem)
+        return self.daemons[key]
+
+    @contextlib.contextmanager
+    def use(self, loop: str, memory_dir: bool = False) -> Iterator[Daemon]:
+        """The pooled daemon, reset (see :func:`reset`) before and after the test, which sees
+        only its own log lines."""
+        d, mem = self._get(loop, memory_dir)
+        reset(d, mem)
+        d.mark_log()
+        yield d
+        reset(d, mem)
+
+    def close(self) -> None:
+        for d, mem in self.daemons.values():
+            d.stop()
+            if mem is not None:
+                shutil.rmtree(mem.parent)
+
+
+@pytest.fixture(scope="session")
+def daemon_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPool]:
+    pool = DaemonPool(tmp_path_factory.mktemp("pool"))
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(params=LOOPS)
+def reused_daemon(request: pytest.FixtureRequest, daemon_pool: DaemonPool) -> Iterator[Daemon]:
+    """Like :func:`daemon` (with a QMP socket too), but the process serves other tests too
+    (see the module docstring)."""
+    with daemon_pool.use(request.param) as d:
+        yield d
+
+
+@pytest.fixture(params=LOOPS)
+def reused_shared_daemon(
+    request: pytest.FixtureRequest, daemon_pool: DaemonPool
 ) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("ramd"), "", "--event-loop", request.param)
-    yield d
-    d.stop()
-
-
-@pytest.fixture
-def module_daemon(_module_daemon: Daemon) -> Iterator[Daemon]:
-    """A daemon with the embedded defaults, on each event loop implementation, shared by the
-    tests of a module (see the module docstring): empty at the start of the test, emptied and
-    checked after it."""
-    reset(_module_daemon)
-    _module_daemon.mark_log()
-    yield _module_daemon
-    reset(_module_daemon)
-
-
-@pytest.fixture(scope="module", params=LOOPS)
-def _module_shared_daemon(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Daemon, Path]]:
-    parent = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm"))
-    try:
-        config = f'memory-dir = "{parent}/mem"\n'
-        d = Daemon(tmp_path_factory.mktemp("ramd"), config, "--event-loop", request.param)
-        yield d, parent / "mem"
-        d.stop()
-    finally:
-        shutil.rmtree(parent)
-
-
-@pytest.fixture
-def module_shared_daemon(_module_shared_daemon: tuple[Daemon, Path]) -> Iterator[Daemon]:
-    """:func:`shared_daemon` shared by the tests of a module like :func:`module_daemon`; its
-    memory-dir must be empty again after each test."""
-    d, mem = _module_shared_daemon
-    reset(d, mem)
-    d.mark_log()
-    yield d
-    reset(d, mem)
+    """Like :func:`shared_daemon` (with a QMP socket too), but the process serves other tests
+    too; its memory-dir must be empty again after each test."""
+    with daemon_pool.use(request.param, memory_dir=True) as d:
+        yield d

@@ -25,9 +25,9 @@ INFO_KEYS = {
 
 
 @pytest.fixture
-def rpc(module_daemon: Daemon) -> Any:
+def rpc(reused_daemon: Daemon) -> Any:
     """A connection to the daemon that the tests of this module share."""
-    with Raw(module_daemon.path) as r:
+    with Raw(reused_daemon.path) as r:
         yield r
 
 
