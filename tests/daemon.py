@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +176,61 @@ class Raw:
         resp = self.request(method, params, **kw)
         assert "error" in resp, resp
         return resp["error"]  # type: ignore[no-any-return]
+
+
+def reset(d: Daemon, memory_dir: Path | None = None, timeout: float = 20.0) -> None:
+    """Bring a used daemon back to a fresh one's state: delete every block left, wait until
+    the connections of earlier tests are gone, then check that nothing is left (no block,
+    nothing reserved, used or resident, no subscriber, no file in ``memory_dir``).
+    AssertionError (with the log) if the daemon died or cannot be brought back."""
+    assert d.alive(), f"the daemon died: {d.log_text()}"
+    with Raw(d.path, timeout=timeout) as r:
+        for block in r.call("query-ram-blocks"):
+            r.call("ram-block-del", id=block["id"])
+        deadline = time.monotonic() + timeout
+        while (stats := r.call("query-stats"))["clients"] > 1 or stats["subscribers"]:
+            assert time.monotonic() < deadline, f"connections left: {stats}"
+            time.sleep(0.01)
+        left = {k: stats[k] for k in ("blocks", "reserved", "used", "resident", "subscribers")}
+        assert left == dict.fromkeys(left, 0), left
+    if memory_dir is not None:
+        assert not any(memory_dir.iterdir()), list(memory_dir.iterdir())
+
+
+class DaemonPool:
+    """Daemons kept for the whole session, started on first use: one per event loop, with
+    the embedded defaults and a QMP socket, and one per loop with a ``memory-dir`` of its own
+    on tmpfs. Owned by the session; used by one test at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.daemons: dict[tuple[str, bool], tuple[Daemon, Path | None]] = {}
+
+    def _get(self, loop: str, memory_dir: bool) -> tuple[Daemon, Path | None]:
+        key = (loop, memory_dir)
+        if key not in self.daemons:
+            tmp = self.root / f"{loop}{'-mem' if memory_dir else ''}"
+            tmp.mkdir()
+            mem: Path | None = None
+            config = ""
+            if memory_dir:
+                mem = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm")) / "mem"
+                config = f'memory-dir = "{mem}"\n'
+            self.daemons[key] = (Daemon(tmp, config, "--event-loop", loop, qmp=True), mem)
+        return self.daemons[key]
+
+    @contextlib.contextmanager
+    def use(self, loop: str, memory_dir: bool = False) -> Iterator[Daemon]:
+        """The pooled daemon, reset (see :func:`reset`) before and after the test, which sees
+        only its own log lines."""
+        d, mem = self._get(loop, memory_dir)
+        reset(d, mem)
+        d.mark_log()
+        yield d
+        reset(d, mem)
+
+    def close(self) -> None:
+        for d, mem in self.daemons.values():
+            d.stop()
+            if mem is not None:
+                shutil.rmtree(mem.parent)
