@@ -80,3 +80,11 @@ def reused_shared_daemon(
     too; its memory-dir must be empty again after each test."""
     with daemon_pool.use(request.param, memory_dir=True) as d:
         yield d
+
+
+@pytest.fixture
+def any_daemon(daemon_pool: DaemonPool) -> Iterator[Daemon]:
+    """A pooled daemon (as :func:`reused_daemon`) on asyncio, the default loop only: for
+    tests of what the event loop cannot change (a client's output and exit codes, ...)."""
+    with daemon_pool.use("asyncio") as d:
+        yield d

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import Daemon, DaemonPool, Raw
+from daemon import Daemon, Raw
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -121,10 +121,9 @@ def generic(desc: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def qd(daemon_pool: DaemonPool) -> Iterator[Daemon]:
+def qd(any_daemon: Daemon) -> Daemon:
     """A daemon with a QMP socket, which other tests use too (see conftest.py)."""
-    with daemon_pool.use("asyncio") as d:
-        yield d
+    return any_daemon
 
 
 @pytest.fixture
