@@ -193,6 +193,13 @@ def reset(d: Daemon, memory_dir: Path | None = None, timeout: float = 20.0) -> N
             time.sleep(0.01)
         left = {k: stats[k] for k in ("blocks", "reserved", "used", "resident", "subscribers")}
         assert left == dict.fromkeys(left, 0), left
+    # Until the daemon has forgotten this connection too (it logs each one it accepts and,
+    # once forgotten, closes at debug level), so that a test sees no client but its own.
+    while (log := d.log.read_text(errors="replace")).count(" closed connection ") < log.count(
+        " accepted connection "
+    ):
+        assert time.monotonic() < deadline, "the daemon did not close the connections"
+        time.sleep(0.005)
     if memory_dir is not None:
         assert not any(memory_dir.iterdir()), list(memory_dir.iterdir())
 
