@@ -179,20 +179,23 @@ class Raw:
 
 
 def reset(d: Daemon, memory_dir: Path | None = None, timeout: float = 20.0) -> None:
-    """Bring a used daemon back to a fresh one's state: delete every block left, wait until
-    the connections of earlier tests are gone, then check that nothing is left (no block,
-    nothing reserved, used or resident, no subscriber, no file in ``memory_dir``).
-    AssertionError (with the log) if the daemon died or cannot be brought back."""
+    """Bring a used daemon back to a fresh one's state: wait until the connections of
+    earlier tests are gone (so no mapper holds a block), delete every block left, then check
+    that nothing is left (no block, nothing reserved, used or resident, no subscriber, no
+    job, no file in ``memory_dir``). AssertionError (with the log) if the daemon died or cannot be
+    brought back."""
     assert d.alive(), f"the daemon died: {d.log_text()}"
+    deadline = time.monotonic() + timeout
     with Raw(d.path, timeout=timeout) as r:
+        while (clients := r.call("query-stats")["clients"]) > 1:
+            assert time.monotonic() < deadline, f"{clients - 1} connections left"
+            time.sleep(0.01)
         for block in r.call("query-ram-blocks"):
             r.call("ram-block-del", id=block["id"])
-        deadline = time.monotonic() + timeout
-        while (stats := r.call("query-stats"))["clients"] > 1 or stats["subscribers"]:
-            assert time.monotonic() < deadline, f"connections left: {stats}"
-            time.sleep(0.01)
+        stats = r.call("query-stats")
         left = {k: stats[k] for k in ("blocks", "reserved", "used", "resident", "subscribers")}
         assert left == dict.fromkeys(left, 0), left
+        assert r.call("query-jobs") == [], "jobs left"
     # Until the daemon has forgotten this connection too (it logs each one it accepts and,
     # once forgotten, closes at debug level), so that a test sees no client but its own.
     while (log := d.log.read_text(errors="replace")).count(" closed connection ") < log.count(
