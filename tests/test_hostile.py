@@ -247,7 +247,7 @@ def test_blocks_being_preallocated_count_against_max_blocks(start_daemon: Any) -
 def test_sigterm_abandons_a_command_only_after_the_configured_grace(start_daemon: Any) -> None:
     d = start_daemon("stop-timeout = 0.2\n")
     with Raw(d.path, timeout=60) as rpc:
-        _send(rpc, _req("ram-block-add", 1, id="big", size=8 * GiB, prealloc=True))
+        _send(rpc, _req("ram-block-add", 1, id="big", size=4 * GiB, prealloc=True))
         with Raw(d.path) as probe:
             while "busy" not in json.dumps(probe.request("query-ram-blocks", id="big")):
                 time.sleep(0.01)
