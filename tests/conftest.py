@@ -1,4 +1,13 @@
-"""Shared fixtures: a real daemon subprocess per test, on a socket in ``tmp_path``."""
+"""Shared fixtures: real daemon subprocesses on sockets in temp directories.
+
+``daemon``/``shared_daemon`` start a fresh daemon for each test. ``reused_daemon``/
+``reused_shared_daemon`` hand tests daemons that live for the whole session (one per event
+loop, from :class:`daemon.DaemonPool`): for tests that need "a daemon" but nothing that only a fresh
+process has (counters and event seqs from zero, its whole log, its RSS, signals, restarts, a
+config of their own). Before and after each test that daemon is brought back to the state of a
+fresh one (no blocks, no other clients, no subscribers, no files in its memory-dir) and checked
+to still be alive and answering; a test sees only its own log lines.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from daemon import Daemon
+from daemon import Daemon, DaemonPool
+
+LOOPS = ["asyncio", "uvloop"]
 
 
 @pytest.fixture
@@ -27,13 +38,13 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         d.stop()
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=LOOPS)
 def daemon(request: pytest.FixtureRequest, start_daemon: Callable[..., Daemon]) -> Daemon:
     """A daemon with the embedded defaults, on each event loop implementation."""
     return start_daemon("", "--event-loop", request.param)
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=LOOPS)
 def shared_daemon(
     request: pytest.FixtureRequest, start_daemon: Callable[..., Daemon]
 ) -> Iterator[Daemon]:
@@ -44,3 +55,36 @@ def shared_daemon(
         yield start_daemon(f'memory-dir = "{parent}/mem"\n', "--event-loop", request.param)
     finally:
         shutil.rmtree(parent)
+
+
+@pytest.fixture(scope="session")
+def daemon_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPool]:
+    pool = DaemonPool(tmp_path_factory.mktemp("pool"))
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(params=LOOPS)
+def reused_daemon(request: pytest.FixtureRequest, daemon_pool: DaemonPool) -> Iterator[Daemon]:
+    """Like :func:`daemon` (with a QMP socket too), but the process serves other tests too
+    (see the module docstring)."""
+    with daemon_pool.use(request.param) as d:
+        yield d
+
+
+@pytest.fixture(params=LOOPS)
+def reused_shared_daemon(
+    request: pytest.FixtureRequest, daemon_pool: DaemonPool
+) -> Iterator[Daemon]:
+    """Like :func:`shared_daemon` (with a QMP socket too), but the process serves other tests
+    too; its memory-dir must be empty again after each test."""
+    with daemon_pool.use(request.param, memory_dir=True) as d:
+        yield d
+
+
+@pytest.fixture
+def any_daemon(daemon_pool: DaemonPool) -> Iterator[Daemon]:
+    """A pooled daemon (as :func:`reused_daemon`) on asyncio, the default loop only: for
+    tests of what the event loop cannot change (a client's output and exit codes, ...)."""
+    with daemon_pool.use("asyncio") as d:
+        yield d

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ class Daemon:
         self.path = socket_path or tmp / "ramd.sock"
         self.qmp_path: Path | None = tmp / "qmp.sock" if qmp else None
         self.log = tmp / "ramd.log"
+        self._log_from = 0
         cmd = [sys.executable, "-m", "ramd", "--socket", str(self.path), "--log-level", "debug"]
         if self.qmp_path is not None:
             cmd += ["--qmp-socket", str(self.qmp_path)]
@@ -73,7 +77,15 @@ class Daemon:
                     time.sleep(0.02)
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        """The log since the last :meth:`mark_log` (all of it when never marked)."""
+        with open(self.log, "rb") as f:
+            f.seek(self._log_from)
+            return f.read().decode(errors="replace")
+
+    def mark_log(self) -> None:
+        """Start :meth:`log_text` at the log's current end: a test on a daemon that earlier
+        tests used sees only the lines written during it."""
+        self._log_from = self.log.stat().st_size
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -164,3 +176,72 @@ class Raw:
         resp = self.request(method, params, **kw)
         assert "error" in resp, resp
         return resp["error"]  # type: ignore[no-any-return]
+
+
+def reset(d: Daemon, memory_dir: Path | None = None, timeout: float = 20.0) -> None:
+    """Bring a used daemon back to a fresh one's state: wait until the connections of
+    earlier tests are gone (so no mapper holds a block), delete every block left, then check
+    that nothing is left (no block, nothing reserved, used or resident, no subscriber, no
+    job, no file in ``memory_dir``). AssertionError (with the log) if the daemon died or cannot be
+    brought back."""
+    assert d.alive(), f"the daemon died: {d.log_text()}"
+    deadline = time.monotonic() + timeout
+    with Raw(d.path, timeout=timeout) as r:
+        while (clients := r.call("query-stats")["clients"]) > 1:
+            assert time.monotonic() < deadline, f"{clients - 1} connections left"
+            time.sleep(0.01)
+        for block in r.call("query-ram-blocks"):
+            r.call("ram-block-del", id=block["id"])
+        stats = r.call("query-stats")
+        left = {k: stats[k] for k in ("blocks", "reserved", "used", "resident", "subscribers")}
+        assert left == dict.fromkeys(left, 0), left
+        assert r.call("query-jobs") == [], "jobs left"
+    # Until the daemon has forgotten this connection too (it logs each one it accepts and,
+    # once forgotten, closes at debug level), so that a test sees no client but its own.
+    while (log := d.log.read_text(errors="replace")).count(" closed connection ") < log.count(
+        " accepted connection "
+    ):
+        assert time.monotonic() < deadline, "the daemon did not close the connections"
+        time.sleep(0.005)
+    if memory_dir is not None and memory_dir.exists():  # the daemon makes it on first use
+        left_files = {p.name for p in memory_dir.iterdir()} - {".lock"}  # the daemon's own
+        assert not left_files, left_files
+
+
+class DaemonPool:
+    """Daemons kept for the whole session, started on first use: one per event loop, with
+    the embedded defaults and a QMP socket, and one per loop with a ``memory-dir`` of its own
+    on tmpfs. Owned by the session; used by one test at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.daemons: dict[tuple[str, bool], tuple[Daemon, Path | None]] = {}
+
+    def _get(self, loop: str, memory_dir: bool) -> tuple[Daemon, Path | None]:
+        key = (loop, memory_dir)
+        if key not in self.daemons:
+            tmp = self.root / f"{loop}{'-mem' if memory_dir else ''}"
+            tmp.mkdir()
+            mem: Path | None = None
+            config = ""
+            if memory_dir:
+                mem = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm")) / "mem"
+                config = f'memory-dir = "{mem}"\n'
+            self.daemons[key] = (Daemon(tmp, config, "--event-loop", loop, qmp=True), mem)
+        return self.daemons[key]
+
+    @contextlib.contextmanager
+    def use(self, loop: str, memory_dir: bool = False) -> Iterator[Daemon]:
+        """The pooled daemon, reset (see :func:`reset`) before and after the test, which sees
+        only its own log lines."""
+        d, mem = self._get(loop, memory_dir)
+        reset(d, mem)
+        d.mark_log()
+        yield d
+        reset(d, mem)
+
+    def close(self) -> None:
+        for d, mem in self.daemons.values():
+            d.stop()
+            if mem is not None:
+                shutil.rmtree(mem.parent)

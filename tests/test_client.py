@@ -92,9 +92,9 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
 # -- connecting ------------------------------------------------------------------------------
 
 
-async def test_connect_reads_version_and_closes(daemon: Daemon, aconnect: Connect) -> None:
-    client = await aconnect(daemon.path)
-    assert client.connected and client.path == str(daemon.path)
+async def test_connect_reads_version_and_closes(reused_daemon: Daemon, aconnect: Connect) -> None:
+    client = await aconnect(reused_daemon.path)
+    assert client.connected and client.path == str(reused_daemon.path)
     assert client.version is not None and client.version.package.startswith("ramd ")
     async with client:
         assert (await client.query_stats()).clients == 1
@@ -104,20 +104,20 @@ async def test_connect_reads_version_and_closes(daemon: Daemon, aconnect: Connec
 
 
 async def test_connect_default_path_follows_ramd_socket(
-    daemon: Daemon, aconnect: Connect, monkeypatch: pytest.MonkeyPatch
+    reused_daemon: Daemon, aconnect: Connect, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("RAMD_SOCKET", str(daemon.path))
+    monkeypatch.setenv("RAMD_SOCKET", str(reused_daemon.path))
     client = await aconnect(None)
-    assert client.path == str(daemon.path)
+    assert client.path == str(reused_daemon.path)
     assert await client.query_ram_blocks() == []
 
 
 async def test_connect_default_path_follows_xdg_runtime_dir(
-    daemon: Daemon, aconnect: Connect, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    reused_daemon: Daemon, aconnect: Connect, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     xdg = tmp_path / "xdg"
     xdg.mkdir()
-    (xdg / "ramd").symlink_to(daemon.dir, target_is_directory=True)
+    (xdg / "ramd").symlink_to(reused_daemon.dir, target_is_directory=True)
     monkeypatch.delenv("RAMD_SOCKET", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
     client = await aconnect(None)
@@ -144,8 +144,8 @@ async def test_connect_error_when_nobody_listens(daemon: Daemon) -> None:
 # -- every command -----------------------------------------------------------------------
 
 
-async def test_every_command_async(daemon: Daemon, aconnect: Connect) -> None:
-    async with await aconnect(daemon.path) as c:
+async def test_every_command_async(reused_daemon: Daemon, aconnect: Connect) -> None:
+    async with await aconnect(reused_daemon.path) as c:
         added = await c.ram_block_add(
             "ram0", 4 * MiB, max_size=64 * MiB, merge=True, dump=False, align=2 * MiB
         )
@@ -191,9 +191,11 @@ async def test_every_command_async(daemon: Daemon, aconnect: Connect) -> None:
         assert await c.call("query-version") == version.model_dump(mode="json", by_alias=True)
 
 
-async def test_write_of_exactly_io_chunk_is_accepted(daemon: Daemon, aconnect: Connect) -> None:
+async def test_write_of_exactly_io_chunk_is_accepted(
+    reused_daemon: Daemon, aconnect: Connect
+) -> None:
     """The daemon's io-chunk check counts base64 padding out (4 MiB is not a multiple of 3)."""
-    c = await aconnect(daemon.path)
+    c = await aconnect(reused_daemon.path)
     chunk = (await c.query_stats()).limits["io-chunk"]
     await c.ram_block_add("ram0", chunk)
     data = os.urandom(chunk)
@@ -206,8 +208,8 @@ async def test_write_of_exactly_io_chunk_is_accepted(daemon: Daemon, aconnect: C
 # -- errors ----------------------------------------------------------------------------------
 
 
-async def test_refusals_carry_class_and_message(daemon: Daemon, aconnect: Connect) -> None:
-    c = await aconnect(daemon.path)
+async def test_refusals_carry_class_and_message(reused_daemon: Daemon, aconnect: Connect) -> None:
+    c = await aconnect(reused_daemon.path)
     with pytest.raises(RamdError) as info:
         await c.ram_block_del("ghost")
     assert (info.value.error_class, info.value.desc) == (
@@ -229,9 +231,9 @@ async def test_refusals_carry_class_and_message(daemon: Daemon, aconnect: Connec
 
 
 async def test_argument_errors_are_generic_errors_with_code(
-    daemon: Daemon, aconnect: Connect
+    reused_daemon: Daemon, aconnect: Connect
 ) -> None:
-    c = await aconnect(daemon.path)
+    c = await aconnect(reused_daemon.path)
     with pytest.raises(RamdError) as info:
         await c.ram_block_add("ram0", 0)
     err = info.value
@@ -283,8 +285,8 @@ async def test_daemon_shutdown_ends_calls_and_streams(daemon: Daemon, aconnect: 
 # -- pipelining and bounds -------------------------------------------------------------------
 
 
-async def test_concurrent_calls_are_matched_by_id(daemon: Daemon, aconnect: Connect) -> None:
-    c = await aconnect(daemon.path)
+async def test_concurrent_calls_are_matched_by_id(reused_daemon: Daemon, aconnect: Connect) -> None:
+    c = await aconnect(reused_daemon.path)
     await c.ram_block_add("ram0", 256 * PAGE)
     pages = [os.urandom(PAGE) for _ in range(256)]
     written = await asyncio.gather(
@@ -305,9 +307,9 @@ async def test_concurrent_calls_are_matched_by_id(daemon: Daemon, aconnect: Conn
 
 
 async def test_calls_in_flight_are_bounded(
-    daemon: Daemon, aconnect: Connect, wire: WireRecorder
+    reused_daemon: Daemon, aconnect: Connect, wire: WireRecorder
 ) -> None:
-    c = await aconnect(daemon.path, max_pending=3)
+    c = await aconnect(reused_daemon.path, max_pending=3)
     outstanding = 0
     peak = 0
     original = c.trace
@@ -325,8 +327,10 @@ async def test_calls_in_flight_are_bounded(
     assert peak == 3
 
 
-async def test_oversized_message_ends_the_connection(daemon: Daemon, aconnect: Connect) -> None:
-    c = await aconnect(daemon.path, max_message_size=64 * 1024)
+async def test_oversized_message_ends_the_connection(
+    reused_daemon: Daemon, aconnect: Connect
+) -> None:
+    c = await aconnect(reused_daemon.path, max_message_size=64 * 1024)
     await c.ram_block_add("ram0", MiB)
     assert len(await c.ram_block_read("ram0", 0, 1024)) == 1024
     with pytest.raises(ConnectionLost, match="exceeds 65536 bytes"):
@@ -366,9 +370,9 @@ async def test_events_replay_then_live_in_seq_order(daemon: Daemon, aconnect: Co
 
 
 async def test_events_filtered_per_stream_on_one_connection(
-    daemon: Daemon, aconnect: Connect
+    reused_daemon: Daemon, aconnect: Connect
 ) -> None:
-    c = await aconnect(daemon.path)
+    c = await aconnect(reused_daemon.path)
     await c.ram_block_add("old", MiB)
     everything = c.events(replay=False)
     removals = c.events(["RAM_BLOCK_REMOVED"], replay=True)
@@ -393,8 +397,8 @@ async def test_events_filtered_per_stream_on_one_connection(
     assert (await c.query_stats()).subscribers == 0
 
 
-async def test_second_stream_replay_is_its_own(daemon: Daemon, aconnect: Connect) -> None:
-    c = await aconnect(daemon.path)
+async def test_second_stream_replay_is_its_own(reused_daemon: Daemon, aconnect: Connect) -> None:
+    c = await aconnect(reused_daemon.path)
     await c.ram_block_add("a", MiB)
     async with c.events(replay=True) as first:
         assert (await anext(first)).replay
@@ -591,8 +595,8 @@ async def test_pipelined_writes_stop_at_the_first_refused_chunk(
 # -- the synchronous client --------------------------------------------------------------------
 
 
-def test_sync_client_every_command(daemon: Daemon, sconnect: Callable[..., Client]) -> None:
-    with sconnect(daemon.path) as c:
+def test_sync_client_every_command(reused_daemon: Daemon, sconnect: Callable[..., Client]) -> None:
+    with sconnect(reused_daemon.path) as c:
         assert c.version is not None and c.connected
         block = c.ram_block_add("ram0", MiB, max_size=8 * MiB, hugepages=False)
         assert isinstance(block, RamBlockInfo) and block.max_size == 8 * MiB
@@ -616,8 +620,8 @@ def test_sync_client_every_command(daemon: Daemon, sconnect: Callable[..., Clien
     c.close()  # idempotent
 
 
-def test_sync_client_events(daemon: Daemon, sconnect: Callable[..., Client]) -> None:
-    c = sconnect(daemon.path)
+def test_sync_client_events(reused_daemon: Daemon, sconnect: Callable[..., Client]) -> None:
+    c = sconnect(reused_daemon.path)
     c.ram_block_add("a", MiB, max_size=4 * MiB)
     with c.events() as events:
         first = events.get(timeout=10)
@@ -631,8 +635,10 @@ def test_sync_client_events(daemon: Daemon, sconnect: Callable[..., Client]) -> 
     assert c.query_stats().subscribers == 0
 
 
-def test_sync_client_from_many_threads(daemon: Daemon, sconnect: Callable[..., Client]) -> None:
-    c = sconnect(daemon.path)
+def test_sync_client_from_many_threads(
+    reused_daemon: Daemon, sconnect: Callable[..., Client]
+) -> None:
+    c = sconnect(reused_daemon.path)
     c.ram_block_add("ram0", 64 * PAGE)
     errors: list[BaseException] = []
 

@@ -25,7 +25,15 @@ INFO_KEYS = {
 
 
 @pytest.fixture
-def rpc(daemon: Daemon) -> Any:
+def rpc(reused_daemon: Daemon) -> Any:
+    """A connection to the daemon that the tests of this module share."""
+    with Raw(reused_daemon.path) as r:
+        yield r
+
+
+@pytest.fixture
+def fresh_rpc(daemon: Daemon) -> Any:
+    """A connection to a daemon of this test's own (counters start from zero)."""
     with Raw(daemon.path) as r:
         yield r
 
@@ -280,9 +288,10 @@ def test_prealloc_block_is_resident(rpc: Raw) -> None:
     assert rpc.call("query-ram-blocks", id="p", resident=True)[0]["resident"] == 32 * MiB
 
 
-def test_query_version_commands_schema_stats(rpc: Raw) -> None:
+def test_query_version_commands_schema_stats(fresh_rpc: Raw) -> None:
     import ramd
 
+    rpc = fresh_rpc
     v = rpc.call("query-version")
     major, minor, micro = (int(x) for x in ramd.__version__.split("."))
     assert v == {

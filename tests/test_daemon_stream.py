@@ -18,21 +18,21 @@ def _req(method: str, rid: Any, **params: Any) -> bytes:
     return json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": rid}).encode()
 
 
-def test_request_split_across_writes(daemon: Daemon) -> None:
-    with Raw(daemon.path) as rpc:
+def test_request_split_across_writes(reused_daemon: Daemon) -> None:
+    with Raw(reused_daemon.path) as rpc:
         for byte in _req("ram-block-add", 1, id="a", size=PAGE):
             rpc.send(bytes([byte]))
         assert rpc.reply()["result"]["id"] == "a"
 
 
-def test_several_requests_in_one_write(daemon: Daemon) -> None:
-    with Raw(daemon.path) as rpc:
+def test_several_requests_in_one_write(reused_daemon: Daemon) -> None:
+    with Raw(reused_daemon.path) as rpc:
         rpc.send(_req("query-version", 1) + _req("query-version", 2) + b"\n" + _req("nope", 3))
         assert [rpc.reply()["id"] for _ in range(3)] == [1, 2, 3]
 
 
-def test_malformed_json_then_valid_request(daemon: Daemon) -> None:
-    with Raw(daemon.path) as rpc:
+def test_malformed_json_then_valid_request(reused_daemon: Daemon) -> None:
+    with Raw(reused_daemon.path) as rpc:
         rpc.send(b'{"jsonrpc": "2.0", "method": oops}')
         err = rpc.reply()
         assert err["error"]["code"] == -32700 and err["id"] is None
@@ -59,8 +59,8 @@ def test_oversized_message_is_refused_and_others_are_served(start_daemon: Any) -
         assert deep.call("query-version")
 
 
-def test_default_limit_is_8_mib(daemon: Daemon) -> None:
-    with Raw(daemon.path) as rpc:
+def test_default_limit_is_8_mib(reused_daemon: Daemon) -> None:
+    with Raw(reused_daemon.path) as rpc:
         rpc.send(b'["' + b"x" * (8 * MiB + 10) + b'"]')
         assert rpc.reply()["error"]["code"] == -32700
         assert rpc.call("query-version")
@@ -225,8 +225,8 @@ def test_replay_of_many_blocks_is_not_a_slow_subscriber(start_daemon: Any) -> No
     assert "slow subscriber" not in d.log_text()
 
 
-def test_nesting_up_to_the_limit_parses_and_long_integers_are_worded(daemon: Daemon) -> None:
-    with Raw(daemon.path) as rpc:
+def test_nesting_up_to_the_limit_parses_and_long_integers_are_worded(reused_daemon: Daemon) -> None:
+    with Raw(reused_daemon.path) as rpc:
         deep = "[" * 1022 + "]" * 1022  # 1024 levels with the request and its params
         rpc.send(b'{"jsonrpc":"2.0","method":"query-version","params":{"x":' + deep.encode())
         rpc.send(b'},"id":1}')

@@ -116,8 +116,8 @@ def test_a_burst_of_listings_of_16384_blocks_does_not_stall_other_clients(
     assert d.alive()
 
 
-def test_a_resize_answer_does_not_scan_the_block(daemon: Daemon) -> None:
-    with Raw(daemon.path) as rpc:
+def test_a_resize_answer_does_not_scan_the_block(reused_daemon: Daemon) -> None:
+    with Raw(reused_daemon.path) as rpc:
         info = rpc.call("ram-block-add", id="r", size=PAGE, **{"max-size": 64 * GiB})
         assert "resident" not in info
         grown = rpc.call("ram-block-resize", id="r", size=2 * PAGE)
@@ -129,8 +129,8 @@ def test_a_resize_answer_does_not_scan_the_block(daemon: Daemon) -> None:
 # -- 4: answers are never lost or overtaken ------------------------------------------------
 
 
-def test_pipelined_requests_behind_a_prealloc_are_answered_in_order(daemon: Daemon) -> None:
-    with Raw(daemon.path, timeout=60) as rpc:
+def test_pipelined_requests_behind_a_prealloc_are_answered_in_order(reused_daemon: Daemon) -> None:
+    with Raw(reused_daemon.path, timeout=60) as rpc:
         _send(rpc, _req("ram-block-add", 1, id="p", size=256 * MiB, prealloc=True))
         for i in range(2, 40):  # separate writes: several reads per loop iteration
             rpc.send(json.dumps(_req("query-version", i)).encode())
@@ -195,8 +195,8 @@ def test_closed_connections_release_their_buffers(start_daemon: Any) -> None:
 # -- 7: a missing quote does not swallow the session ---------------------------------------
 
 
-def test_a_raw_newline_inside_a_string_is_a_parse_error_at_once(daemon: Daemon) -> None:
-    with Raw(daemon.path) as rpc:
+def test_a_raw_newline_inside_a_string_is_a_parse_error_at_once(reused_daemon: Daemon) -> None:
+    with Raw(reused_daemon.path) as rpc:
         rpc.send(b'{"bad json\n')
         err = rpc.reply()
         assert err["error"]["code"] == -32700
@@ -247,7 +247,7 @@ def test_blocks_being_preallocated_count_against_max_blocks(start_daemon: Any) -
 def test_sigterm_abandons_a_command_only_after_the_configured_grace(start_daemon: Any) -> None:
     d = start_daemon("stop-timeout = 0.2\n")
     with Raw(d.path, timeout=60) as rpc:
-        _send(rpc, _req("ram-block-add", 1, id="big", size=8 * GiB, prealloc=True))
+        _send(rpc, _req("ram-block-add", 1, id="big", size=4 * GiB, prealloc=True))
         with Raw(d.path) as probe:
             while "busy" not in json.dumps(probe.request("query-ram-blocks", id="big")):
                 time.sleep(0.01)
@@ -317,8 +317,8 @@ def test_a_shrink_refused_by_the_kernel_changes_nothing_and_notifies_nobody() ->
 # -- 10: mlock runs off the loop -----------------------------------------------------------
 
 
-def test_growing_a_locked_block_does_not_stall_other_clients(daemon: Daemon) -> None:
-    with Raw(daemon.path, timeout=120) as rpc, Raw(daemon.path) as other:
+def test_growing_a_locked_block_does_not_stall_other_clients(reused_daemon: Daemon) -> None:
+    with Raw(reused_daemon.path, timeout=120) as rpc, Raw(reused_daemon.path) as other:
         rpc.call("ram-block-add", id="l", size=PAGE, lock=True, **{"max-size": 8 * GiB})
         rpc.send(json.dumps(_req("ram-block-resize", 1, id="l", size=3 * GiB)).encode())
         probe = {"id": "l", "offset": 0, "data": "AA=="}

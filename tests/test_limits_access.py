@@ -164,8 +164,8 @@ def test_socket_group_and_mode_from_config(shared_dir: Path) -> None:
         d.stop()
 
 
-def test_prealloc_does_not_block_others_and_same_block_is_busy(daemon: Daemon) -> None:
-    with Raw(daemon.path, timeout=60) as a, Raw(daemon.path) as b:
+def test_prealloc_does_not_block_others_and_same_block_is_busy(reused_daemon: Daemon) -> None:
+    with Raw(reused_daemon.path, timeout=60) as a, Raw(reused_daemon.path) as b:
         a.send(
             json.dumps(
                 {
@@ -209,10 +209,10 @@ def test_json_log_lines(start_daemon: Any) -> None:
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
 
 
-def test_socket_unavailable_to_others_by_default(daemon: Daemon) -> None:
-    assert stat.S_IMODE(os.stat(daemon.path).st_mode) == 0o600
+def test_socket_unavailable_to_others_by_default(reused_daemon: Daemon) -> None:
+    assert stat.S_IMODE(os.stat(reused_daemon.path).st_mode) == 0o600
     with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(daemon.path))
+        s.connect(str(reused_daemon.path))
 
 
 def test_idle_connections_are_closed_and_subscribers_are_not(start_daemon: Any) -> None:

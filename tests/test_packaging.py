@@ -123,9 +123,19 @@ def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     if got.returncode != 0:
         pytest.skip(f"cannot fetch the runtime dependencies (offline?): {got.stderr}")
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # Without a pip of its own (ensurepip alone takes seconds): this pip installs into it.
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300
+    )
     p = pip(
-        venv / "bin" / "python", "install", "--no-index", "--find-links", str(house), str(wheel)
+        sys.executable,
+        "--python",
+        str(venv / "bin" / "python"),
+        "install",
+        "--no-index",
+        "--find-links",
+        str(house),
+        str(wheel),
     )
     assert p.returncode == 0, p.stderr
     yield venv

@@ -121,14 +121,26 @@ def generic(desc: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def qd(start_daemon: Callable[..., Daemon]) -> Daemon:
-    """A daemon with a QMP socket."""
+def qd(any_daemon: Daemon) -> Daemon:
+    """A daemon with a QMP socket, which other tests use too (see conftest.py)."""
+    return any_daemon
+
+
+@pytest.fixture
+def fresh_qd(start_daemon: Callable[..., Daemon]) -> Daemon:
+    """A daemon with a QMP socket of this test's own: event seqs start from 1."""
     return start_daemon(qmp=True)
 
 
 @pytest.fixture
 def qmp(qd: Daemon) -> Iterator[Qmp]:
     with Qmp(qd.qmp_path) as q:
+        yield q
+
+
+@pytest.fixture
+def fresh_qmp(fresh_qd: Daemon) -> Iterator[Qmp]:
+    with Qmp(fresh_qd.qmp_path) as q:
         yield q
 
 
@@ -226,11 +238,11 @@ async def test_qmp_client_execute_errors_carry_the_class(qd: Daemon) -> None:
         await client.disconnect()
 
 
-async def test_event_listener_gets_resize_made_by_a_jsonrpc_client(qd: Daemon) -> None:
+async def test_event_listener_gets_resize_made_by_a_jsonrpc_client(fresh_qd: Daemon) -> None:
     client = QMPClient("ramd-test")
-    await client.connect(str(qd.qmp_path))
+    await client.connect(str(fresh_qd.qmp_path))
     try:
-        with client.listener("RAM_BLOCK_RESIZED") as listener, Raw(qd.path) as rpc:
+        with client.listener("RAM_BLOCK_RESIZED") as listener, Raw(fresh_qd.path) as rpc:
             rpc.call("ram-block-add", id="shared", size=PAGE, **{"max-size": 16 * PAGE})
             rpc.call("ram-block-resize", id="shared", size=3 * PAGE)
             event = await asyncio.wait_for(listener.get(), 10)
@@ -245,9 +257,9 @@ async def test_event_listener_gets_resize_made_by_a_jsonrpc_client(qd: Daemon) -
         await client.disconnect()
 
 
-async def test_event_listener_of_every_event_sees_the_whole_lifecycle(qd: Daemon) -> None:
+async def test_event_listener_of_every_event_sees_the_whole_lifecycle(fresh_qd: Daemon) -> None:
     client = QMPClient("ramd-test")
-    await client.connect(str(qd.qmp_path))
+    await client.connect(str(fresh_qd.qmp_path))
     listener = EventListener()
     try:
         with client.listen(listener):
@@ -537,8 +549,8 @@ def test_no_id_when_the_request_has_none(qmp: Qmp) -> None:
     assert "id" not in qmp.execute("no-such-command")
 
 
-def test_events_start_at_negotiation_without_subscribe(qd: Daemon) -> None:
-    with Qmp(qd.qmp_path, negotiate=False) as q, Raw(qd.path) as rpc:
+def test_events_start_at_negotiation_without_subscribe(fresh_qd: Daemon) -> None:
+    with Qmp(fresh_qd.qmp_path, negotiate=False) as q, Raw(fresh_qd.path) as rpc:
         rpc.call("ram-block-add", id="early", size=PAGE, **{"max-size": 4 * PAGE})
         q.expect_silence()
         # The event raised before negotiation was dropped, not queued: the very next
@@ -565,21 +577,23 @@ def test_events_of_a_command_come_before_its_response(qmp: Qmp) -> None:
     assert qmp.message()["return"]["id"] == "o"
 
 
-def test_subscribe_filters_and_replays_unsubscribe_stops(qmp: Qmp) -> None:
-    qmp.ok("ram-block-add", id="a", size=PAGE, **{"max-size": 4 * PAGE})
-    assert [e["event"] for e in qmp.events] == ["RAM_BLOCK_ADDED"]
-    qmp.events.clear()
-    sub = qmp.ok("subscribe", events=["RAM_BLOCK_ADDED", "RAM_BLOCK_REMOVED"])
+def test_subscribe_filters_and_replays_unsubscribe_stops(fresh_qmp: Qmp) -> None:
+    fresh_qmp.ok("ram-block-add", id="a", size=PAGE, **{"max-size": 4 * PAGE})
+    assert [e["event"] for e in fresh_qmp.events] == ["RAM_BLOCK_ADDED"]
+    fresh_qmp.events.clear()
+    sub = fresh_qmp.ok("subscribe", events=["RAM_BLOCK_ADDED", "RAM_BLOCK_REMOVED"])
     assert sub == {"seq": 1, "events": ["RAM_BLOCK_ADDED", "RAM_BLOCK_REMOVED"]}
-    assert [(e["event"], e["data"]["replay"]) for e in qmp.events] == [("RAM_BLOCK_ADDED", True)]
-    qmp.events.clear()
-    qmp.ok("ram-block-resize", id="a", size=2 * PAGE)  # filtered out
-    qmp.ok("ram-block-del", id="a")
-    assert [e["event"] for e in qmp.events] == ["RAM_BLOCK_REMOVED"]
-    qmp.events.clear()
-    assert qmp.ok("unsubscribe") == {}
-    qmp.ok("ram-block-add", id="b", size=PAGE)
-    assert qmp.events == []
+    assert [(e["event"], e["data"]["replay"]) for e in fresh_qmp.events] == [
+        ("RAM_BLOCK_ADDED", True)
+    ]
+    fresh_qmp.events.clear()
+    fresh_qmp.ok("ram-block-resize", id="a", size=2 * PAGE)  # filtered out
+    fresh_qmp.ok("ram-block-del", id="a")
+    assert [e["event"] for e in fresh_qmp.events] == ["RAM_BLOCK_REMOVED"]
+    fresh_qmp.events.clear()
+    assert fresh_qmp.ok("unsubscribe") == {}
+    fresh_qmp.ok("ram-block-add", id="b", size=PAGE)
+    assert fresh_qmp.events == []
 
 
 def test_refused_connection_gets_a_generic_error_without_id(

@@ -79,9 +79,9 @@ def wait_exit(d: Daemon, timeout: float = 30.0) -> int:
 
 
 async def test_query_version_has_qemus_shape_on_qmp_and_stays_on_jsonrpc(
-    start_daemon: Callable[..., Daemon],
+    any_daemon: Daemon,
 ) -> None:
-    d = start_daemon(qmp=True)
+    d = any_daemon
     async with qmp_client(d.qmp_path) as qmp:
         assert await qmp.execute("query-version") == {"qemu": VERSION, "package": PACKAGE}
         greeting = qmp.greeting
@@ -102,8 +102,8 @@ def test_size_to_str_is_qemus() -> None:
     ]  # fmt: skip
 
 
-async def test_hmp_commands_print_qemus_text(start_daemon: Callable[..., Daemon]) -> None:
-    d = start_daemon(qmp=True)
+async def test_hmp_commands_print_qemus_text(any_daemon: Daemon) -> None:
+    d = any_daemon
     with Raw(d.path) as rpc:
         rpc.call("ram-block-add", id="pc.ram", size=MiB, **{"max-size": GiB})
         rpc.call("ram-block-add", id="vga.vram", size=16 * PAGE, backend="memfd")
@@ -149,10 +149,8 @@ async def test_hmp_commands_print_qemus_text(start_daemon: Callable[..., Daemon]
         assert await qmp.execute("query-ram-blocks") == blocks
 
 
-def test_qmp_shell_hmp_mode_runs_info_ramblock(
-    start_daemon: Callable[..., Daemon], tmp_path: Path
-) -> None:
-    d = start_daemon(qmp=True)
+def test_qmp_shell_hmp_mode_runs_info_ramblock(any_daemon: Daemon, tmp_path: Path) -> None:
+    d = any_daemon
     with Raw(d.path) as rpc:
         block = rpc.call("ram-block-add", id="ram0", size=4 * MiB, **{"max-size": GiB})
     shell = Path(sys.executable).with_name("qmp-shell")
@@ -233,9 +231,9 @@ class Introspection:
 
 
 async def test_query_qmp_schema_describes_every_command_event_and_answer(
-    start_daemon: Callable[..., Daemon],
+    any_daemon: Daemon,
 ) -> None:
-    d = start_daemon(qmp=True)
+    d = any_daemon
     async with qmp_client(d.qmp_path) as qmp:
         infos: Any = await qmp.execute("query-qmp-schema")
         schema = Introspection(infos)

@@ -34,19 +34,19 @@ MiB = 1 << 20
 # -- commands ----------------------------------------------------------------------------------
 
 
-def test_console_script_is_installed(daemon: Daemon) -> None:
+def test_console_script_is_installed(any_daemon: Daemon) -> None:
     script = Path(sys.executable).parent / "ramctl"
     if not script.exists():
         pytest.skip("no ramctl script next to this interpreter (not pip-installed)")
     p = subprocess.run(
-        [str(script), "--socket", str(daemon.path), "version"], capture_output=True, timeout=60
+        [str(script), "--socket", str(any_daemon.path), "version"], capture_output=True, timeout=60
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.decode().strip() == "ramd 0.1.0"
 
 
-def test_add_list_info_resize_del_human(daemon: Daemon) -> None:
-    s = daemon.path
+def test_add_list_info_resize_del_human(any_daemon: Daemon) -> None:
+    s = any_daemon.path
     out = ok(s, "add", "ram0", "64M", "--max-size", "1.5G", "--merge", "--no-dump")
     assert "id:" in out and "ram0" in out
     assert "64 MiB (67108864)" in out and "1.5 GiB (1610612736)" in out
@@ -65,8 +65,8 @@ def test_add_list_info_resize_del_human(daemon: Daemon) -> None:
     assert [line.split()[0] for line in ok(s, "list").splitlines()] == ["ID", "ram0"]
 
 
-def test_json_outputs(daemon: Daemon) -> None:
-    s = daemon.path
+def test_json_outputs(any_daemon: Daemon) -> None:
+    s = any_daemon.path
     block = jok(s, "add", "ram0", "1M", "--max-size", "16M", "--align", "2M")
     assert (block["id"], block["size"], block["max-size"], block["resizable"]) == (
         "ram0",
@@ -92,16 +92,16 @@ def test_json_outputs(daemon: Daemon) -> None:
     assert jok(s, "list") == []
 
 
-def test_stats_and_version_human(daemon: Daemon) -> None:
-    ok(daemon.path, "add", "ram0", "2M")
-    stats = ok(daemon.path, "stats")
+def test_stats_and_version_human(any_daemon: Daemon) -> None:
+    ok(any_daemon.path, "add", "ram0", "2M")
+    stats = ok(any_daemon.path, "stats")
     assert "blocks:" in stats and "used:" in stats and "2 MiB (2097152)" in stats
     assert "limits.io-chunk:" in stats and "limits.max-used:" in stats
-    assert ok(daemon.path, "version").strip() == "ramd 0.1.0"
+    assert ok(any_daemon.path, "version").strip() == "ramd 0.1.0"
 
 
-def test_discard_zeroes_the_range(daemon: Daemon) -> None:
-    s = daemon.path
+def test_discard_zeroes_the_range(any_daemon: Daemon) -> None:
+    s = any_daemon.path
     ok(s, "add", "ram0", "16K")
     ok(s, "write", "ram0", "0", input=b"\xff" * (4 * PAGE))
     ok(s, "discard", "ram0", str(PAGE), str(PAGE))
@@ -112,8 +112,8 @@ def test_discard_zeroes_the_range(daemon: Daemon) -> None:
 # -- exit codes --------------------------------------------------------------------------------
 
 
-def test_refusal_exits_1_with_class_and_message(daemon: Daemon) -> None:
-    s = daemon.path
+def test_refusal_exits_1_with_class_and_message(any_daemon: Daemon) -> None:
+    s = any_daemon.path
     p = ramctl(s, "info", "ghost")
     assert p.returncode == 1 and p.stdout == b""
     assert p.stderr.decode() == "ramctl: DeviceNotFound: RAM block 'ghost' not found\n"
@@ -145,8 +145,8 @@ def test_refusal_exits_1_with_class_and_message(daemon: Daemon) -> None:
         ["del", "ram0", "extra"],
     ],
 )
-def test_usage_errors_exit_2(daemon: Daemon, args: list[str]) -> None:
-    p = ramctl(daemon.path, *args)
+def test_usage_errors_exit_2(any_daemon: Daemon, args: list[str]) -> None:
+    p = ramctl(any_daemon.path, *args)
     assert p.returncode == 2, p
     assert b"usage:" in p.stderr
 
@@ -164,16 +164,16 @@ def test_no_daemon_exits_3_naming_the_path(tmp_path: Path) -> None:
     assert p.returncode == 3 and str(tmp_path / "ramd" / "ramd.sock") in p.stderr.decode()
 
 
-def test_default_socket_from_environment(daemon: Daemon) -> None:
-    p = ramctl(None, "version", env=env_without_socket(RAMD_SOCKET=str(daemon.path)))
+def test_default_socket_from_environment(any_daemon: Daemon) -> None:
+    p = ramctl(None, "version", env=env_without_socket(RAMD_SOCKET=str(any_daemon.path)))
     assert p.returncode == 0 and p.stdout.decode().strip() == "ramd 0.1.0"
 
 
 # -- read / write ------------------------------------------------------------------------------
 
 
-def test_read_write_64mib_round_trip_through_pipes(daemon: Daemon) -> None:
-    s = daemon.path
+def test_read_write_64mib_round_trip_through_pipes(reused_daemon: Daemon) -> None:
+    s = reused_daemon.path
     ok(s, "add", "ram0", "64M", "--max-size", "128M")
     data = os.urandom(64 * MiB)
     out = ok(s, "write", "ram0", "0", input=data)
@@ -205,8 +205,8 @@ def test_read_write_64mib_through_files_under_tight_limits(
     assert head["data"] == "A" * 5460 + "AA=="  # the first MiB was left alone (zeros)
 
 
-def test_progress_bar_only_on_a_terminal(daemon: Daemon, tmp_path: Path) -> None:
-    ok(daemon.path, "add", "ram0", "32M")
+def test_progress_bar_only_on_a_terminal(any_daemon: Daemon, tmp_path: Path) -> None:
+    ok(any_daemon.path, "add", "ram0", "32M")
     master, slave = pty.openpty()
     # A fresh pty is 0x0 characters, which leaves tqdm no room to draw in.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
@@ -214,7 +214,7 @@ def test_progress_bar_only_on_a_terminal(daemon: Daemon, tmp_path: Path) -> None
     shown = b""
     try:
         proc = subprocess.Popen(
-            [*RAMCTL, "--socket", str(daemon.path), "read", "ram0", "0", "32M", "-o", str(out)],
+            [*RAMCTL, "--socket", str(any_daemon.path), "read", "ram0", "0", "32M", "-o", str(out)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=slave,
@@ -240,12 +240,12 @@ def test_progress_bar_only_on_a_terminal(daemon: Daemon, tmp_path: Path) -> None
     assert b"read ram0" in shown and b"B/s" in shown
 
 
-def test_read_refuses_a_terminal_stdout(daemon: Daemon) -> None:
-    ok(daemon.path, "add", "ram0", "1M")
+def test_read_refuses_a_terminal_stdout(any_daemon: Daemon) -> None:
+    ok(any_daemon.path, "add", "ram0", "1M")
     master, slave = pty.openpty()
     try:
         p = subprocess.run(
-            [*RAMCTL, "--socket", str(daemon.path), "read", "ram0", "0", "4K"],
+            [*RAMCTL, "--socket", str(any_daemon.path), "read", "ram0", "0", "4K"],
             stdout=slave,
             stderr=subprocess.PIPE,
             timeout=60,

@@ -26,19 +26,21 @@ def _line(proc: subprocess.Popen[bytes], stream: str, timeout: float = 60) -> by
     raise AssertionError(f"no line on {stream} within {timeout} s")
 
 
-def test_add_a_shared_block(shared_daemon: Daemon) -> None:
-    info = jok(shared_daemon.path, "add", "m", "1M", "--backend", "memfd", "--max-size", "4M")
+def test_add_a_shared_block(reused_shared_daemon: Daemon) -> None:
+    info = jok(
+        reused_shared_daemon.path, "add", "m", "1M", "--backend", "memfd", "--max-size", "4M"
+    )
     assert (info["backend"], info["shared"], info["max-size"]) == ("memfd", True, 4 * MiB)
-    assert jok(shared_daemon.path, "add", "f", "64K", "--backend", "file")["path"]
-    p = ramctl(shared_daemon.path, "add", "x", "1M", "--backend", "bogus")
+    assert jok(reused_shared_daemon.path, "add", "f", "64K", "--backend", "file")["path"]
+    p = ramctl(reused_shared_daemon.path, "add", "x", "1M", "--backend", "bogus")
     assert p.returncode == 2 and b"invalid choice" in p.stderr
 
 
-def test_map_prints_and_acknowledges_events_until_interrupted(shared_daemon: Daemon) -> None:
-    with Raw(shared_daemon.path) as rpc:
+def test_map_prints_and_acknowledges_events_until_interrupted(reused_shared_daemon: Daemon) -> None:
+    with Raw(reused_shared_daemon.path) as rpc:
         rpc.call("ram-block-add", id="m", size=MiB, backend="memfd", **{"max-size": 8 * MiB})
         proc = subprocess.Popen(
-            [*RAMCTL, "--socket", str(shared_daemon.path), "--json", "map", "m"],
+            [*RAMCTL, "--socket", str(reused_shared_daemon.path), "--json", "map", "m"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -62,11 +64,11 @@ def test_map_prints_and_acknowledges_events_until_interrupted(shared_daemon: Dae
             proc.wait()
 
 
-def test_map_ends_when_the_block_is_removed(shared_daemon: Daemon) -> None:
-    with Raw(shared_daemon.path) as rpc:
+def test_map_ends_when_the_block_is_removed(reused_shared_daemon: Daemon) -> None:
+    with Raw(reused_shared_daemon.path) as rpc:
         rpc.call("ram-block-add", id="m", size=MiB, backend="file")
         proc = subprocess.Popen(
-            [*RAMCTL, "--socket", str(shared_daemon.path), "map", "m"],
+            [*RAMCTL, "--socket", str(reused_shared_daemon.path), "map", "m"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -81,28 +83,30 @@ def test_map_ends_when_the_block_is_removed(shared_daemon: Daemon) -> None:
             proc.wait()
 
 
-def test_map_of_an_anonymous_block_is_refused(shared_daemon: Daemon) -> None:
-    jok(shared_daemon.path, "add", "a", "64K")
-    p = ramctl(shared_daemon.path, "map", "a")
+def test_map_of_an_anonymous_block_is_refused(reused_shared_daemon: Daemon) -> None:
+    jok(reused_shared_daemon.path, "add", "a", "64K")
+    p = ramctl(reused_shared_daemon.path, "map", "a")
     assert p.returncode == 1
     assert b"RAM block 'a' is not shared (backend anonymous)" in p.stderr
 
 
-def test_write_and_read_64_mib_through_the_mapping(shared_daemon: Daemon, tmp_path: Path) -> None:
+def test_write_and_read_64_mib_through_the_mapping(
+    reused_shared_daemon: Daemon, tmp_path: Path
+) -> None:
     data = os.urandom(64 * MiB)
     src, dst = os.path.join(tmp_path, "in"), os.path.join(tmp_path, "out")
     with open(src, "wb") as f:
         f.write(data)
-    jok(shared_daemon.path, "add", "m", "65M", "--backend", "memfd")
-    written = jok(shared_daemon.path, "write", "m", "1M", "-i", src)
+    jok(reused_shared_daemon.path, "add", "m", "65M", "--backend", "memfd")
+    written = jok(reused_shared_daemon.path, "write", "m", "1M", "-i", src)
     assert written == {"written": 64 * MiB}
-    assert jok(shared_daemon.path, "read", "m", "1M", "64M", "-o", dst) == {"read": 64 * MiB}
+    assert jok(reused_shared_daemon.path, "read", "m", "1M", "64M", "-o", dst) == {"read": 64 * MiB}
     with open(dst, "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
-    with Raw(shared_daemon.path) as rpc:  # the daemon's own view agrees (pread on its fd)
+    with Raw(reused_shared_daemon.path) as rpc:  # the daemon's own view agrees (pread on its fd)
         got = rpc.call("ram-block-read", id="m", offset=MiB + 12345, length=100)
     assert base64.b64decode(got["data"]) == data[12345:12445]
-    p = ramctl(shared_daemon.path, "read", "m", "64M", "2M", "-o", dst)
+    p = ramctl(reused_shared_daemon.path, "read", "m", "64M", "2M", "-o", dst)
     assert p.returncode == 1 and b"Range out of bounds" in p.stderr
-    p = ramctl(shared_daemon.path, "write", "m", "64M", "-i", src)
+    p = ramctl(reused_shared_daemon.path, "write", "m", "64M", "-i", src)
     assert p.returncode == 1 and b"Range out of bounds" in p.stderr

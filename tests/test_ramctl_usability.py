@@ -61,8 +61,8 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) ->
 # -- sizes, options, output ------------------------------------------------------------------
 
 
-def test_offsets_and_sizes_in_hex_as_ramctl_prints_them(daemon: Daemon) -> None:
-    s = daemon.path
+def test_offsets_and_sizes_in_hex_as_ramctl_prints_them(any_daemon: Daemon) -> None:
+    s = any_daemon.path
     assert jok(s, "add", "ram0", "0x100000", "--max-size", "0x400000")["max-size"] == 4 * MiB
     ok(s, "write", "ram0", "0x10", input=b"0123456789abcdef")
     p = ramctl(s, "read", "ram0", "0x10", "0x10")
@@ -75,28 +75,28 @@ def test_offsets_and_sizes_in_hex_as_ramctl_prints_them(daemon: Daemon) -> None:
     assert p.returncode == 2 and b"invalid size '0x'" in p.stderr
 
 
-def test_global_options_after_the_command(daemon: Daemon) -> None:
-    ok(daemon.path, "add", "ram0", "1M")
-    p = ramctl(None, "list", "--json", "--socket", str(daemon.path), "--timeout", "30")
+def test_global_options_after_the_command(any_daemon: Daemon) -> None:
+    ok(any_daemon.path, "add", "ram0", "1M")
+    p = ramctl(None, "list", "--json", "--socket", str(any_daemon.path), "--timeout", "30")
     assert p.returncode == 0, p.stderr
     assert [b["id"] for b in json.loads(p.stdout)] == ["ram0"]
     # After the command wins over before it.
-    p = ramctl("/nonexistent.sock", "info", "ram0", "--socket", str(daemon.path), "--json")
+    p = ramctl("/nonexistent.sock", "info", "ram0", "--socket", str(any_daemon.path), "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["id"] == "ram0"
 
 
-def test_errors_are_json_under_json(daemon: Daemon, tmp_path: Path) -> None:
-    p = ramctl(daemon.path, "--json", "info", "ghost")
+def test_errors_are_json_under_json(any_daemon: Daemon, tmp_path: Path) -> None:
+    p = ramctl(any_daemon.path, "--json", "info", "ghost")
     assert p.returncode == 1
     assert json_error(p) == {
         "class": "DeviceNotFound",
         "desc": "RAM block 'ghost' not found",
         "status": 1,
     }
-    p = ramctl(daemon.path, "add", "x", "0", "--json")
+    p = ramctl(any_daemon.path, "add", "x", "0", "--json")
     error = json_error(p)
     assert p.returncode == 1 and error["code"] == -32602 and error["class"] == "GenericError"
-    p = ramctl(daemon.path, "add", "x", "--json")
+    p = ramctl(any_daemon.path, "add", "x", "--json")
     assert p.returncode == 2 and json_error(p)["class"] == "UsageError"
     missing = tmp_path / "none.sock"
     p = ramctl(missing, "--json", "list")
@@ -105,8 +105,8 @@ def test_errors_are_json_under_json(daemon: Daemon, tmp_path: Path) -> None:
     assert error["socket"] == str(missing) and "RAMD_SOCKET" in error["hints"][0]
 
 
-def test_call_sends_any_command_raw(daemon: Daemon) -> None:
-    s = daemon.path
+def test_call_sends_any_command_raw(any_daemon: Daemon) -> None:
+    s = any_daemon.path
     ok(s, "add", "ram0", "1M")
     blocks = json.loads(ok(s, "call", "query-ram-blocks", '{"id": "ram0"}'))
     assert [b["id"] for b in blocks] == ["ram0"] and blocks[0]["size"] == MiB
@@ -120,8 +120,8 @@ def test_call_sends_any_command_raw(daemon: Daemon) -> None:
         assert p.returncode == 2 and b"PARAMS" in p.stderr
 
 
-def test_del_says_what_it_did_and_if_exists(daemon: Daemon) -> None:
-    s = daemon.path
+def test_del_says_what_it_did_and_if_exists(any_daemon: Daemon) -> None:
+    s = any_daemon.path
     ok(s, "add", "ram0", "1M")
     assert ok(s, "del", "ram0") == "removed ram0\n"
     p = ramctl(s, "del", "ram0")
@@ -135,15 +135,15 @@ def test_stats_shows_dropped_subscribers(daemon: Daemon) -> None:
     assert jok(daemon.path, "stats")["dropped-subscribers"] == 0
 
 
-def test_resizing_a_fixed_block_keeps_qemus_text_and_adds_a_hint(daemon: Daemon) -> None:
-    ok(daemon.path, "add", "fixed", "1M")
-    p = ramctl(daemon.path, "resize", "fixed", "2M")
+def test_resizing_a_fixed_block_keeps_qemus_text_and_adds_a_hint(any_daemon: Daemon) -> None:
+    ok(any_daemon.path, "add", "fixed", "1M")
+    p = ramctl(any_daemon.path, "resize", "fixed", "2M")
     assert p.returncode == 1
     assert p.stderr.decode().splitlines() == [
         "ramctl: GenericError: Size mismatch: fixed: 0x200000 != 0x100000: Invalid argument",
         "ramctl: fixed is not resizable: only a block created with --max-size can change size",
     ]
-    p = ramctl(daemon.path, "--json", "resize", "fixed", "2M")
+    p = ramctl(any_daemon.path, "--json", "resize", "fixed", "2M")
     assert "--max-size" in json_error(p)["hints"][0]
 
 
@@ -151,9 +151,9 @@ def test_resizing_a_fixed_block_keeps_qemus_text_and_adds_a_hint(daemon: Daemon)
 
 
 def test_read_past_the_end_names_the_range_and_leaves_no_file(
-    daemon: Daemon, tmp_path: Path
+    any_daemon: Daemon, tmp_path: Path
 ) -> None:
-    s = daemon.path
+    s = any_daemon.path
     ok(s, "add", "ram0", "64M")
     out = tmp_path / "out.bin"
     p = ramctl(s, "read", "ram0", "0", "65M", "-o", str(out))
@@ -173,14 +173,14 @@ def test_read_past_the_end_names_the_range_and_leaves_no_file(
     assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".out.bin")) == []
 
 
-def test_progress_label_is_binary_units(daemon: Daemon, tmp_path: Path) -> None:
-    ok(daemon.path, "add", "ram0", "64M")
+def test_progress_label_is_binary_units(any_daemon: Daemon, tmp_path: Path) -> None:
+    ok(any_daemon.path, "add", "ram0", "64M")
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     shown = b""
     try:
         proc = subprocess.Popen(
-            [*RAMCTL, "--socket", str(daemon.path), "read", "ram0", "0", "64M", "-o", "x.bin"],
+            [*RAMCTL, "--socket", str(any_daemon.path), "read", "ram0", "0", "64M", "-o", "x.bin"],
             cwd=tmp_path,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -371,12 +371,12 @@ def test_every_argument_has_help() -> None:
     assert "least severe messages logged" in text and "one JSON object per line" in text
 
 
-def test_version_imports_neither_asyncio_nor_pydantic(daemon: Daemon) -> None:
+def test_version_imports_neither_asyncio_nor_pydantic(any_daemon: Daemon) -> None:
     """``ramctl version`` starts fast: it does its one exchange with a blocking socket."""
     probe = (
         "import sys\n"
         "from ramd_client.cli import main\n"
-        f"status = main(['--socket', {str(daemon.path)!r}, 'version'])\n"
+        f"status = main(['--socket', {str(any_daemon.path)!r}, 'version'])\n"
         "heavy = ('asyncio', 'pydantic', 'tqdm', 'logging')\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "print(status, heavy)\n"

@@ -47,8 +47,8 @@ def test_schema_is_a_valid_json_schema_covering_everything() -> None:
         arguments_validator(name).is_valid({})
 
 
-async def test_query_schema_returns_the_file(daemon: Daemon) -> None:
-    async with await ramd_client.connect(daemon.path) as client:
+async def test_query_schema_returns_the_file(reused_daemon: Daemon) -> None:
+    async with await ramd_client.connect(reused_daemon.path) as client:
         assert await client.query_schema() == json.loads(SCHEMA_FILE.read_text())
         names = {c.name for c in await client.query_commands()}
         assert names == set(json.loads(SCHEMA_FILE.read_text())["commands"])
@@ -100,16 +100,18 @@ async def test_every_request_of_the_client_validates(daemon: Daemon) -> None:
     wire.check()
 
 
-async def test_a_wrong_request_fails_the_schema_as_it_fails_the_daemon(daemon: Daemon) -> None:
+async def test_a_wrong_request_fails_the_schema_as_it_fails_the_daemon(
+    reused_daemon: Daemon,
+) -> None:
     wire = WireRecorder()
-    async with await ramd_client.connect(daemon.path, trace=wire.trace()) as c:
+    async with await ramd_client.connect(reused_daemon.path, trace=wire.trace()) as c:
         with pytest.raises(ramd_client.RamdError) as info:
             await c.ram_block_add("ram0", 0)
         assert info.value.invalid_params
     method, params = wire.requests()[-1]
     assert (method, params) == ("ram-block-add", {"id": "ram0", "size": 0})
     assert not params_valid(method, params)
-    wire.check()  # agrees: refused by the daemon, refused by the schema
+    wire.check()  # agrees: refused by the reused_daemon, refused by the schema
 
 
 WRONG: list[tuple[str, dict[str, Any]]] = [
@@ -133,8 +135,8 @@ WRONG: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("method", "params"), WRONG, ids=[f"{m}-{p}" for m, p in WRONG])
 def test_wrong_params_fail_the_schema_and_the_daemon(
-    daemon: Daemon, method: str, params: dict[str, Any]
+    reused_daemon: Daemon, method: str, params: dict[str, Any]
 ) -> None:
     assert not params_valid(method, params)
-    with Raw(daemon.path) as raw:
+    with Raw(reused_daemon.path) as raw:
         assert raw.error(method, params)["code"] == -32602

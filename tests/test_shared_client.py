@@ -60,14 +60,14 @@ _PEER = textwrap.dedent(
 )
 
 
-def test_two_processes_see_each_others_writes(shared_daemon: Daemon) -> None:
-    with Raw(shared_daemon.path) as rpc:
+def test_two_processes_see_each_others_writes(reused_shared_daemon: Daemon) -> None:
+    with Raw(reused_shared_daemon.path) as rpc:
         rpc.call("ram-block-add", id="m", size=MiB, backend="memfd")
-        with SharedBlock(shared_daemon.path, "m") as block:
+        with SharedBlock(reused_shared_daemon.path, "m") as block:
             assert (block.size, block.max_size, block.readonly) == (MiB, MiB, False)
             block.view[0:9] = b"from test"
             peer = subprocess.Popen(
-                [sys.executable, "-c", _PEER, str(shared_daemon.path)],
+                [sys.executable, "-c", _PEER, str(reused_shared_daemon.path)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -90,10 +90,10 @@ def test_two_processes_see_each_others_writes(shared_daemon: Daemon) -> None:
         assert rpc.call("query-ram-blocks", id="m")[0]["mappers"] == 0
 
 
-def test_follows_a_grow_and_acknowledges_a_shrink(shared_daemon: Daemon) -> None:
-    with Raw(shared_daemon.path) as rpc, Raw(shared_daemon.path) as resizer:
+def test_follows_a_grow_and_acknowledges_a_shrink(reused_shared_daemon: Daemon) -> None:
+    with Raw(reused_shared_daemon.path) as rpc, Raw(reused_shared_daemon.path) as resizer:
         rpc.call("ram-block-add", id="m", size=MiB, backend="memfd", **{"max-size": 8 * MiB})
-        with SharedBlock(shared_daemon.path, "m") as block:
+        with SharedBlock(reused_shared_daemon.path, "m") as block:
             base = block.address
             assert "---p" in _maps_line(base + 4 * MiB)
             rpc.call("ram-block-resize", id="m", size=4 * MiB)
@@ -115,10 +115,10 @@ def test_follows_a_grow_and_acknowledges_a_shrink(shared_daemon: Daemon) -> None
             assert len(block.view) == MiB
 
 
-def test_removal_unmaps_and_acknowledges(shared_daemon: Daemon) -> None:
-    with Raw(shared_daemon.path) as rpc, Raw(shared_daemon.path) as remover:
+def test_removal_unmaps_and_acknowledges(reused_shared_daemon: Daemon) -> None:
+    with Raw(reused_shared_daemon.path) as rpc, Raw(reused_shared_daemon.path) as remover:
         rpc.call("ram-block-add", id="m", size=MiB, backend="file")
-        with SharedBlock(shared_daemon.path, "m") as block:
+        with SharedBlock(reused_shared_daemon.path, "m") as block:
             base = block.address
             remover.send(b'{"jsonrpc":"2.0","method":"ram-block-del","params":{"id":"m"},"id":1}')
             event = _poll_until(block, "RAM_BLOCK_REMOVED")
@@ -132,11 +132,11 @@ def test_removal_unmaps_and_acknowledges(shared_daemon: Daemon) -> None:
         assert rpc.call("query-ram-blocks") == []
 
 
-def test_readonly_fd_gives_a_readonly_view(shared_daemon: Daemon) -> None:
-    with Raw(shared_daemon.path) as rpc:
+def test_readonly_fd_gives_a_readonly_view(reused_shared_daemon: Daemon) -> None:
+    with Raw(reused_shared_daemon.path) as rpc:
         rpc.call("ram-block-add", id="m", size=PAGE, backend="memfd")
         rpc.call("ram-block-write", id="m", offset=0, data=_b64(b"ro"))
-        with SharedBlock(shared_daemon.path, "m", readonly=True) as block:
+        with SharedBlock(reused_shared_daemon.path, "m", readonly=True) as block:
             assert block.readonly and block.view.readonly
             assert bytes(block.view[:2]) == b"ro"
             with pytest.raises(TypeError):
@@ -144,24 +144,24 @@ def test_readonly_fd_gives_a_readonly_view(shared_daemon: Daemon) -> None:
             assert "r--s" in _maps_line(block.address)
 
 
-def test_get_fd_refusals_and_no_fd_leaks(shared_daemon: Daemon) -> None:
+def test_get_fd_refusals_and_no_fd_leaks(reused_shared_daemon: Daemon) -> None:
     before = len(os.listdir("/proc/self/fd"))
-    with Raw(shared_daemon.path) as rpc:
+    with Raw(reused_shared_daemon.path) as rpc:
         rpc.call("ram-block-add", id="a", size=PAGE)
         with pytest.raises(RamdError, match="not shared"):
-            get_fd(shared_daemon.path, "a")
+            get_fd(reused_shared_daemon.path, "a")
         with pytest.raises(RamdError) as info:
-            SharedBlock(shared_daemon.path, "nope")
+            SharedBlock(reused_shared_daemon.path, "nope")
         assert info.value.error_class == "DeviceNotFound"
         rpc.call("ram-block-add", id="m", size=PAGE, backend="memfd")
-        fd, result, conn = get_fd(shared_daemon.path, "m")
+        fd, result, conn = get_fd(reused_shared_daemon.path, "m")
         assert result["size"] == PAGE and os.fstat(fd).st_size == PAGE
         os.close(fd)
         conn.close()
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-async def test_async_block_follows_events_on_the_loop(shared_daemon: Daemon) -> None:
+async def test_async_block_follows_events_on_the_loop(reused_shared_daemon: Daemon) -> None:
     seen: list[Notification] = []
     changed = asyncio.Event()
 
@@ -169,9 +169,9 @@ async def test_async_block_follows_events_on_the_loop(shared_daemon: Daemon) -> 
         seen.append(event)
         changed.set()
 
-    with Raw(shared_daemon.path) as rpc:
+    with Raw(reused_shared_daemon.path) as rpc:
         rpc.call("ram-block-add", id="m", size=MiB, backend="memfd", **{"max-size": 4 * MiB})
-        block = await AsyncSharedBlock.open(shared_daemon.path, "m", on_event=on_event)
+        block = await AsyncSharedBlock.open(reused_shared_daemon.path, "m", on_event=on_event)
         async with block:
             block.view[0:2] = b"hi"
             # The shrink is answered only once the loop has handled and acknowledged it.
@@ -183,12 +183,14 @@ async def test_async_block_follows_events_on_the_loop(shared_daemon: Daemon) -> 
             assert block.error is None
 
 
-def test_every_request_of_the_shared_client_validates(shared_daemon: Daemon) -> None:
+def test_every_request_of_the_shared_client_validates(reused_shared_daemon: Daemon) -> None:
     """The fd commands tests/test_schemas.py cannot send through the asyncio client."""
     wire = WireRecorder()
-    with Raw(shared_daemon.path) as rpc, Raw(shared_daemon.path) as resizer:
+    with Raw(reused_shared_daemon.path) as rpc, Raw(reused_shared_daemon.path) as resizer:
         rpc.call("ram-block-add", id="m", size=MiB, backend="memfd", **{"max-size": 2 * MiB})
-        with SharedBlock(shared_daemon.path, "m", readonly=True, trace=wire.trace()) as block:
+        with SharedBlock(
+            reused_shared_daemon.path, "m", readonly=True, trace=wire.trace()
+        ) as block:
             done = threading.Thread(
                 target=resizer.call, args=("ram-block-resize",), kwargs={"id": "m", "size": PAGE}
             )

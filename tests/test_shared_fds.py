@@ -72,8 +72,9 @@ def _maps_line(pid: int, addr: int) -> str:
 
 
 @pytest.fixture
-def shared(daemon: Daemon) -> Daemon:
-    return daemon
+def shared(reused_daemon: Daemon) -> Daemon:
+    """A pooled daemon of each loop (see conftest.py)."""
+    return reused_daemon
 
 
 def test_a_second_process_maps_the_fd_and_shares_the_memory(shared: Daemon) -> None:
