@@ -204,7 +204,14 @@ def _error_text(exc: BaseException) -> str:
 
 
 class _WorkerPool:
-    """At most ``size`` daemon threads, started on demand, running jobs in FIFO order."""
+    """At most ``size`` daemon threads, started on demand, running jobs in FIFO order.
+
+    A thread is started when a job is submitted and more jobs wait to be taken than threads
+    are idle (both counted under the lock; a thread counts as idle from before it waits on the
+    queue until it has taken an item). Counting jobs not yet taken, not only idle threads,
+    matters: a thread that was just handed a job still counts as idle until it runs, and must
+    not be counted again for the next job.
+    """
 
     def __init__(self, size: int, run: Callable[[Job], None]) -> None:
         self._size = size
@@ -213,10 +220,12 @@ class _WorkerPool:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._idle = 0
+        self._waiting = 0  # jobs submitted and not yet taken by a thread
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._idle == 0 and len(self._threads) < self._size:
+            self._waiting += 1
+            if self._waiting > self._idle and len(self._threads) < self._size:
                 t = threading.Thread(
                     target=self._worker, name=f"ramd-job-{len(self._threads)}", daemon=True
                 )
@@ -237,6 +246,8 @@ class _WorkerPool:
             job = self._queue.get()
             with self._lock:
                 self._idle -= 1
+                if job is not None:
+                    self._waiting -= 1
             if job is None:
                 return
             self._run(job)

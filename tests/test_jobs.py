@@ -232,6 +232,32 @@ async def test_active_jobs_and_worker_threads_are_bounded() -> None:
     await _concluded(jobs.start("a", work))  # room again once they concluded
 
 
+async def test_two_jobs_submitted_to_one_idle_worker_get_two_threads() -> None:
+    """An idle worker counts as idle until it runs: the second of two jobs submitted at once
+    must get a thread of its own, not wait behind the first (it used to, when the worker had
+    not yet taken the first job)."""
+    jobs = JobManager(Recorder(), workers=2, max_active=4)
+    await _concluded(jobs.start("a", lambda ctx: None))  # one worker, now idle
+    gate = threading.Event()
+    both = threading.Barrier(2)
+
+    def work(ctx: JobContext) -> None:
+        both.wait(TIMEOUT)  # breaks (and fails the job) unless both run at once
+        _wait_in_thread(gate)
+
+    pair = [jobs.start("a", work), jobs.start("a", work)]  # back to back, no await between
+    try:
+        for _ in range(TIMEOUT * 100):
+            if all(j.status is JobStatus.RUNNING for j in pair) and both.n_waiting == 0:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        gate.set()
+    for job in pair:
+        await _concluded(job)
+    assert [j.error for j in pair] == [None, None]
+
+
 async def test_on_finish_runs_on_the_loop_before_concluded_is_announced() -> None:
     order: list[str] = []
     loop_thread = threading.get_ident()
