@@ -216,18 +216,33 @@ def test_socket_unavailable_to_others_by_default(reused_daemon: Daemon) -> None:
 
 
 def test_idle_connections_are_closed_and_subscribers_are_not(start_daemon: Any) -> None:
-    d = start_daemon("[limits]\nidle-timeout = 1\n")
+    timeout = 2.0
+    d = start_daemon(f"[limits]\nidle-timeout = {timeout:g}\n")
     with Raw(d.path) as idle, Raw(d.path) as subscriber, Raw(d.path) as busy:
         subscriber.call("subscribe")
         t0 = time.monotonic()
-        for _ in range(6):  # 3 s: the busy client asks something every half second
-            assert busy.call("query-version")
-            time.sleep(0.5)
-        idle.sock.settimeout(0.1)
-        with pytest.raises(ConnectionError):
-            idle.line()
+        idle.sock.settimeout(0.05)
+
+        def ping_for(seconds: float, watch_idle: bool) -> bool:
+            """The busy client asks something every 0.2 s (10 times per timeout) for
+            ``seconds``; True as soon as the idle one is seen closed (if watched)."""
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                assert busy.call("query-version")
+                if watch_idle:
+                    try:
+                        idle.line()
+                    except ConnectionError:
+                        return True
+                    except TimeoutError:
+                        pass
+                time.sleep(0.2)
+            return False
+
+        assert ping_for(60, watch_idle=True), "the idle connection was never closed"
+        assert time.monotonic() - t0 >= timeout / 2
+        ping_for(timeout * 1.5, watch_idle=False)  # the subscriber stays silent well past it
         assert subscriber.call("query-version") and busy.call("query-version")
-        assert time.monotonic() - t0 >= 1
     assert "closing idle connection" in d.log_text()
 
 
