@@ -27,7 +27,10 @@ import ``ramd.cli`` directly (tests, tools) are unaffected.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+import os
 import sys
 import types
 
@@ -72,8 +75,20 @@ def keep_out() -> None:
 
 
 def main() -> int:
-    """``ramd`` and ``python -m ramd``: :func:`keep_out`, then :func:`ramd.cli.main`."""
+    """``ramd`` and ``python -m ramd``: :func:`keep_out`, then :func:`ramd.cli.main`, then
+    the end of the process without tearing the interpreter down.
+
+    When :func:`ramd.cli.main` returns, the daemon has shut down: its sockets are removed,
+    its commands finished or abandoned (and logged) within ``stop-timeout``, its jobs
+    cancelled. Freeing every module and object one by one would then take 0.1-0.5 s more,
+    and joining worker threads would wait for work the daemon already abandoned; so the logs
+    and standard streams are flushed and the process exits with the status."""
     keep_out()
     from ramd.cli import main as cli_main
 
-    return cli_main()
+    status = cli_main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
