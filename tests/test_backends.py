@@ -353,6 +353,7 @@ def huge_pages() -> Iterator[Callable[[], int]]:
             f.write(str(old))
 
 
+@pytest.mark.xdist_group("hugepages")  # changes vm.nr_hugepages: one at a time
 def test_hugetlb_memfd_grow_beyond_the_pool_fails_cleanly(
     ram: RAMList, huge_pages: Callable[[], int]
 ) -> None:
@@ -470,6 +471,7 @@ def test_file_block_on_a_full_tmpfs_grow_fails_with_enospc(tmp_path: Path) -> No
     }
 
 
+@pytest.mark.xdist_group("hugepages")  # changes vm.nr_hugepages: one at a time
 def test_file_block_on_hugetlbfs_gets_huge_pages_and_a_clean_enomem(
     tmp_path: Path, huge_pages: Callable[[], int]
 ) -> None:
