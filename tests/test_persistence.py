@@ -458,3 +458,37 @@ def test_memfd_blocks_survive_a_restart_through_the_fd_store(
         assert d2.stop() == 0
     manager.drain()
     assert list(manager.stored) == [f"ram.{MiB:x}.-.m"]  # adopted blocks are not pushed twice
+
+
+def test_a_memfd_block_created_by_a_load_goes_to_the_fd_store(
+    tmp_path: Path, manager: FakeManager
+) -> None:
+    d = manager.start(tmp_path / "1")
+    with Raw(d.path) as raw:
+        raw.call("ram-block-add", id="img", size=8 * PAGE, backend="memfd")
+        _write(raw, "img", 3 * PAGE, b"saved, deleted, loaded")
+        job = raw.call("ram-save", target={"file": "snap"})["job-id"]
+        _wait_job(raw, job)
+        raw.call("ram-block-del", id="img")
+        job = raw.call("ram-load", source={"file": "snap"})["job-id"]
+        assert "error" not in _wait_job(raw, job)
+    assert d.stop() == 0
+    manager.drain()
+    assert list(manager.stored) == ["ram.-.-.img"]
+    d2 = manager.start(tmp_path / "2")
+    try:
+        with Raw(d2.path) as raw:
+            assert [b["id"] for b in raw.call("query-ram-blocks")] == ["img"]
+            assert _read(raw, "img", 3 * PAGE, 22) == b"saved, deleted, loaded"
+    finally:
+        assert d2.stop() == 0
+
+
+def _wait_job(raw: Raw, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = next(j for j in raw.call("query-jobs") if j["id"] == job_id)
+        if job["status"] == "concluded":
+            return job  # type: ignore[no-any-return]
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not conclude")

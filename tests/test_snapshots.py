@@ -134,6 +134,38 @@ def test_save_scribble_resize_load_restores_sizes_and_contents(start: Any, tmp_p
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
 
+def test_a_load_into_fresh_memory_checks_and_copies_in_one_pass(start: Any) -> None:
+    """Missing blocks that are not persistent are loaded by the verification pass itself
+    (progress counts their bytes once); a ``file`` block is created after verification and
+    copied by a second pass. The blocks appear in image order, each once."""
+    d = start()
+    with Raw(d.path) as r:
+        r.call("ram-block-add", id="a", size=MiB, **{"max-size": 16 * MiB})
+        r.call("ram-block-add", id="f", size=3 * MiB, backend="file")
+        r.call("ram-block-add", id="b", size=2 * MiB, backend="memfd", dump=False)
+        write(r, "a", 4096, os.urandom(100_000))
+        write(r, "f", MiB, os.urandom(MiB))
+        write(r, "b", 0, os.urandom(2 * MiB))
+        before = state(r)
+        save(r, "snap")
+        for block in ("a", "f", "b"):
+            r.call("ram-block-del", id=block)
+        r.call("subscribe", replay=False)
+        job = load(r, "snap")
+        assert "error" not in job, job
+        # a and b (3 MiB) once, f (3 MiB) checked, then copied: 9 MiB, not 12
+        assert job["current-progress"] == job["total-progress"] == 9 * MiB
+        assert state(r) == before
+        added = _events(r, "RAM_BLOCK_ADDED")
+        assert [(e["id"], e["size"], e["backend"]) for e in added] == [
+            ("a", MiB, "anonymous"),
+            ("f", 3 * MiB, "file"),
+            ("b", 2 * MiB, "memfd"),
+        ]
+        infos = {b["id"]: b for b in r.call("query-ram-blocks")}
+        assert infos["a"]["max-size"] == 16 * MiB and infos["b"]["dump"] is False
+
+
 def test_a_mostly_zero_gib_block_gives_a_sparse_image(start: Any, tmp_path: Path) -> None:
     d = start()
     with Raw(d.path) as r:

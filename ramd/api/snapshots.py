@@ -14,13 +14,17 @@ Threads and ownership:
 - ``on_finish`` (loop thread) unpins every block the job pinned and closes its fd. A job
   abandoned at shutdown keeps its pins: :meth:`RAMList.close` leaves pinned blocks mapped.
 
-Load, as QEMU's incoming migration: the whole image is verified first (the library's
-:func:`ramd.snapshot.verify`), then every block of the image is checked against the daemon's
-blocks (``Size mismatch``, ``Size too large``, limits, "busy") before anything changes; only
-then are missing blocks created and resizable ones resized (events as for any add or resize),
-and their contents replaced. Cancel: a load honours ``job-cancel`` until its blocks start to
-change (during verification and checks), and a cancelled load changed nothing; once the first
-block changed, it runs to the end, so a load that concluded without error is complete.
+Load, as QEMU's incoming migration: the image's header and table are checked, then every
+block of the image against the daemon's blocks (``Size mismatch``, ``Size too large``,
+limits, "busy"), then all of its data (:func:`ramd.snapshot.verify_data`), before anything
+visible changes; only then are missing blocks added and resizable ones resized (events as
+for any add or resize), and their contents replaced. A missing block that is not
+persistent is created, invisible, before the data is checked and loaded by that same pass
+(into fresh memory, the common case of an incoming migration: one read of the image, not
+two); it is freed if the load fails and made visible with the others if it succeeds.
+Cancel: a load honours ``job-cancel`` until visible blocks start to change (during the checks
+and verification), and a cancelled load changed nothing; once the first one changed, it runs
+to the end, so a load that concluded without error is complete.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import ctypes
 import os
 from dataclasses import dataclass, field
 
+from ramd import fdstore
 from ramd.api import models as m
 from ramd.api.commands import _check_add_limits, _check_host, _limit, command, create_block
 from ramd.api.service import Service, Session
@@ -42,8 +47,9 @@ from ramd.snapshot import (
     load,
     open_image,
     open_state_dir,
+    read_info,
     remove_stale_temporaries,
-    verify,
+    verify_data,
     write_image,
 )
 from ramd.snapshot.fileio import pread_into, pwrite_all
@@ -202,19 +208,28 @@ def ram_save(session: Session, args: m.RamSaveArgs) -> m.JobStarted:
 
 @dataclass
 class _Load:
-    """One load's blocks, in image order, and what it holds (loop thread, except ``targets``,
-    which the worker reads once the blocks are pinned)."""
+    """One load's blocks and what it holds (loop thread, except ``targets`` and ``direct``,
+    which the worker reads once they are set).
+
+    ``direct``: image indexes of the blocks created before verification and loaded while
+    it checks them (missing, not persistent); the others are resized or created once the
+    image is verified and loaded by a second pass. ``targets``: image index -> block."""
 
     service: Service
     fd: int
-    targets: list[RAMBlock] = field(default_factory=list)
+    targets: dict[int, RAMBlock] = field(default_factory=dict)
+    direct: set[int] = field(default_factory=set)
     created: list[RAMBlock] = field(default_factory=list)  # not yet committed
+    filled: int = 0  # created[:filled] are locked and preallocated as asked
     pinned: list[RAMBlock] = field(default_factory=list)
 
     def check(self, info: ImageInfo) -> None:
-        """Refuse the image if any of its blocks cannot take it; changes nothing."""
+        """Refuse the image if any of its blocks (but the direct ones) cannot take it;
+        changes nothing."""
         ram = self.service.ram
-        for image_block in info.blocks:
+        for index, image_block in enumerate(info.blocks):
+            if index in self.direct:
+                continue
             desc = image_block.desc
             try:
                 block = ram.changeable(desc.id)
@@ -239,14 +254,33 @@ class _Load:
                     " mapper(s) hold it"
                 )
 
-    def prepare(self, info: ImageInfo) -> None:
-        """Check again (the loop ran other commands since), then resize present blocks and
-        pin them, and create missing ones (uncommitted: invisible and "busy" until
-        :meth:`commit`). A failure here (the kernel refusing memory) leaves the blocks
-        already resized as they are; the created ones are aborted by :meth:`release`."""
+    def create_direct(self, info: ImageInfo) -> None:
+        """Before verification: check the whole image, then create the missing blocks that
+        are not persistent (uncommitted: invisible, and aborted if the load fails), so the
+        verification pass can load them. A ``file`` block is created only after
+        verification: its metadata is on disk from creation, and a crash must not leave a
+        block holding an image that was never verified."""
         self.check(info)
         ram = self.service.ram
-        for image_block in info.blocks:
+        for index, image_block in enumerate(info.blocks):
+            desc = image_block.desc
+            if desc.id not in ram and desc.backend != "file":
+                block = create_block(self.service, _add_args(desc))
+                self.created.append(block)
+                self.targets[index] = block
+                self.direct.add(index)
+
+    def prepare(self, info: ImageInfo) -> None:
+        """After verification: check the other blocks again (the loop ran other commands
+        since), then resize present blocks and pin them, and create missing ones
+        (uncommitted until :meth:`commit`). A failure here (the kernel refusing memory)
+        leaves the blocks already resized as they are; the created ones are aborted by
+        :meth:`release`."""
+        self.check(info)
+        ram = self.service.ram
+        for index, image_block in enumerate(info.blocks):
+            if index in self.direct:
+                continue
             desc = image_block.desc
             if desc.id in ram:
                 block = ram.resize(desc.id, desc.size)
@@ -255,16 +289,25 @@ class _Load:
             else:
                 block = create_block(self.service, _add_args(desc))
                 self.created.append(block)
-            self.targets.append(block)
+            self.targets[index] = block
 
     def commit(self) -> None:
-        """Make the created blocks visible (``RAM_BLOCK_ADDED``), pinned for the load."""
+        """Make the created blocks visible in image order (``RAM_BLOCK_ADDED``; a ``memfd``
+        one goes to the fd store), pinned for the rest of the load."""
         ram = self.service.ram
-        while self.created:
-            block = self.created.pop(0)
-            ram.commit(block)
-            ram.pin(block, LOADING)
-            self.pinned.append(block)
+        created = {id(block) for block in self.created}
+        for index in sorted(self.targets):
+            block = self.targets[index]
+            if id(block) in created:
+                ram.commit(block)
+                fdstore.push(block)
+                ram.pin(block, LOADING)
+                self.pinned.append(block)
+        self.created.clear()
+
+    def second_pass_bytes(self, info: ImageInfo) -> int:
+        """Block bytes the load pass (after verification) copies."""
+        return sum(b.size for i, b in enumerate(info.blocks) if i not in self.direct)
 
     def release(self, job: Job) -> None:
         """``on_finish``: abort blocks created and never committed, unpin, close the fd."""
@@ -313,15 +356,32 @@ def ram_load(session: Session, args: m.RamLoadArgs) -> m.JobStarted:
         zero_block(state.targets[index], offset, length)
 
     def work(ctx: JobContext) -> None:
-        ctx.set_total(2 * os.fstat(fd).st_size)
-        info = verify(fd, progress=ctx.advance, cancelled=ctx.cancelled)
-        ctx.set_total(2 * info.data_bytes)
+        info = read_info(fd)
+        ctx.check_cancelled()
+        ctx.run_on_loop(lambda: state.create_direct(info))
+        ctx.set_total(info.data_bytes + state.second_pass_bytes(info))
+        fill_created()
+        verify_data(
+            fd,
+            info,
+            write=write,
+            zero=zero,
+            direct=state.direct,
+            progress=ctx.advance,
+            cancelled=ctx.cancelled,
+        )
         ctx.check_cancelled()
         ctx.run_on_loop(lambda: state.prepare(info))
-        for block in list(state.created):
-            service.ram.fill(block)  # lock and preallocate as asked, still invisible
+        fill_created()
         ctx.run_on_loop(state.commit)
-        load(fd, info, write, zero, progress=ctx.advance)
+        load(fd, info, write, zero, skip=state.direct, progress=ctx.advance)
+
+    def fill_created() -> None:
+        """Lock and preallocate the blocks created since the last call, as they ask (they
+        are still invisible)."""
+        while state.filled < len(state.created):
+            service.ram.fill(state.created[state.filled])
+            state.filled += 1
 
     try:
         job = job_manager(service).start("ram-load", work, on_finish=state.release)

@@ -6,6 +6,8 @@ job's worker thread while the blocks involved are pinned):
 - :func:`write_image` writes blocks' contents, supplied by a ``read`` callable, to an fd;
 - :func:`verify` checks a whole image without changing anything and returns its
   :class:`ImageInfo`; :func:`load` then replays it through ``write`` and ``zero`` callables;
+  :func:`read_info` and :func:`verify_data` are the two halves of :func:`verify`, the second
+  able to load blocks nobody can see yet while it checks them (one pass instead of two);
 - :func:`atomic_target`, :func:`open_image`, :func:`open_state_dir` and
   :func:`remove_stale_temporaries` handle image files in the state directory;
 - every failure is an :class:`ImageError` (a :class:`ramd.errors.RamdError`) with one clear
@@ -30,7 +32,7 @@ from ramd.snapshot.format import (
     ImageError,
     ImageInfo,
 )
-from ramd.snapshot.reader import WriteFn, ZeroFn, load, verify
+from ramd.snapshot.reader import WriteFn, ZeroFn, load, read_info, verify, verify_data
 from ramd.snapshot.writer import ReadFn, write_image
 
 __all__ = [
@@ -50,7 +52,9 @@ __all__ = [
     "load",
     "open_image",
     "open_state_dir",
+    "read_info",
     "remove_stale_temporaries",
     "verify",
+    "verify_data",
     "write_image",
 ]

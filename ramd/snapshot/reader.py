@@ -16,7 +16,7 @@ buffers (2 of ``chunk_size`` when the image's chunks are larger than ``IO_SIZE``
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ramd.snapshot.buffer import AlignedBuffer, BufferRing, ring_for
 from ramd.snapshot.callbacks import CancelledFn, ProgressFn, never_cancelled, no_progress
@@ -53,16 +53,13 @@ MIN_ZERO_RUN = 64 * 1024
 ZeroFn = Callable[[int, int, int], None]
 
 
-def verify(
-    fd: int, *, progress: ProgressFn = no_progress, cancelled: CancelledFn = never_cancelled
-) -> ImageInfo:
-    """Check a whole image without changing anything; returns what it describes.
+def read_info(fd: int) -> ImageInfo:
+    """Check an image's header and table (not its data); returns what it describes.
 
     Order: magic, version, header checksum, flags and header fields, file length, file
-    checksum (header and table), table, then every block's data against its checksum.
-    ``progress`` counts block bytes (of :attr:`ImageInfo.data_bytes`). Raises
-    :class:`ImageError` naming the first problem found, :class:`ImageCancelled` if
-    ``cancelled()`` turned true.
+    checksum (header and table), table. The file checksum covers every block digest, so
+    what this returns can be trusted once :func:`verify_data` has checked the data against
+    it. Raises :class:`ImageError` naming the first problem found.
     """
     st = check_regular(fd, writing=False)
     if st.st_size == 0:
@@ -77,13 +74,6 @@ def verify(
     if file_digest(raw, meta) != header.file_digest:
         raise ImageError("Bad image: file checksum mismatch")
     entries = parse_table(header, meta)
-    blocks = tuple(ImageBlock(desc, offset, digest) for desc, offset, digest in entries)
-    ring = ring_for(header.chunk_size, IO_SIZE, DEPTH + 1)
-    with _pipeline(ring) as work:
-        for block in blocks:
-            got = _scan(fd, block, header.chunk_size, ring, work, None, progress, cancelled)
-            if got != block.digest:
-                raise ImageError(f"Bad image: checksum mismatch in block '{block.id}'")
     return ImageInfo(
         version=VERSION,
         flags=header.flags,
@@ -91,8 +81,47 @@ def verify(
         data_offset=header.data_offset,
         file_length=header.file_length,
         file_digest=header.file_digest,
-        blocks=blocks,
+        blocks=tuple(ImageBlock(desc, offset, digest) for desc, offset, digest in entries),
     )
+
+
+def verify_data(
+    fd: int,
+    info: ImageInfo,
+    *,
+    write: WriteFn | None = None,
+    zero: ZeroFn | None = None,
+    direct: Collection[int] = (),
+    progress: ProgressFn = no_progress,
+    cancelled: CancelledFn = never_cancelled,
+) -> None:
+    """Check every block's data against ``info`` (from :func:`read_info` on this fd).
+
+    The blocks whose index is in ``direct`` also get their contents, through ``write`` and
+    ``zero``, as they are checked: one pass instead of two, for blocks nobody else can see
+    yet (the caller discards them if this raises). ``progress`` counts block bytes (of
+    :attr:`ImageInfo.data_bytes`). Raises :class:`ImageError` naming the first block whose
+    data does not match, :class:`ImageCancelled` if ``cancelled()`` turned true.
+    """
+    if direct and (write is None or zero is None):
+        raise ValueError("direct blocks need write and zero")
+    ring = ring_for(info.chunk_size, IO_SIZE, DEPTH + 1)
+    with _pipeline(ring) as work:
+        for index, block in enumerate(info.blocks):
+            sink = _Sink(index, write, zero) if index in direct and write and zero else None
+            got = _scan(fd, block, info.chunk_size, ring, work, sink, progress, cancelled)
+            if got != block.digest:
+                raise ImageError(f"Bad image: checksum mismatch in block '{block.id}'")
+
+
+def verify(
+    fd: int, *, progress: ProgressFn = no_progress, cancelled: CancelledFn = never_cancelled
+) -> ImageInfo:
+    """Check a whole image without changing anything: :func:`read_info`, then
+    :func:`verify_data`; returns what the image describes."""
+    info = read_info(fd)
+    verify_data(fd, info, progress=progress, cancelled=cancelled)
+    return info
 
 
 def load(
@@ -101,10 +130,12 @@ def load(
     write: WriteFn,
     zero: ZeroFn,
     *,
+    skip: Collection[int] = (),
     progress: ProgressFn = no_progress,
     cancelled: CancelledFn = never_cancelled,
 ) -> None:
-    """Replay a verified image: every block's whole used range goes to ``write`` or ``zero``.
+    """Replay a verified image: every block's whole used range goes to ``write`` or ``zero``,
+    except the blocks whose index is in ``skip`` (already loaded by :func:`verify_data`).
 
     ``info`` is what :func:`verify` returned for this fd. Block ``i`` of ``info.blocks`` is
     ``block_index`` ``i``; the caller has already given each block the image's size. A cancel
@@ -120,6 +151,8 @@ def load(
     ring = ring_for(info.chunk_size, IO_SIZE, DEPTH + 1)
     with _pipeline(ring) as work:
         for index, block in enumerate(info.blocks):
+            if index in skip:
+                continue
             sink = _Sink(index, write, zero)
             got = _scan(fd, block, info.chunk_size, ring, work, sink, progress, cancelled)
             if got != block.digest:
