@@ -11,13 +11,17 @@ mapping (:class:`ramd_client.shared.SharedBlock`), and times, for two contents:
 ``ram-save`` into the state directory (the daemon's atomic target: write, fsync, rename),
 ``ram-save`` to a ``getfd`` fd (a new file in the same directory, opened by the bench and sent
 with ``SCM_RIGHTS``, as QEMU's ``getfd`` + ``migrate fd:``: written, not fsynced) and
-``ram-load`` of the state-directory image after ``ram-block-del`` of the block (the load creates
-it again, as an incoming migration into fresh memory: verify pass, then copy pass). Each time
-runs from sending the command (for the fd save: opening the file and ``getfd``) to the job's
-``concluded`` status in ``query-jobs``, polled every 20 ms.
-In the same repetition it times ``cp`` of a dense regular file of the same size to a new name
-in the same directory, without and with ``sync FILE``. ``sync`` runs (untimed) before every
-timed step. Bandwidth is block bytes / time; ratio is ramd's bandwidth over cp's (medians over
+``ram-load`` of the state-directory image after ``ram-block-del`` of the block (the load
+creates it again, as an incoming migration into fresh memory: one pass that verifies the image
+and fills the new, still invisible block). Each time runs from sending the command (for the fd
+save: opening the file and ``getfd``) to the job's ``concluded`` status in ``query-jobs``,
+polled every 20 ms.
+
+For each content, right before the steps it is compared with, it times ``cp`` of a dense
+regular file of the same size to a new name in the same directory, without and with ``sync
+FILE``, while the block exists and holds that content (the same memory state: with 4 GiB less
+free memory, the kernel's dirty limits are lower). ``sync`` runs (untimed) before every timed
+step. Bandwidth is block bytes / time; ratio is ramd's bandwidth over its peer's (medians over
 ``--repeat``). The daemon is stopped and the temporary directory removed at the end, also on
 error.
 
@@ -25,9 +29,8 @@ Which ``cp`` is the peer: a save to a file target is durable (its image is fsync
 the rename), so ``cp`` + ``sync`` does the same work; plain ``cp`` leaves up to the dirty limits
 of its copy in the page cache, so against it such a save is bounded by the disk's write
 bandwidth. A save to an fd is not fsynced (the client owns durability), so plain ``cp`` is its
-peer. A load reads
-the image twice (verify, then copy) where ``cp`` reads its source once; both sources are in the
-page cache (the image was just written, the reference just copied).
+peer. A load into fresh memory reads the image once, as ``cp`` reads its source; both sources
+are in the page cache (the image was just written, the reference just copied).
 
 What ramd does to keep up (ramd/snapshot/, docs/image-format.md "Writing"): page-aligned
 1 MiB buffers (on this VM's AMD EPYC, a ``pread`` into a buffer 16 bytes past a page boundary,
@@ -228,17 +231,18 @@ def bench(
         times.setdefault(step, []).append(seconds)
 
     for _ in range(repeat):
-        add("cp", timed(lambda: cp(reference, base / "copy", False)))
-        os.unlink(base / "copy")
-        add("cp+sync", timed(lambda: cp(reference, base / "copy", True)))
-        os.unlink(base / "copy")
         for kind in ("full", "zero"):
             client.ram_block_add(BLOCK, size, backend="memfd")
             fill(socket, client, size, kind)
             expect = client.ram_block_read(BLOCK, 64 * MiB, PAGE)
-            add(f"save {kind}", timed(partial(run_job, client, partial(client.ram_save, kind))))
+            # each cp right before the steps it is the peer of, in the same memory state
+            add(f"cp {kind}", timed(lambda: cp(reference, base / "copy", False)))
+            os.unlink(base / "copy")
             fd_image = base / f"fd-{kind}"
             add(f"fdsave {kind}", timed(partial(run_job, client, partial(saver.save, fd_image))))
+            add(f"cp+sync {kind}", timed(lambda: cp(reference, base / "copy", True)))
+            os.unlink(base / "copy")
+            add(f"save {kind}", timed(partial(run_job, client, partial(client.ram_save, kind))))
             if not same_image(fd_image, base / "state" / kind):
                 raise RuntimeError(f"{kind}: the image saved to an fd differs from the file one")
             os.unlink(fd_image)
@@ -258,23 +262,19 @@ def report(times: dict[str, list[float]], size: int, repeat: int, loads: list[st
     print(f"ramd ram-save/ram-load vs cp, block {format_size(size)}, median of {repeat}")
     print(f"command: {' '.join(sys.argv)}")
     print(f"loadavg before / after: {loads[0]} / {loads[1]}; cores: {os.cpu_count()}")
-    print(f"cp {gib / med['cp']:.2f} GiB/s, cp+sync {gib / med['cp+sync']:.2f} GiB/s")
-    print("ratios: ramd bandwidth / cp's; 'peer' is the cp that does the same work")
-    print(
-        f"{'step':<33}{'seconds':>8}{'GiB/s':>7}{'/cp':>7}{'/cp+sync':>9}{'peer':>9}{'vs peer':>8}"
-    )
+    print("ratio: ramd's bandwidth over its peer's, the cp that does the same work, timed")
+    print("just before it with the block's contents in memory")
+    print(f"{'step':<33}{'seconds':>8}{'GiB/s':>7}{'peer':>9}{'peer s':>8}{'ratio':>7}")
     ops = (
-        ("save", "save file", "cp+sync"),
+        ("save", "save file (fsync)", "cp+sync"),
         ("fdsave", "save fd (no fsync)", "cp"),
         ("load", "load file", "cp"),
     )
     for kind, label in (("full", "full"), ("zero", "mostly zero")):
         for op, name, peer in ops:
-            t = med[f"{op} {kind}"]
+            t, p = med[f"{op} {kind}"], med[f"{peer} {kind}"]
             print(
-                f"{name + ', ' + label:<33}{t:>8.2f}{gib / t:>7.2f}"
-                f"{med['cp'] / t:>7.2f}{med['cp+sync'] / t:>9.2f}"
-                f"{peer:>9}{med[peer] / t:>8.2f}"
+                f"{name + ', ' + label:<33}{t:>8.2f}{gib / t:>7.2f}{peer:>9}{p:>8.2f}{p / t:>7.2f}"
             )
 
 

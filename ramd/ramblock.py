@@ -253,12 +253,18 @@ class RAMList:
         lock: bool = False,
         align: int | None = None,
         memory: HostMemory | None = None,
+        allocate: bool = True,
     ) -> RAMBlock:
         """Validate, map and configure a block, reserving its id; not yet visible.
 
         ``memory``: an opened backend holding an earlier daemon's block, adopted with its
         contents (:meth:`adopt`), instead of new memory of kind ``backend``. A ``file``
         block's metadata is written (:mod:`ramd.hostmem.blockmeta`) before this returns.
+
+        ``allocate=False``: a shared block's memory is not allocated now (``fallocate``) but
+        by the writes that fill it, for a caller about to write all of it before anyone sees
+        it (a load into fresh memory); the ranges it leaves zero stay holes, as if
+        discarded. The MemAvailable check still refuses what the host cannot hold.
 
         ``backend`` chooses the memory (``memfd`` and ``file`` are shared; ``hugetlb`` asks
         for huge pages: ``MFD_HUGETLB``, or a hugetlbfs ``memory_dir``). ``merge`` and
@@ -295,6 +301,7 @@ class RAMList:
                 dump=dump,
                 hugepages=hugepages,
                 lock=lock,
+                allocate=allocate,
             )
             self._advise(block, 0, block.size)
             if isinstance(mem, FileMemory):
@@ -399,6 +406,7 @@ class RAMList:
         dump: bool,
         hugepages: bool,
         lock: bool,
+        allocate: bool,
     ) -> RAMBlock:
         """Check the sizes against ``mem``'s page size, reserve and populate ``[0, size)``;
         the block that owns ``mem`` (not yet placed in the ram_addr space)."""
@@ -432,7 +440,7 @@ class RAMList:
             )
         try:
             host = mem.reserve(max_size, align)
-            mem.populate(0, size)
+            mem.populate(0, size, allocate=allocate)
         except OSError as e:
             what = f"0x{size:x}" + (f" (max-size 0x{max_size:x})" if resizable else "")
             raise RamdError(

@@ -154,8 +154,9 @@ def _check_io(service: Service, length: int) -> None:
         )
 
 
-def create_block(service: Service, args: m.RamBlockAddArgs) -> RAMBlock:
-    """Check the limits and create (not yet commit) the block ``args`` describe."""
+def create_block(service: Service, args: m.RamBlockAddArgs, *, allocate: bool = True) -> RAMBlock:
+    """Check the limits and create (not yet commit) the block ``args`` describe
+    (``allocate``: see :meth:`ramd.ramblock.RAMList.create`)."""
     _check_add_limits(service, args)
     return service.ram.create(
         args.id,
@@ -169,6 +170,7 @@ def create_block(service: Service, args: m.RamBlockAddArgs) -> RAMBlock:
         hugepages=args.hugepages,
         lock=args.lock,
         align=args.align,
+        allocate=allocate,
     )
 
 

@@ -265,7 +265,8 @@ class _Load:
         for index, image_block in enumerate(info.blocks):
             desc = image_block.desc
             if desc.id not in ram and desc.backend != "file":
-                block = create_block(self.service, _add_args(desc))
+                # the pass writes every data page, which allocates it: no fallocate first
+                block = create_block(self.service, _add_args(desc), allocate=False)
                 self.created.append(block)
                 self.targets[index] = block
                 self.direct.add(index)

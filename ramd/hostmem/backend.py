@@ -79,10 +79,12 @@ class HostMemory(ABC):
         return self.host
 
     @abstractmethod
-    def populate(self, start: int, end: int) -> None:
+    def populate(self, start: int, end: int, *, allocate: bool = True) -> None:
         """Make ``[start, end)`` read-write and backed, ``start`` being the current size
         (0 when the allocation is new) and ``end`` the new one. The new range reads as
-        zeros. On failure everything is as before the call (file length included)."""
+        zeros. On failure everything is as before the call (file length included).
+        ``allocate=False``: a shared backend skips allocating the range's memory now (see
+        :meth:`ramd.ramblock.RAMList.create`); its size is still checked."""
 
     @abstractmethod
     def release(self, start: int, end: int) -> None:
@@ -136,7 +138,7 @@ class AnonymousMemory(HostMemory):
     persistent = False
     private = True
 
-    def populate(self, start: int, end: int) -> None:
+    def populate(self, start: int, end: int, *, allocate: bool = True) -> None:
         mmap_populate(self.host + start, end - start)
 
     def release(self, start: int, end: int) -> None:

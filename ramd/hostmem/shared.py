@@ -15,7 +15,11 @@ Backing a grow, so that a grow the kernel cannot back fails at once with nothing
   and, when RAM runs out, allocating shmem pages wakes the OOM killer (measured in a 64 MiB
   memory cgroup: ``fallocate``, ``pwrite`` and faulting 128 MiB all end in SIGKILL of the
   allocating process, never ENOMEM). So a grow larger than ``MemAvailable + SwapFree`` is
-  refused up front with ENOMEM instead of being attempted.
+  refused up front with ENOMEM instead of being attempted. One exception: a block created
+  for a load into fresh memory (``populate(..., allocate=False)``) is not fallocated, since
+  the load writes all of its data at once and ``pwrite`` allocates those pages (zeroing them
+  first with ``fallocate`` and punching the zero ranges out again afterwards cost a 4 GiB
+  load about as much time as the copy itself); its zero ranges stay holes, as if discarded.
 
 The daemon never touches a shared mapping itself, because another process holding the fd
 may shorten the file and the access would raise SIGBUS: reads use ``pread``, writes
@@ -50,7 +54,7 @@ class FdMemory(HostMemory):
     #: passed back from the fd store), until the first :meth:`populate` maps it; else -1.
     adopted_length = -1
 
-    def populate(self, start: int, end: int) -> None:
+    def populate(self, start: int, end: int, *, allocate: bool = True) -> None:
         if start == 0 and end == self.adopted_length:
             # an adopted file: map its contents as they are (no truncate, no fallocate)
             self.adopted_length = -1
@@ -61,7 +65,7 @@ class FdMemory(HostMemory):
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
         os.ftruncate(self.fd, end)
         try:
-            if not self.hugetlb:
+            if allocate and not self.hugetlb:
                 os.posix_fallocate(self.fd, start, length)
             mmap_populate(self.host + start, length, self.fd, start)
         except OSError:
@@ -176,8 +180,8 @@ class FileMemory(FdMemory):
         write_meta(self._dir_fd, meta)
         self.meta = meta
 
-    def populate(self, start: int, end: int) -> None:
-        super().populate(start, end)
+    def populate(self, start: int, end: int, *, allocate: bool = True) -> None:
+        super().populate(start, end, allocate=allocate)
         if self.meta is None:
             return
         try:
