@@ -263,8 +263,9 @@ def report(times: dict[str, list[float]], size: int, repeat: int, loads: list[st
     print(f"command: {' '.join(sys.argv)}")
     print(f"loadavg before / after: {loads[0]} / {loads[1]}; cores: {os.cpu_count()}")
     print("ratio: ramd's bandwidth over its peer's, the cp that does the same work, timed")
-    print("just before it with the block's contents in memory")
-    print(f"{'step':<33}{'seconds':>8}{'GiB/s':>7}{'peer':>9}{'peer s':>8}{'ratio':>7}")
+    print("just before it with the block's contents in memory; /cp: over plain cp's, whatever")
+    print("the work")
+    print(f"{'step':<33}{'seconds':>8}{'GiB/s':>7}{'peer':>9}{'peer s':>8}{'ratio':>7}{'/cp':>6}")
     ops = (
         ("save", "save file (fsync)", "cp+sync"),
         ("fdsave", "save fd (no fsync)", "cp"),
@@ -272,9 +273,10 @@ def report(times: dict[str, list[float]], size: int, repeat: int, loads: list[st
     )
     for kind, label in (("full", "full"), ("zero", "mostly zero")):
         for op, name, peer in ops:
-            t, p = med[f"{op} {kind}"], med[f"{peer} {kind}"]
+            t, p, c = med[f"{op} {kind}"], med[f"{peer} {kind}"], med[f"cp {kind}"]
             print(
-                f"{name + ', ' + label:<33}{t:>8.2f}{gib / t:>7.2f}{peer:>9}{p:>8.2f}{p / t:>7.2f}"
+                f"{name + ', ' + label:<33}{t:>8.2f}{gib / t:>7.2f}{peer:>9}{p:>8.2f}"
+                f"{p / t:>7.2f}{c / t:>6.2f}"
             )
 
 
