@@ -20,10 +20,11 @@ polled every 20 ms.
 For each content, right before the steps it is compared with, it times ``cp`` of a dense
 regular file of the same size to a new name in the same directory, without and with ``sync
 FILE``, while the block exists and holds that content (the same memory state: with 4 GiB less
-free memory, the kernel's dirty limits are lower). ``sync`` runs (untimed) before every timed
-step. Bandwidth is block bytes / time; ratio is ramd's bandwidth over its peer's (medians over
-``--repeat``). The daemon is stopped and the temporary directory removed at the end, also on
-error.
+free memory, the kernel's dirty limits are lower), after reading the reference file whole
+(untimed), so that ``cp`` reads it from the page cache as ramd reads the block from memory.
+``sync`` runs (untimed) before every timed step. Bandwidth is block bytes / time; ratio is
+ramd's bandwidth over its peer's (medians over ``--repeat``). The daemon is stopped and the
+temporary directory removed at the end, also on error.
 
 Which ``cp`` is the peer: a save to a file target is durable (its image is fsynced before
 the rename), so ``cp`` + ``sync`` does the same work; plain ``cp`` leaves up to the dirty limits
@@ -210,12 +211,19 @@ class Daemon:
         self.log.close()
 
 
-def same_image(a: Path, b: Path) -> bool:
-    """Same length and same header page (whose file checksum covers the whole image)."""
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        return os.fstat(fa.fileno()).st_size == os.fstat(fb.fileno()).st_size and fa.read(
-            PAGE
-        ) == fb.read(PAGE)
+def image_id(path: Path) -> tuple[int, bytes]:
+    """Length and header page of an image (whose file checksum covers the whole image)."""
+    with open(path, "rb") as f:
+        return os.fstat(f.fileno()).st_size, f.read(PAGE)
+
+
+def warm(path: Path) -> None:
+    """Read ``path`` whole, so that ``cp`` reads it from the page cache as ramd reads the
+    block from memory (the bench's files can exceed what the cache keeps)."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CHUNK)
+        while f.readinto(buf):
+            pass
 
 
 def bench(
@@ -236,16 +244,19 @@ def bench(
             fill(socket, client, size, kind)
             expect = client.ram_block_read(BLOCK, 64 * MiB, PAGE)
             # each cp right before the steps it is the peer of, in the same memory state
+            warm(reference)
             add(f"cp {kind}", timed(lambda: cp(reference, base / "copy", False)))
             os.unlink(base / "copy")
             fd_image = base / f"fd-{kind}"
             add(f"fdsave {kind}", timed(partial(run_job, client, partial(saver.save, fd_image))))
+            fd_saved = image_id(fd_image)
+            os.unlink(fd_image)  # the bench's files must stay in the page cache
+            warm(reference)
             add(f"cp+sync {kind}", timed(lambda: cp(reference, base / "copy", True)))
             os.unlink(base / "copy")
             add(f"save {kind}", timed(partial(run_job, client, partial(client.ram_save, kind))))
-            if not same_image(fd_image, base / "state" / kind):
+            if fd_saved != image_id(base / "state" / kind):
                 raise RuntimeError(f"{kind}: the image saved to an fd differs from the file one")
-            os.unlink(fd_image)
             client.ram_block_del(BLOCK)
             add(f"load {kind}", timed(partial(run_job, client, partial(client.ram_load, kind))))
             if client.ram_block_read(BLOCK, 64 * MiB, PAGE) != expect:
