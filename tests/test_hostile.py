@@ -255,6 +255,23 @@ def test_sigterm_abandons_a_command_only_after_the_configured_grace(start_daemon
     assert "abandoned the command in flight" in d.log_text()
 
 
+def test_a_peer_that_reads_nothing_cannot_hold_the_exit(start_daemon: Any) -> None:
+    """Its replays wait for it to read; at SIGTERM it is dropped after two checks a second
+    apart, not after the 90 s grace commands in flight get."""
+    d = start_daemon()
+    with Raw(d.path) as setup:
+        _add_blocks(setup, 1000)
+    with Raw(d.path, timeout=30) as greedy:
+        _send(greedy, [_req("subscribe", i) for i in range(100)])
+        time.sleep(1)
+        assert d.alive()
+        t0 = time.monotonic()
+        assert d.stop(signal.SIGTERM, timeout=30) == 0
+        assert time.monotonic() - t0 < 30
+    assert "at shutdown: its peer reads nothing" in d.log_text()
+    assert "abandoned the command in flight" not in d.log_text()
+
+
 # -- 9: a shrink the kernel refuses notifies nobody ----------------------------------------
 
 _VMA_LIMIT_SCRIPT = r"""

@@ -304,6 +304,25 @@ class Connection(asyncio.Protocol):
             extra={"fields": {**self.fields, "event": "slow-subscriber"}},
         )
         self.server.service.dropped_subscribers += 1
+        self._abort()
+
+    @property
+    def backed_up(self) -> bool:
+        """Output waits for the peer to read it."""
+        return not self.closed and self.output is not None and self.output.backed_up
+
+    def drop_unread(self) -> None:
+        """Shutdown: the peer reads nothing, so the connection is dropped now; what was
+        queued for it is discarded (see :meth:`Server.shutdown`)."""
+        log.warning(
+            "dropping connection %s at shutdown: its peer reads nothing",
+            self.peer,
+            extra={"fields": {**self.fields, "event": "unread-at-stop"}},
+        )
+        self._abort()
+
+    def _abort(self) -> None:
+        """Close at once, discarding queued output (``connection_lost`` follows)."""
         self.closed = True
         if self.dialect is not None:
             self.dialect.session.close()

@@ -27,6 +27,8 @@ from ramd.transport.unixbind import BoundSocket, bind_unix
 
 log = logging.getLogger("ramd.server")
 
+#: At shutdown, seconds between two looks at the connections whose peers read nothing.
+UNREAD_CHECK = 1.0
 #: Refused connections kept half-open at once (so their peers read the refusal); more are
 #: closed at once.
 MAX_LINGERING = 64
@@ -132,21 +134,39 @@ class Server:
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, let each command in flight finish (up to ``grace`` seconds; any
         command still running then is logged as abandoned), close every connection, and
-        remove the socket files bound here (never inherited ones)."""
+        remove the socket files bound here (never inherited ones).
+
+        The grace is for commands doing work, not for peers: a connection whose output
+        stayed backed up through two checks ``UNREAD_CHECK`` seconds apart (its peer read
+        nothing in between) is dropped, and a command waiting to send it more (a replay)
+        ends with it. So a peer that stops reading cannot hold the daemon's exit."""
         self.stopping = True
         for srv in self._servers:
             srv.close()
         for conn in list(self.connections):
             conn.wake()
         tasks = {c.task: c for c in self.connections if c.task is not None}
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=grace)
-            for task in late:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        unread: set[Connection] = set()
+        while tasks:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            done, _ = await asyncio.wait(tasks, timeout=min(UNREAD_CHECK, left))
+            for task in done:
+                del tasks[task]
+            backed_up = {c for c in tasks.values() if c.backed_up}
+            for conn in backed_up & unread:
+                conn.drop_unread()
+            unread = backed_up
+        for task, conn in tasks.items():
+            if not task.done():
                 log.error(
                     "abandoned the command in flight of %s: still running after %s s",
-                    tasks[task].peer,
+                    conn.peer,
                     grace,
-                    extra={"fields": {**tasks[task].fields, "event": "abandoned"}},
+                    extra={"fields": {**conn.fields, "event": "abandoned"}},
                 )
         for conn in list(self.connections) + list(self._lingering):
             conn.close()
