@@ -1,16 +1,20 @@
 """Read an image: verify all of it first, then replay it into blocks through callables.
 
-:func:`verify` only reads the file. :func:`load` reads it again and hands its contents to
-``write`` and ``zero``; it hashes what it reads once more, so a file changed between the two
-calls is reported (after the blocks it reached were written). Holes are found with
+:func:`verify` only reads the file: :func:`read_info` checks the header and table,
+:func:`verify_data` every block's data (and can hand the blocks listed in its ``direct``
+argument to ``write`` and ``zero`` as it checks them, for blocks nobody can see yet).
+:func:`load` reads the file again and hands the other blocks' contents to ``write`` and
+``zero``; it hashes what it reads once more, so a file changed between the two calls is
+reported (after the blocks it reached were written). Holes are found with
 ``SEEK_DATA``/``SEEK_HOLE`` and never read.
 
-Threads: both run in the calling thread (in the daemon, a job's worker thread), which reads
+Threads: all run in the calling thread (in the daemon, a job's worker thread), which reads
 the file and calls ``progress`` and ``cancelled``; the zero scan, the hash and the ``write``
 and ``zero`` callables run in one helper thread per call (:mod:`ramd.snapshot.pipeline`), in
 block and offset order, at most ``DEPTH`` buffers of ``IO_SIZE`` behind the reads. The helper
-thread has ended when :func:`verify` or :func:`load` returns or raises. Memory: ``DEPTH + 1``
-buffers (2 of ``chunk_size`` when the image's chunks are larger than ``IO_SIZE``).
+thread has ended when :func:`verify_data` or :func:`load` returns or raises. Memory:
+``DEPTH + 1`` buffers (2 of ``chunk_size`` when the image's chunks are larger than
+``IO_SIZE``).
 """
 
 from __future__ import annotations
