@@ -163,6 +163,9 @@ class RAMList:
         self.used = 0
         #: Sum of ``max_size`` + guard page over all blocks, created or committed.
         self.reserved = 0
+        #: Blocks created with ``allocate=False`` and not yet committed or aborted -> size:
+        #: memory they will take that MemAvailable does not show yet.
+        self._unallocated: dict[str, int] = {}
 
     def __iter__(self) -> Iterator[RAMBlock]:
         return iter(list(self._blocks.values()))
@@ -264,7 +267,9 @@ class RAMList:
         ``allocate=False``: a shared block's memory is not allocated now (``fallocate``) but
         by the writes that fill it, for a caller about to write all of it before anyone sees
         it (a load into fresh memory); the ranges it leaves zero stay holes, as if
-        discarded. The MemAvailable check still refuses what the host cannot hold.
+        discarded. The MemAvailable check still refuses what the host cannot hold, counting
+        the other such blocks not yet committed as if they were allocated (so several of them
+        are refused where their ``fallocate`` in turn would have failed).
 
         ``backend`` chooses the memory (``memfd`` and ``file`` are shared; ``hugetlb`` asks
         for huge pages: ``MFD_HUGETLB``, or a hugetlbfs ``memory_dir``). ``merge`` and
@@ -313,6 +318,8 @@ class RAMList:
         self._pending[block_id] = block
         self.used += block.size
         self.reserved += block.max_size + block.page_size
+        if not allocate and mem.shared and not mem.hugetlb:
+            self._unallocated[block_id] = block.size
         return block
 
     def _new_memory(self, block_id: str, backend: Backend, hugetlb: bool) -> HostMemory:
@@ -440,6 +447,10 @@ class RAMList:
             )
         try:
             host = mem.reserve(max_size, align)
+            if not allocate and mem.shared and not mem.hugetlb:
+                pending = sum(self._unallocated.values())
+                if size + pending > linux.mem_available():
+                    raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
             mem.populate(0, size, allocate=allocate)
         except OSError as e:
             what = f"0x{size:x}" + (f" (max-size 0x{max_size:x})" if resizable else "")
@@ -489,6 +500,7 @@ class RAMList:
     def commit(self, block: RAMBlock) -> None:
         """Make a created block visible (creation order) and notify ``added``."""
         assert self._pending.pop(block.id) is block
+        self._unallocated.pop(block.id, None)
         block.busy = None
         self._blocks[block.id] = block
         self.notifiers.notify_added(block)
@@ -496,6 +508,7 @@ class RAMList:
     def abort(self, block: RAMBlock) -> None:
         """Undo :meth:`create`: free the memory (and delete its file), the offset and the id."""
         assert self._pending.pop(block.id) is block
+        self._unallocated.pop(block.id, None)
         self._release(block, delete=True)
 
     # -- resize / remove -------------------------------------------------------------------

@@ -166,6 +166,52 @@ def test_a_load_into_fresh_memory_checks_and_copies_in_one_pass(start: Any) -> N
         assert infos["a"]["max-size"] == 16 * MiB and infos["b"]["dump"] is False
 
 
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return sum(int(fields[k].split()[0]) * 1024 for k in ("MemAvailable", "SwapFree"))
+
+
+def _hole_image(path: Path, blocks: list[tuple[str, int]]) -> None:
+    """An image of all-zero ``memfd`` blocks, made with the format library without scanning
+    zeros: every block is one hole, so the file takes no disk space."""
+    from dataclasses import replace
+
+    from ramd.snapshot import BlockDescriptor
+    from ramd.snapshot.format import BlockHasher, finish, layout
+
+    descs = [BlockDescriptor(i, n, n, False, 4096, "memfd") for i, n in blocks]
+    info, table_length = layout(descs)
+    sealed = []
+    for block in info.blocks:
+        hasher = BlockHasher()
+        hasher.add_zero_chunks(block.size // info.chunk_size, info.chunk_size)
+        sealed.append(replace(block, digest=hasher.digest()))
+    info, meta = finish(replace(info, blocks=tuple(sealed)), table_length)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(info.file_length)
+        f.write(meta)
+
+
+def test_fresh_memfd_blocks_the_host_cannot_hold_together_are_refused(
+    start: Any, tmp_path: Path
+) -> None:
+    """Blocks a load creates are not fallocated, but each is checked against MemAvailable
+    with the others not yet filled counted in, as their fallocates in turn would be."""
+    d = start('[limits]\nmax-used = "1T"\n')
+    size = _mem_available() * 3 // 4 // GiB * GiB  # each fits, both do not
+    _hole_image(tmp_path / "state" / "huge", [("m1", size), ("m2", size)])
+    with Raw(d.path) as r:
+        r.call("subscribe", replay=False)
+        job = load(r, "huge")
+        assert job["error"] == (
+            f"Cannot allocate RAM block 'm2' of 0x{size:x}: Cannot allocate memory"
+        ), job
+        assert r.call("query-ram-blocks") == []
+        assert _events(r, "RAM_BLOCK_ADDED") == []
+
+
 def test_a_mostly_zero_gib_block_gives_a_sparse_image(start: Any, tmp_path: Path) -> None:
     d = start()
     with Raw(d.path) as r:

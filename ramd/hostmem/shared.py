@@ -20,6 +20,8 @@ Backing a grow, so that a grow the kernel cannot back fails at once with nothing
   the load writes all of its data at once and ``pwrite`` allocates those pages (zeroing them
   first with ``fallocate`` and punching the zero ranges out again afterwards cost a 4 GiB
   load about as much time as the copy itself); its zero ranges stay holes, as if discarded.
+  The MemAvailable check then counts the other such blocks not yet filled as taken
+  (:meth:`ramd.ramblock.RAMList.create`).
 
 The daemon never touches a shared mapping itself, because another process holding the fd
 may shorten the file and the access would raise SIGBUS: reads use ``pread``, writes
