@@ -136,10 +136,10 @@ class Server:
         command still running then is logged as abandoned), close every connection, and
         remove the socket files bound here (never inherited ones).
 
-        The grace is for commands doing work, not for peers: a connection whose output
-        stayed backed up through two checks ``UNREAD_CHECK`` seconds apart (its peer read
-        nothing in between) is dropped, and a command waiting to send it more (a replay)
-        ends with it. So a peer that stops reading cannot hold the daemon's exit."""
+        The grace is for commands doing work, not for peers: a connection whose output is
+        backed up at two checks ``UNREAD_CHECK`` seconds apart (its peer did not catch up in
+        between) is dropped, and a command waiting to send it more (a replay) ends with it.
+        So a peer that stops reading cannot hold the daemon's exit."""
         self.stopping = True
         for srv in self._servers:
             srv.close()
