@@ -129,10 +129,15 @@ async def serve(
         systemd.notify("STOPPING=1\nSTATUS=shutting down")
         log.info("shutting down")
     finally:
+        # One grace for everything: jobs are cancelled now, while the connections finish
+        # their commands in flight, and get what is left of it.
+        deadline = loop.time() + config.stop_timeout
+        if service.jobs is not None:
+            service.jobs.stop()
         if server is not None:
             await server.shutdown(config.stop_timeout)
         if service.jobs is not None:
-            abandoned = await service.jobs.shutdown(config.stop_timeout)
+            abandoned = await service.jobs.shutdown(max(0.0, deadline - loop.time()))
             if abandoned:
                 log.warning("jobs abandoned at exit: %s", ", ".join(abandoned))
         service.close()

@@ -344,20 +344,23 @@ class JobManager:
         self._concluded.remove(job)
         self._drop(job)
 
+    def stop(self, *, cancel: bool = True) -> None:
+        """Stop taking jobs and cancel (unless ``cancel`` is false) every active job, without
+        waiting (idempotent; :meth:`shutdown` waits)."""
+        self._closing = True
+        if cancel:
+            for job in list(self._jobs.values()):
+                if job.status in (JobStatus.CREATED, JobStatus.RUNNING):
+                    self.cancel(job.id)
+
     async def shutdown(self, grace: float, *, cancel: bool = True) -> list[str]:
-        """Stop taking jobs; cancel (or, with ``cancel=False``, let finish) every active job
-        and wait up to ``grace`` seconds for them to conclude.
+        """:meth:`stop`, then wait up to ``grace`` seconds for the active jobs to conclude.
 
         Returns the ids of the jobs that had not concluded by then (abandoned: their work may
         still run, their ``on_finish`` has not run). The worker threads exit once idle.
         """
-        self._closing = True
-        active = [j for j in self._jobs.values() if j.status != JobStatus.CONCLUDED]
-        if cancel:
-            for job in active:
-                if job.status in (JobStatus.CREATED, JobStatus.RUNNING):
-                    self.cancel(job.id)
-        pending = [j for j in active if j.status != JobStatus.CONCLUDED]
+        self.stop(cancel=cancel)
+        pending = [j for j in self._jobs.values() if j.status != JobStatus.CONCLUDED]
         if pending:
             waits = [asyncio.ensure_future(j.wait()) for j in pending]
             _, not_done = await asyncio.wait(waits, timeout=grace)

@@ -340,3 +340,19 @@ async def test_shutdown_without_cancel_lets_jobs_finish_within_the_grace() -> No
     loop.call_later(0.1, gate.set)
     assert await jobs.shutdown(TIMEOUT, cancel=False) == []
     assert job.status == JobStatus.CONCLUDED and job.info().error is None
+
+
+async def test_stop_cancels_at_once_and_refuses_new_jobs() -> None:
+    """The daemon stops its jobs as SIGTERM arrives, while connections finish their commands,
+    so both share one grace."""
+    jobs = JobManager(Recorder())
+    started = threading.Event()
+    job = jobs.start("a", _cooperative(started))
+    await asyncio.to_thread(_wait_in_thread, started)
+    jobs.stop()
+    await _concluded(job)  # no shutdown() call: stop() alone cancelled it
+    assert job.info().error == "Operation canceled"
+    with pytest.raises(RamdError, match=r"^Cannot start a job: shutting down$"):
+        jobs.start("b", lambda ctx: None)
+    jobs.stop()  # idempotent
+    assert await jobs.shutdown(0) == []
