@@ -245,3 +245,14 @@ class DaemonPool:
             d.stop()
             if mem is not None:
                 shutil.rmtree(mem.parent)
+
+
+def wait_job(raw: Raw, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Poll ``query-jobs`` until the job concluded; its last info."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = next(j for j in raw.call("query-jobs") if j["id"] == job_id)
+        if job["status"] == "concluded":
+            return job  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not conclude")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import Daemon, Raw
+from daemon import Daemon, Raw, wait_job
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1024 * 1024
@@ -468,10 +468,10 @@ def test_a_memfd_block_created_by_a_load_goes_to_the_fd_store(
         raw.call("ram-block-add", id="img", size=8 * PAGE, backend="memfd")
         _write(raw, "img", 3 * PAGE, b"saved, deleted, loaded")
         job = raw.call("ram-save", target={"file": "snap"})["job-id"]
-        _wait_job(raw, job)
+        wait_job(raw, job)
         raw.call("ram-block-del", id="img")
         job = raw.call("ram-load", source={"file": "snap"})["job-id"]
-        assert "error" not in _wait_job(raw, job)
+        assert "error" not in wait_job(raw, job)
     assert d.stop() == 0
     manager.drain()
     assert list(manager.stored) == ["ram.-.-.img"]
@@ -482,13 +482,3 @@ def test_a_memfd_block_created_by_a_load_goes_to_the_fd_store(
             assert _read(raw, "img", 3 * PAGE, 22) == b"saved, deleted, loaded"
     finally:
         assert d2.stop() == 0
-
-
-def _wait_job(raw: Raw, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job = next(j for j in raw.call("query-jobs") if j["id"] == job_id)
-        if job["status"] == "concluded":
-            return job  # type: ignore[no-any-return]
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not conclude")

@@ -17,21 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import Daemon, Raw
+from daemon import Daemon, Raw, wait_job
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 CHUNK = 4 * MiB
-
-
-def wait_job(raw: Raw, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = next(j for j in raw.call("query-jobs") if j["id"] == job_id)
-        if job["status"] == "concluded":
-            return job  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not conclude")
 
 
 def wait_running(raw: Raw, job_id: str) -> dict[str, Any]:
