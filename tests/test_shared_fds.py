@@ -18,45 +18,10 @@ from typing import Any
 
 import pytest
 from daemon import Daemon, Raw
+from fdpeer import Mapper
 
 PAGE = 4096
 MiB = 1 << 20
-
-
-class Mapper(Raw):
-    """A JSON-RPC connection that can receive fds (``recvmsg``) and send them."""
-
-    def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
-        super().__init__(path, timeout)
-        self.fds: list[int] = []
-
-    def line(self) -> dict[str, Any] | list[Any]:
-        while b"\n" not in self.buf:
-            data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(16))
-            for level, kind, raw in anc:
-                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-                    fds = array.array("i")
-                    fds.frombytes(raw[: len(raw) - len(raw) % 4])
-                    self.fds.extend(fds)
-            if not data:
-                raise ConnectionError("daemon closed the connection")
-            self.buf += data
-        raw_line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(raw_line)  # type: ignore[no-any-return]
-
-    def get_fd(self, block: str, readonly: bool = False) -> tuple[int, dict[str, Any]]:
-        result = self.call("ram-block-get-fd", id=block, readonly=readonly)
-        assert len(self.fds) == 1, self.fds
-        return self.fds.pop(), result
-
-    def send_with_fd(self, msg: dict[str, Any], fd: int) -> None:
-        data = json.dumps(msg).encode()
-        self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        super().close()
 
 
 def _b64(data: bytes) -> str:

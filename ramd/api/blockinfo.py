@@ -4,7 +4,7 @@
 :class:`BlockInfoCache` holds each block's encoded info in creation order, in two variants:
 with ``host`` (full-access peers) and without it (read-only peers, who have no use for the
 daemon's addresses), and the whole listing until the next change. The JSON of a block changes
-only when its size does (every other field is fixed at add time). ``resident`` is never
+when its size or its holders do (every other field is fixed at add time). ``resident`` is never
 cached: it is a scan of the block's pages, computed only when asked for
 (:func:`with_resident`).
 
@@ -28,11 +28,20 @@ _FIELDS = tuple(
 )
 
 
+#: Fields only full-access peers see.
+_PRIVATE = frozenset({"host", "holders"})
+
+
 def _encode(block: RAMBlock, size: int, with_host: bool) -> bytes:
     info: dict[str, Any] = {}
     for wire, attr in _FIELDS:
-        value = size if attr == "size" else getattr(block, attr)
-        if value is not None and (with_host or attr != "host"):
+        if attr == "size":
+            value: Any = size
+        elif attr == "holders":
+            value = list(block.holder_list)
+        else:
+            value = getattr(block, attr)
+        if value is not None and (with_host or attr not in _PRIVATE):
             info[wire] = value
     return _dumps(info).encode("ascii")
 
@@ -47,6 +56,8 @@ class BlockInfoCache:
 
     def __init__(self) -> None:
         self._infos: dict[str, tuple[bytes, bytes]] = {}
+        #: The size each entry was encoded at: the last one notified.
+        self._sizes: dict[str, int] = {}
         #: The listing with and without ``host``, until the next change.
         self._listing: list[bytes | None] = [None, None]
 
@@ -58,16 +69,19 @@ class BlockInfoCache:
 
     def removed(self, block: RAMBlock) -> None:
         del self._infos[block.id]
+        del self._sizes[block.id]
         self._listing = [None, None]
 
     def _set(self, block: RAMBlock, size: int) -> None:
         self._infos[block.id] = (_encode(block, size, True), _encode(block, size, False))
+        self._sizes[block.id] = size
         self._listing = [None, None]
 
     def refresh(self, block: RAMBlock) -> None:
-        """Encode ``block`` again (its mapper count changed)."""
-        if block.id in self._infos:
-            self._set(block, block.size)
+        """Encode ``block`` again at its last notified size (its holders changed)."""
+        size = self._sizes.get(block.id)
+        if size is not None:
+            self._set(block, size)
 
     def info(self, block: RAMBlock, with_host: bool) -> bytes:
         """One block's ``RamBlockInfo`` (encoded now if the block is between a notified

@@ -144,6 +144,11 @@ class RamBlockResizeArgs(Args):
 class GetFdArgs(Args):
     id: BlockId
     readonly: StrictBool = Field(False, description="an O_RDONLY fd (map it PROT_READ)")
+    lease: StrictBool = Field(
+        False,
+        description="hold a lease instead of mapping: no events, no acknowledgements; the"
+        " block cannot shrink or be removed while the connection stays open (protocol §12)",
+    )
 
 
 class AckArgs(Args):
@@ -250,6 +255,14 @@ class Empty(Result):
     """``{}``: the command returns nothing."""
 
 
+class HolderInfo(Result):
+    """One process holding a block (protocol §12)."""
+
+    kind: Literal["mapper", "lease", "vmm"]
+    pid: int
+    uid: int
+
+
 class RamBlockInfo(Result):
     id: str
     size: int
@@ -271,6 +284,12 @@ class RamBlockInfo(Result):
     hugetlb: bool
     lock: bool
     mappers: int = Field(0, description="connections holding an fd of this block")
+    leases: int = Field(0, description="leases held now (lease holders and VMM attachments)")
+    holders: list[HolderInfo] | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="every holder of the block; full-access peers only",
+    )
     resident: int | None = Field(None, description='only with query-ram-blocks "resident": true')
 
 

@@ -14,15 +14,17 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from ramd import fdstore
 from ramd.api.blockinfo import BlockInfoCache
 from ramd.api.events import Broadcaster, Event, EventSink
-from ramd.api.mappers import Mappers
+from ramd.api.holding import SessionHolders
 from ramd.api.models import EVENT_NAMES
 from ramd.config import DEFAULT_STATE_DIR, Limits
 from ramd.hostlimits import HostLimits
 from ramd.jobs import JobManager
 from ramd.logs import LogBudget
 from ramd.ramblock import RAMBlock, RAMList
+from ramd.ramblock.change import Waiting
 
 T = TypeVar("T")
 
@@ -45,8 +47,14 @@ class Service:
         self.host = host or HostLimits()
         self.ram = ram if ram is not None else RAMList()
         self.infos = BlockInfoCache()
-        self.mappers = Mappers(self.infos.refresh)
+        self.ram.holders.on_change = self._holders_changed
+        self.ram.on_remove.append(fdstore.forget)
+        self.mappers = SessionHolders(self.ram.holders)
         self.broadcaster = Broadcaster(self.mappers.of)
+        #: How block changes wait (acknowledgements, worker threads).
+        self.waiting = Waiting(
+            lambda: self.limits.ack_timeout, lambda: self.broadcaster.seq, self.in_worker
+        )
         self.ram.register_notifier(self.broadcaster)
         self.ram.register_notifier(self.infos)
         self.sessions: set[Session] = set()
@@ -64,6 +72,14 @@ class Service:
         self.state_dir_fd = -1
         #: The save and load jobs; created at the first one (it needs the running loop).
         self.jobs: JobManager | None = None
+
+    def _holders_changed(self, block: RAMBlock) -> None:
+        """A block's holders changed: its counts and its ``RamBlockInfo``."""
+        holders = self.ram.holders.of(block)
+        block.mappers = sum(1 for h in holders if h.kind == "mapper")
+        block.leases = len(holders) - block.mappers
+        block.holder_list = tuple({"kind": h.kind, "pid": h.pid, "uid": h.uid} for h in holders)
+        self.infos.refresh(block)
 
     async def in_worker(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a worker thread and return its result on the loop thread.
@@ -114,12 +130,14 @@ class Session:
         self.readonly = readonly
         self.peer = peer
         self.peer_fields = peer_fields or {}
+        pid, uid = self.peer_fields.get("pid"), self.peer_fields.get("uid")
+        #: The peer's pid and uid (-1 when unknown: an in-process session).
+        self.pid = pid if isinstance(pid, int) else -1
+        self.uid = uid if isinstance(uid, int) else -1
         self.subscribed: frozenset[str] | None = None
         self.dialect = "jsonrpc"
         #: Bounds the refusal lines this peer can cause in the log.
         self.refusal_log = LogBudget()
-        #: Blocks this session holds an fd of (see :mod:`ramd.api.mappers`).
-        self.mapped: set[RAMBlock] = set()
         #: fds passed by the client with ``getfd``, by name (owned by the session).
         self.fds: dict[str, int] = {}
         #: The oldest fd the client sent and nothing claimed yet (set by the connection).
@@ -137,6 +155,11 @@ class Session:
     def unsubscribe(self) -> None:
         self.subscribed = None
         self.service.broadcaster.unsubscribe(self)
+
+    @property
+    def holds_blocks(self) -> bool:
+        """The session maps or leases a block (see :mod:`ramd.api.holding`)."""
+        return self.service.mappers.holds_any(self)
 
     def deliver(self, event: Event) -> None:
         if self.subscribed is not None and event.name in self.subscribed and self.sink:

@@ -11,8 +11,10 @@ Threads and ownership:
   block memory only while the block is pinned (commands that would change it answer
   "busy"); every block creation, resize, commit or abort runs on the loop thread through
   :meth:`JobContext.run_on_loop`;
-- ``on_finish`` (loop thread) unpins every block the job pinned and closes its fd. A job
+- ``on_finish`` (loop thread) releases every pin the job took and closes its fd. A job
   abandoned at shutdown keeps its pins: :meth:`RAMList.close` leaves pinned blocks mapped.
+  A save's pins are shared (several saves may read a block together); a load's exclusive;
+  block memory is reached only through :mod:`ramd.ramblock.access` (bounds-checked).
 
 Load, as QEMU's incoming migration: the image's header and table are checked, then every
 block of the image against the daemon's blocks (``Size mismatch``, ``Size too large``,
@@ -29,17 +31,18 @@ to the end, so a load that concluded without error is complete.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass, field
 
 from ramd import fdstore
 from ramd.api import models as m
-from ramd.api.commands import _check_add_limits, _check_host, _limit, command, create_block
+from ramd.api.limits import check_add_limits, check_grow, create_block
 from ramd.api.service import Service, Session
+from ramd.api.table import command
 from ramd.errors import DeviceNotFound, RamdError
 from ramd.jobs import Job, JobContext, JobManager
-from ramd.ramblock import RAMBlock
+from ramd.ramblock import RAMBlock, access, change
+from ramd.ramblock.pins import Pin
 from ramd.snapshot import (
     BlockDescriptor,
     ImageInfo,
@@ -52,14 +55,11 @@ from ramd.snapshot import (
     verify_data,
     write_image,
 )
-from ramd.snapshot.fileio import pread_into, pwrite_all
 
 #: The add-time settings an image records for each block (``BlockDescriptor.settings``).
 SETTINGS = ("hugetlb", "prealloc", "merge", "dump", "hugepages", "lock", "align")
 SAVING = "it is being saved"
 LOADING = "it is being loaded"
-#: Bytes of zeros written per call where a range cannot be discarded (huge or locked pages).
-ZERO_CHUNK = 2 * 1024 * 1024
 
 
 def job_manager(service: Service) -> JobManager:
@@ -105,53 +105,6 @@ def descriptor(block: RAMBlock) -> BlockDescriptor:
     )
 
 
-# -- block memory from a worker thread (the block is pinned) -----------------------------------
-
-
-def _address(view: memoryview) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
-
-
-def read_block(block: RAMBlock, offset: int, buf: memoryview) -> None:
-    """Fill ``buf`` from ``block`` at ``offset``: ``pread`` for a shared block (a file shortened
-    by another process is an error, never SIGBUS), the mapping for an anonymous one."""
-    if block.shared:
-        if pread_into(block.fd, buf, offset) != len(buf):
-            raise RamdError(f"Cannot read RAM block '{block.id}': its file was shortened")
-    elif buf:
-        ctypes.memmove(_address(buf), block.host + offset, len(buf))
-
-
-def write_block(block: RAMBlock, offset: int, data: memoryview) -> None:
-    """Store ``data`` at ``offset`` of ``block`` (within its size)."""
-    if not block.shared:
-        ctypes.memmove(block.host + offset, _address(data), len(data))
-        return
-    size = os.fstat(block.fd).st_size
-    if size < offset + len(data):
-        raise RamdError(f"Cannot write RAM block '{block.id}': its file was shortened")
-    if block.hugetlb:
-        block.mem.write(offset, bytes(data))
-    else:
-        pwrite_all(block.fd, data, offset)
-
-
-def zero_block(block: RAMBlock, offset: int, length: int) -> None:
-    """Make ``[offset, offset+length)`` of ``block`` read as zeros: discarded when the range
-    is whole pages of an unlocked block, written with zeros otherwise."""
-    if not block.lock and offset % block.page_size == 0 and length % block.page_size == 0:
-        block.mem.discard(offset, length)
-    elif not block.shared:
-        ctypes.memset(block.host + offset, 0, length)
-    else:
-        zeros = memoryview(bytearray(min(length, ZERO_CHUNK)))
-        end = offset + length
-        while offset < end:
-            n = min(len(zeros), end - offset)
-            write_block(block, offset, zeros[:n])
-            offset += n
-
-
 # -- ram-save ----------------------------------------------------------------------------------
 
 
@@ -167,14 +120,14 @@ def ram_save(session: Session, args: m.RamSaveArgs) -> m.JobStarted:
     ids = list(dict.fromkeys(args.blocks)) if args.blocks is not None else [b.id for b in ram]
     if not ids:
         raise RamdError("Nothing to save: no RAM block")
-    blocks = [ram.changeable(block_id) for block_id in ids]
+    blocks = [ram.get(block_id) for block_id in ids]
     target = args.target
     dir_fd = _state_dir_fd(service) if isinstance(target, m.FileTarget) else -1
     fd = _session_fd(session, target.fd) if isinstance(target, m.FdTarget) else -1
     descs = [descriptor(b) for b in blocks]
 
     def read(index: int, offset: int, buf: memoryview) -> None:
-        read_block(blocks[index], offset, buf)
+        access.read_into(blocks[index], offset, buf)
 
     def work(ctx: JobContext) -> None:
         if isinstance(target, m.FileTarget):
@@ -185,15 +138,16 @@ def ram_save(session: Session, args: m.RamSaveArgs) -> m.JobStarted:
         else:
             write_image(fd, descs, read, progress=ctx.advance, cancelled=ctx.cancelled)
 
+    pins: list[Pin] = []
+
     def finish(job: Job | None) -> None:
-        for block in blocks:
-            ram.unpin(block)
+        for pin in pins:
+            pin.release()
         if fd >= 0:
             os.close(fd)
 
-    for block in blocks:
-        ram.pin(block, SAVING)
     try:
+        pins.extend(block.pins.take(SAVING, shared=True) for block in blocks)
         job = job_manager(service).start(
             "ram-save", work, total=sum(b.size for b in blocks), on_finish=finish
         )
@@ -221,7 +175,7 @@ class _Load:
     direct: set[int] = field(default_factory=set)
     created: list[RAMBlock] = field(default_factory=list)  # not yet committed
     filled: int = 0  # created[:filled] are locked and preallocated as asked
-    pinned: list[RAMBlock] = field(default_factory=list)
+    pins: list[Pin] = field(default_factory=list)
 
     def check(self, info: ImageInfo) -> None:
         """Refuse the image if any of its blocks (but the direct ones) cannot take it;
@@ -234,7 +188,7 @@ class _Load:
             try:
                 block = ram.changeable(desc.id)
             except DeviceNotFound:
-                _check_add_limits(self.service, _add_args(desc))
+                check_add_limits(self.service, _add_args(desc))
                 continue
             _, new = ram.check_resize(desc.id, desc.size)
             if new != desc.size:
@@ -243,15 +197,13 @@ class _Load:
                     f" multiple of its page size 0x{block.page_size:x}"
                 )
             grow = new - block.size
-            lim = self.service.limits.max_used
-            if lim and grow > 0 and ram.used + grow > lim:
-                raise _limit("max-used", lim, f"{ram.used} used, {grow} more asked")
-            _check_host(self.service, grow, touch=block.lock, lock=block.lock)
-            mappers = len(self.service.mappers.of(block))
-            if grow < 0 and mappers:
+            if grow > 0:
+                check_grow(self.service, block, grow)
+            holders = ram.holders.count(block, "mapper") + block.leases
+            if grow < 0 and holders:
                 raise RamdError(
-                    f"Cannot load RAM block '{desc.id}': it would shrink while {mappers}"
-                    " mapper(s) hold it"
+                    f"Cannot load RAM block '{desc.id}': it would shrink while {holders}"
+                    " process(es) hold it"
                 )
 
     def create_direct(self, info: ImageInfo) -> None:
@@ -284,9 +236,16 @@ class _Load:
                 continue
             desc = image_block.desc
             if desc.id in ram:
-                block = ram.resize(desc.id, desc.size)
-                ram.pin(block, LOADING)
-                self.pinned.append(block)
+                block = ram.get(desc.id)
+                resized = change.resize(
+                    ram,
+                    desc.id,
+                    desc.size,
+                    check_grow=lambda block, grow: check_grow(self.service, block, grow),
+                )
+                if not isinstance(resized, RAMBlock):
+                    raise RuntimeError("a load's resize returned an awaitable")
+                self.pins.append(block.pins.take(LOADING))
             else:
                 block = create_block(self.service, _add_args(desc))
                 self.created.append(block)
@@ -302,8 +261,7 @@ class _Load:
             if id(block) in created:
                 ram.commit(block)
                 fdstore.push(block)
-                ram.pin(block, LOADING)
-                self.pinned.append(block)
+                self.pins.append(block.pins.take(LOADING))
         self.created.clear()
 
     def second_pass_bytes(self, info: ImageInfo) -> int:
@@ -316,9 +274,9 @@ class _Load:
         for block in self.created:
             ram.abort(block)
         self.created.clear()
-        for block in self.pinned:
-            ram.unpin(block)
-        self.pinned.clear()
+        for pin in self.pins:
+            pin.release()
+        self.pins.clear()
         os.close(self.fd)
 
 
@@ -351,10 +309,10 @@ def ram_load(session: Session, args: m.RamLoadArgs) -> m.JobStarted:
     state = _Load(service, fd)
 
     def write(index: int, offset: int, data: memoryview) -> None:
-        write_block(state.targets[index], offset, data)
+        access.write_from(state.targets[index], offset, data)
 
     def zero(index: int, offset: int, length: int) -> None:
-        zero_block(state.targets[index], offset, length)
+        access.zero(state.targets[index], offset, length)
 
     def work(ctx: JobContext) -> None:
         info = read_info(fd)

@@ -33,6 +33,9 @@ from ramd.hostmem.mmap_alloc import (
     mmap_reserve_aligned,
 )
 
+#: Bytes of zeros written per call where a range cannot be discarded (huge or locked pages).
+ZERO_CHUNK = 2 * 1024 * 1024
+
 
 class BackingTruncated(Exception):
     """A read or write found the backing file shorter than the range: another process
@@ -109,6 +112,29 @@ class HostMemory(ABC):
         """Store ``data`` at ``offset`` (inside the used range); returns its length."""
 
     @abstractmethod
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``offset`` (inside the used range). Bulk transfers (images) use
+        it from a worker thread while the caller holds the block's pin."""
+
+    @abstractmethod
+    def write_from(self, offset: int, data: memoryview) -> None:
+        """Store ``data`` at ``offset`` (inside the used range); as :meth:`read_into`."""
+
+    def zero(self, offset: int, length: int, *, locked: bool) -> None:
+        """Make ``[offset, offset+length)`` (inside the used range) read as zeros: discarded
+        when it is whole pages and not ``locked`` (locked pages refuse to be dropped),
+        written with zeros otherwise."""
+        if not locked and offset % self.page_size == 0 and length % self.page_size == 0:
+            self.discard(offset, length)
+            return
+        zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.write_from(offset, zeros[:n])
+            offset += n
+
+    @abstractmethod
     def resident(self, length: int) -> int:
         """Bytes of ``[0, length)`` whose memory is allocated right now."""
 
@@ -158,8 +184,25 @@ class AnonymousMemory(HostMemory):
         ctypes.memmove(self.host + offset, data, len(data))
         return len(data)
 
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        if buf:
+            ctypes.memmove(_address(buf), self.host + offset, len(buf))
+
+    def write_from(self, offset: int, data: memoryview) -> None:
+        if not data:
+            return
+        if data.readonly:
+            ctypes.memmove(self.host + offset, bytes(data), len(data))
+        else:
+            ctypes.memmove(self.host + offset, _address(data), len(data))
+
     def resident(self, length: int) -> int:
         return libc.mincore_resident(self.host, length) * libc.host_page_size()
+
+
+def _address(view: memoryview) -> int:
+    """The address of a writable buffer's first byte (valid while ``view`` lives)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 def _touch_pages(host: int, size: int, page_size: int) -> None:

@@ -95,12 +95,12 @@ class FdMemory(HostMemory):
             done += len(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         file_size = os.fstat(self.fd).st_size
         if file_size < offset + len(data):
             raise BackingTruncated(file_size)
         if self.hugetlb:
-            if linux.copy_into_own_mapping(self.host + offset, data) < len(data):
+            if linux.copy_into_own_mapping(self.host + offset, bytes(data)) < len(data):
                 raise BackingTruncated(os.fstat(self.fd).st_size)
             return len(data)
         view = memoryview(data)
@@ -111,6 +111,17 @@ class FdMemory(HostMemory):
                 raise BackingTruncated(os.fstat(self.fd).st_size)
             done += n
         return len(data)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise BackingTruncated(os.fstat(self.fd).st_size)
+            done += n
+
+    def write_from(self, offset: int, data: memoryview) -> None:
+        self.write(offset, data)
 
     def resident(self, length: int) -> int:
         return min(os.fstat(self.fd).st_blocks * 512, length)

@@ -1,27 +1,21 @@
-"""RAM blocks and the RAM list, after QEMU's ``system/physmem.c`` with resizable allocations.
+"""The RAM list, after QEMU's ``system/physmem.c`` with resizable allocations.
 
-A :class:`RAMBlock` is one allocation: ``max_size`` (+ a guard page) of reserved address
-space at ``host``, of which ``[host, host+size)`` is accessible. :class:`RAMList` owns all
-blocks: it creates, resizes and frees them, places them in the ram_addr space, applies their
-settings, calls the notifiers (order in :mod:`ramd.notifiers`) and bounds-checks every access
-to block memory.
+:class:`RAMList` owns all blocks (:class:`~ramd.ramblock.block.RAMBlock`): it creates,
+commits and frees them, places them in the ram_addr space, applies their settings and calls
+the notifiers (order in :mod:`ramd.notifiers`). Resizing and removing go through the one
+operation of :mod:`ramd.ramblock.change` (:meth:`RAMList.resize` and :meth:`RAMList.remove`
+are its synchronous form); the step methods it uses (``grow_map``, ``shrink_prepare``, ...)
+are for it alone. Memory access is in :mod:`ramd.ramblock.access`.
 
 Each block's memory is a :class:`~ramd.hostmem.backend.HostMemory` backend (anonymous,
 memfd or file), chosen at :meth:`RAMList.create`; past that choice the RAM list treats every
 backend alike. The block owns its backend and, through it, its fd.
 
 Ownership and threads: one thread owns a ``RAMList`` and calls all its methods (the asyncio
-loop thread in the daemon). The exceptions are the *fill* methods (:meth:`RAMList.fill`,
-:meth:`RAMList.lock_range`), which a worker thread may run on memory nobody else can change
-meanwhile: a block returned by :meth:`RAMList.create` and not yet committed (invisible), or a
-range of a *pinned* block (:meth:`RAMList.pin`). A pinned block answers "busy" to every
-command that would change it (resize, remove, discard, write), so the worker never touches
-memory that the loop thread just made inaccessible.
-
-Notifying and releasing are separate steps (:meth:`RAMList.shrink_prepare`, then
-``notifiers.notify_resized``, then :meth:`RAMList.shrink_release`; ``notify_removed``, then
-:meth:`RAMList.release_removed`), so that a caller can wait in between for other processes to
-let go of the memory (protocol.md §8); the block is pinned meanwhile.
+loop thread in the daemon). The exceptions are :meth:`RAMList.fill` and
+:meth:`RAMList.lock_range`, which a worker thread may run on memory nobody else can change
+meanwhile: a block returned by :meth:`RAMList.create` and not yet committed (invisible, its
+id "busy"), or a range of a block whose pin the caller holds (:mod:`ramd.ramblock.pins`).
 """
 
 from __future__ import annotations
@@ -30,14 +24,12 @@ import errno
 import logging
 import os
 import re
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal, TypedDict, Unpack
+from collections.abc import Callable, Iterator
+from typing import Unpack
 
 from ramd.errors import DeviceNotFound, RamdError
 from ramd.hostmem import libc, linux
-from ramd.hostmem.backend import AnonymousMemory, BackingTruncated, HostMemory
+from ramd.hostmem.backend import AnonymousMemory, HostMemory
 from ramd.hostmem.blockmeta import BlockMeta
 from ramd.hostmem.dirlock import lock_memory_dir
 from ramd.hostmem.mmap_alloc import mmap_pagesize
@@ -45,6 +37,11 @@ from ramd.hostmem.shared import FileMemory, MemfdMemory, open_memory_dir
 from ramd.ids import ID_PATTERN
 from ramd.notifiers import NotifierList, RamBlockNotifier
 from ramd.ramaddr import RamAddrSpace
+from ramd.ramblock import access
+from ramd.ramblock.block import Backend, BlockSettings, RAMBlock
+from ramd.ramblock.holders import Holders
+from ramd.ramblock.persist import keep_meta
+from ramd.ramblock.pins import Pin
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +54,6 @@ HUGEPAGE_ALIGN = 2 * 1024 * 1024
 #: Where ``file`` blocks live unless configured otherwise (``memory-dir``).
 DEFAULT_MEMORY_DIR = "/dev/shm/ramd"
 
-Backend = Literal["anonymous", "memfd", "file"]
-
 
 def _align_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align
@@ -66,85 +61,6 @@ def _align_up(value: int, align: int) -> int:
 
 def _strerror(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
-
-
-class BlockSettings(TypedDict, total=False):
-    """The optional settings of a block, as :meth:`RAMList.create` takes them."""
-
-    backend: Backend
-    hugetlb: bool
-    prealloc: bool
-    merge: bool
-    dump: bool
-    hugepages: bool
-    lock: bool
-    align: int | None
-
-
-@dataclass(eq=False)
-class RAMBlock:
-    """One RAM block. Its fields are changed only by the owning :class:`RAMList`.
-
-    Invariants: ``host`` is aligned to ``align``; ``0 < size <= max_size``, both multiples of
-    ``page_size``; ``size == max_size`` unless ``resizable``; ``[host, host+size)`` is
-    read-write and ``[host+size, host+max_size+page_size)`` is ``PROT_NONE``; a shared
-    block's file is ``size`` bytes long (unless another process changed it). ``mem`` is owned
-    by the block: freed exactly once, by the RAM list.
-    """
-
-    id: str
-    mem: HostMemory
-    host: int
-    offset: int
-    size: int
-    max_size: int
-    page_size: int
-    align: int
-    resizable: bool
-    prealloc: bool = False
-    merge: bool = False
-    dump: bool = True
-    hugepages: bool = False
-    lock: bool = False
-    #: Connections holding an fd of this block (kept by the API layer's mapper registry).
-    mappers: int = 0
-    #: Why the block is pinned (work off the loop thread holds it), or None.
-    busy: str | None = None
-
-    @property
-    def backend(self) -> str:
-        """``anonymous``, ``memfd`` or ``file``."""
-        return self.mem.kind
-
-    @property
-    def shared(self) -> bool:
-        """The block has an fd other processes can map."""
-        return self.mem.shared
-
-    @property
-    def persistent(self) -> bool:
-        """The block's memory outlives the daemon (a named file)."""
-        return self.mem.persistent
-
-    @property
-    def path(self) -> str | None:
-        """The block's file, for the ``file`` backend."""
-        return self.mem.path
-
-    @property
-    def hugetlb(self) -> bool:
-        """Backed by hugetlbfs huge pages."""
-        return self.mem.hugetlb
-
-    @property
-    def fd(self) -> int:
-        """The block's fd (owned by the block; -1 when not shared)."""
-        return self.mem.fd
-
-    def resident(self) -> int:
-        """Bytes of the used range whose memory is allocated right now (anonymous:
-        ``mincore``; shared: the file's allocated blocks)."""
-        return self.mem.resident(self.size)
 
 
 class RAMList:
@@ -156,7 +72,16 @@ class RAMList:
         self._memory_dir_fd = -1
         self._memory_dir_lock = -1
         self._blocks: dict[str, RAMBlock] = {}
-        self._pending: dict[str, RAMBlock] = {}
+        #: Blocks created and not yet committed or aborted, with their creation pin.
+        self._pending: dict[str, tuple[RAMBlock, Pin]] = {}
+        #: Every holder of every block (mappers, leases, VMMs).
+        self.holders = Holders()
+        #: Checks that may refuse a change: ``guard(block, new_size)`` for a resize,
+        #: ``guard(block, None)`` for a removal; each raises :class:`RamdError` to refuse.
+        self.guards: list[Callable[[RAMBlock, int | None], None]] = []
+        #: Called with each block removed for good (after ``removed`` was notified, before
+        #: its memory is freed).
+        self.on_remove: list[Callable[[RAMBlock], None]] = []
         self._space = RamAddrSpace()
         self.notifiers = NotifierList()
         #: Sum of ``size`` over all blocks, created or committed.
@@ -187,25 +112,15 @@ class RAMList:
         except KeyError:
             pending = self._pending.get(block_id)
             if pending is not None:
-                raise RamdError(f"RAM block '{block_id}' is busy: {pending.busy}") from None
+                raise RamdError(f"RAM block '{block_id}' is busy: {pending[1].why}") from None
             raise DeviceNotFound(block_id) from None
 
     def changeable(self, block_id: str) -> RAMBlock:
         """The committed block named ``block_id`` if it may be changed now; a "busy"
         ``RamdError`` while it is pinned."""
         block = self.get(block_id)
-        if block.busy is not None:
-            raise RamdError(f"RAM block '{block_id}' is busy: {block.busy}")
+        block.pins.check()
         return block
-
-    def pin(self, block: RAMBlock, why: str) -> None:
-        """Hold ``block`` against change while work off the loop thread uses it; ``why``
-        completes the "busy" answer (``it is being locked``)."""
-        assert block.busy is None
-        block.busy = why
-
-    def unpin(self, block: RAMBlock) -> None:
-        block.busy = None
 
     @property
     def pending(self) -> int:
@@ -310,12 +225,12 @@ class RAMList:
             )
             self._advise(block, 0, block.size)
             if isinstance(mem, FileMemory):
-                _keep_meta(mem, block)
+                keep_meta(mem, block)
         except BaseException:
             _free_memory(mem, block_id, delete=memory is None)
             raise
         block.offset = self._space.alloc(block.max_size)
-        self._pending[block_id] = block
+        self._pending[block_id] = (block, block.pins.take(_creating(prealloc, lock)))
         self.used += block.size
         self.reserved += block.max_size + block.page_size
         if not allocate and mem.shared and not mem.hugetlb:
@@ -394,7 +309,7 @@ class RAMList:
         try:
             self.fill(block)
         except BaseException:
-            self._pending.pop(block.id)
+            self._take_pending(block)
             self._release(block, delete=False)
             raise
         self.commit(block)
@@ -473,7 +388,6 @@ class RAMList:
             dump=dump,
             hugepages=hugepages,
             lock=lock,
-            busy=_creating(prealloc, lock),
         )
 
     def fill(self, block: RAMBlock) -> None:
@@ -484,7 +398,9 @@ class RAMList:
         the block is invisible to every other caller until committed. Raises
         :class:`RamdError`; the caller then aborts the block.
         """
-        assert self._pending.get(block.id) is block
+        pending = self._pending.get(block.id)
+        if pending is None or pending[0] is not block:
+            raise RuntimeError(f"RAM block '{block.id}' is not being created")
         if block.lock:
             self.lock_range(block, 0, block.size)
         if not block.prealloc:
@@ -499,46 +415,44 @@ class RAMList:
 
     def commit(self, block: RAMBlock) -> None:
         """Make a created block visible (creation order) and notify ``added``."""
-        assert self._pending.pop(block.id) is block
-        self._unallocated.pop(block.id, None)
-        block.busy = None
+        self._take_pending(block)
         self._blocks[block.id] = block
         self.notifiers.notify_added(block)
 
     def abort(self, block: RAMBlock) -> None:
         """Undo :meth:`create`: free the memory (and delete its file), the offset and the id."""
-        assert self._pending.pop(block.id) is block
-        self._unallocated.pop(block.id, None)
+        self._take_pending(block)
         self._release(block, delete=True)
 
-    # -- resize / remove -------------------------------------------------------------------
+    def _take_pending(self, block: RAMBlock) -> None:
+        """``block`` is no longer being created: its id and its creation pin are released."""
+        pending = self._pending.get(block.id)
+        if pending is None or pending[0] is not block:
+            raise RuntimeError(f"RAM block '{block.id}' is not being created")
+        del self._pending[block.id]
+        self._unallocated.pop(block.id, None)
+        pending[1].release()
+
+    # -- resize / remove: the steps of ramd.ramblock.change ------------------------------------
 
     def resize(self, block_id: str, size: int) -> RAMBlock:
-        """Resize a block in place (QEMU's ``qemu_ram_resize`` rules and messages).
+        """Resize a block in place now (QEMU's ``qemu_ram_resize`` rules and messages): the
+        synchronous form of :func:`ramd.ramblock.change.resize`, for in-process callers.
+        A shrink that would have to wait for holders is refused."""
+        from ramd.ramblock.change import resize
 
-        Same aligned size: no-op, no notification. Grow: map ``[old, new)`` (fresh zero
-        pages, settings applied), then notify. Shrink: notify, then release ``[new, old)``.
-        A grow or shrink the kernel refuses leaves the block exactly as it was and notifies
-        nobody. The steps are public so that a caller can lock a large grown tail off the
-        loop thread (:meth:`check_resize`, :meth:`grow_map`, :meth:`lock_range`,
-        :meth:`grow_commit` or :meth:`grow_undo`).
-        """
-        block, new = self.check_resize(block_id, size)
-        old = block.size
-        if new > old:
-            self.grow_map(block, old, new)
-            if block.lock:
-                try:
-                    self.lock_range(block, old, new - old)
-                except RamdError:
-                    self.grow_undo(block, old, new)
-                    raise
-            self.grow_commit(block, old, new)
-        elif new < old:
-            self.shrink_prepare(block, new)
-            self.notifiers.notify_resized(block, old, new)
-            self.shrink_release(block, old, new)
-        return block
+        result = resize(self, block_id, size)
+        if not isinstance(result, RAMBlock):
+            raise RuntimeError("a resize without waiting returned an awaitable")
+        return result
+
+    def remove(self, block_id: str) -> None:
+        """Notify ``removed``, then drop the block, unmap it and delete its file, now (the
+        synchronous form of :func:`ramd.ramblock.change.remove`)."""
+        from ramd.ramblock.change import remove
+
+        if remove(self, block_id) is not None:
+            raise RuntimeError("a removal without waiting returned an awaitable")
 
     def check_resize(self, block_id: str, size: int) -> tuple[RAMBlock, int]:
         """The block and its new aligned size, or the protocol's refusal."""
@@ -604,17 +518,13 @@ class RAMList:
         self.used -= old - new
         block.mem.release(new, old)
 
-    def remove(self, block_id: str) -> None:
-        """Notify ``removed``, then drop the block from the list, unmap it and delete its
-        file (a ``file`` block's name is removed: this is ``ram-block-del``)."""
-        block = self.changeable(block_id)
-        self.notifiers.notify_removed(block)
-        self.release_removed(block)
-
     def release_removed(self, block: RAMBlock) -> None:
         """Second half of a removal, after ``removed`` was notified: drop the block from the
-        list, unmap it and delete its file."""
+        list, forget its holders, unmap it and delete its file."""
         del self._blocks[block.id]
+        self.holders.forget(block)
+        for hook in self.on_remove:
+            hook(block)
         self._release(block, delete=True)
 
     def _release(self, block: RAMBlock, *, delete: bool) -> None:
@@ -680,65 +590,19 @@ class RAMList:
                 f"Cannot lock RAM block '{block.id}': {_strerror(e)}", errno=e.errno
             ) from None
 
-    # -- memory access ---------------------------------------------------------------------
-
-    def _check_range(self, block: RAMBlock, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > block.size:
-            raise RamdError(
-                f"Range out of bounds: {block.id}: offset 0x{max(offset, 0):x} length"
-                f" 0x{max(length, 0):x} exceeds size 0x{block.size:x}"
-            )
+    # -- memory access (bounds-checked: ramd.ramblock.access) --------------------------------
 
     def read(self, block_id: str, offset: int, length: int) -> bytes:
-        """Copy ``length`` bytes at ``offset`` out of the block's used range (a shared block:
-        with ``pread``, so a file shortened by another process is an error, not SIGBUS)."""
-        block = self.get(block_id)
-        self._check_range(block, offset, length)
-        try:
-            return block.mem.read(offset, length)
-        except BackingTruncated as e:
-            raise RamdError(_truncated("read", block, e)) from None
-        except OSError as e:
-            raise RamdError(f"Cannot read RAM block '{block.id}': {_strerror(e)}") from None
+        """``length`` bytes at ``offset`` of the block's used range."""
+        return access.read(self, block_id, offset, length)
 
     def write(self, block_id: str, offset: int, data: bytes) -> int:
-        """Copy ``data`` into the block's used range at ``offset``; returns its length."""
-        block = self.changeable(block_id)
-        self._check_range(block, offset, len(data))
-        try:
-            return block.mem.write(offset, data)
-        except BackingTruncated as e:
-            raise RamdError(_truncated("write", block, e)) from None
-        except OSError as e:
-            raise RamdError(f"Cannot write RAM block '{block.id}': {_strerror(e)}") from None
+        """Store ``data`` at ``offset`` of the block's used range; returns its length."""
+        return access.write(self, block_id, offset, data)
 
     def discard(self, block_id: str, offset: int, length: int) -> None:
-        """Free the memory of a page-aligned range (QEMU's ``ram_block_discard_range``):
-        ``MADV_DONTNEED`` for anonymous memory, a punched hole in a shared block's file.
-
-        The range reads back as zeros and its memory is released at once (for a locked block,
-        the range is locked again afterwards, which faults in fresh zero pages).
-        """
-        block = self.changeable(block_id)
-        if offset % block.page_size or length % block.page_size:
-            raise RamdError(
-                f"Unaligned discard range: {block.id}: offset 0x{offset:x} length 0x{length:x}"
-                f" must be multiples of the page size 0x{block.page_size:x}"
-            )
-        self._check_range(block, offset, length)
-        if length == 0:
-            return
-        addr = block.host + offset
-        try:
-            if block.lock:
-                # Locked pages refuse MADV_DONTNEED: unlock, drop, and lock the (now zero)
-                # range again, so the block stays locked as its settings ask.
-                libc.munlock(addr, length)
-            block.mem.discard(offset, length)
-            if block.lock:
-                libc.mlock(addr, length)
-        except OSError as e:
-            raise RamdError(f"Cannot discard range of {block.id}: {_strerror(e)}") from None
+        """Free a page-aligned range of the block's used range; it reads back as zeros."""
+        access.discard(self, block_id, offset, length)
 
 
 def _creating(prealloc: bool, lock: bool) -> str:
@@ -759,38 +623,4 @@ def _free_memory(mem: HostMemory, block_id: str, *, delete: bool) -> None:
     mem.free()
 
 
-def _keep_meta(mem: FileMemory, block: RAMBlock) -> None:
-    """Write a new (or adopted) file block's metadata; ``created`` survives adoption."""
-    if block.hugetlb:
-        # hugetlbfs files cannot be written: no metadata, so no adoption after a restart
-        log.warning(
-            "RAM block '%s': no metadata on hugetlbfs: not adopted after a restart", block.id
-        )
-        return
-    settings = {
-        "prealloc": block.prealloc,
-        "dump": block.dump,
-        "lock": block.lock,
-        "hugetlb": block.hugetlb,
-    }
-    created = mem.meta.created if mem.meta is not None else time.time_ns()
-    meta = BlockMeta(
-        block.id, block.size, block.max_size, block.resizable, block.page_size, settings, created
-    )
-    try:
-        mem.keep(meta)
-    except OSError as e:
-        raise RamdError(
-            f"Cannot create RAM block '{block.id}': cannot write its metadata: {_strerror(e)}",
-            errno=e.errno,
-        ) from None
-
-
-def _truncated(what: str, block: RAMBlock, e: BackingTruncated) -> str:
-    return (
-        f"Cannot {what} RAM block '{block.id}': its file is 0x{e.file_size:x} bytes, shorter"
-        f" than its size 0x{block.size:x} (changed by another process)"
-    )
-
-
-__all__ = ["RAMBlock", "RAMList", "RamBlockNotifier"]
+__all__ = ["Backend", "BlockSettings", "RAMBlock", "RAMList", "RamBlockNotifier"]
