@@ -155,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command in RAW_COMMANDS:
             return run_raw(args, path)
+        if args.command == "exec":
+            from ramd_client.cli_exec import run_exec
+
+            run_exec(args, path)
         import asyncio  # only here: the raw commands start faster without it
 
         return asyncio.run(run_typed(args, path))

@@ -285,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     command("stats", "show the daemon's usage figures and limits")
     command("version", "show the daemon's version")
 
+    p = command("exec", "run a program holding leases of RAM blocks (it inherits their fds)")
+    p.add_argument(
+        "--block",
+        metavar="ID",
+        action="append",
+        help="lease this block (repeatable); {fd:ID} (or {fd}) in ARGS becomes its fd",
+    )
+    p.add_argument("--readonly", action="store_true", help="read-only fds")
+    p.add_argument(
+        "program",
+        metavar="PROGRAM",
+        nargs=argparse.REMAINDER,
+        help="-- then the program and its arguments",
+    )
+
     p = command("call", "send any command and print its result as JSON")
     p.add_argument("method", metavar="METHOD", help="the command, e.g. query-ram-blocks")
     p.add_argument(
