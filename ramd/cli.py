@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ramd: {e}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_format)
-    from ramd.daemon import serve
+    from ramd.daemon import CannotStart, serve
     from ramd.transport.unixbind import AlreadyRunning
 
     try:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ramd: {e}", file=sys.stderr)
         return 2
-    except AlreadyRunning as e:
+    except (CannotStart, AlreadyRunning) as e:
         log.error("cannot start: %s", e)
         return 1
     except OSError as e:

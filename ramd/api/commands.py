@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 import ramd
 from ramd import fdstore
-from ramd.api import hmp, release
+from ramd.api import hmp, quitguard, release
 from ramd.api import models as m
 from ramd.api.blockinfo import json_list, with_resident
 from ramd.api.events import added_data, make_event
@@ -525,6 +525,7 @@ def quit_daemon(session: Session, args: m.NoArgs) -> m.Empty:
     shutdown = session.service.request_shutdown
     if shutdown is None:
         raise RamdError("quit is not available: nothing serves this daemon's shutdown")
+    quitguard.refuse_if_blocks_would_be_freed(session.service.ram)
     shutdown()
     return m.Empty()
 
