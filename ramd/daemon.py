@@ -179,15 +179,17 @@ def _adopt_memory_dir(ram: datadirs.MemoryDirRAMList) -> None:
 
 
 async def _start_server(server: Server, config: Config) -> None:
-    """Bind or adopt the listeners; :class:`CannotStart` saying what to do when one fails."""
+    """Bind or adopt the listeners; :class:`CannotStart` saying what to do when one fails
+    (its ``__cause__`` is the error of the bind: ``AlreadyRunning``, ``UnsafeDirectory``,
+    ``OSError``)."""
     try:
         await server.start()
     except AlreadyRunning as e:
         raise CannotStart(
             f"{e}: stop that daemon first, or give this one another socket (--socket PATH)"
-        ) from None
+        ) from e
     except OSError as e:
-        raise CannotStart(f"{e.strerror or e}; {_socket_hint(config)}") from None
+        raise CannotStart(f"{e.strerror or e}; {_socket_hint(config)}") from e
 
 
 def _socket_hint(config: Config) -> str:
