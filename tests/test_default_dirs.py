@@ -11,7 +11,9 @@ import pwd
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,6 +226,8 @@ def test_user_daemon_reports_unusable_directories_at_start(python: Path, base: P
     )
     try:
         d.wait_ready()
+        with Raw(d.socket) as r:  # answered: the start-up lines are all written
+            assert r.call("query-stats")["blocks"] == 0
         log = d.log_text()
         assert (
             "WARNING ramd: memory-dir /run/ramd/memory cannot be used: cannot create directory"
@@ -282,10 +286,48 @@ def test_start_up_log_shows_directories_and_limits_in_human_units(tmp_path: Path
         tmp_path, f'memory-dir = "{mem}"\n[limits]\nmax-reserved = "1G"\nmax-used = "1536M"\n'
     )
     try:
-        log = d.log_text()
+        deadline = time.monotonic() + 30
+        while " limits: " not in (log := d.log_text()):  # logged just after the socket listens
+            assert time.monotonic() < deadline, log
+            time.sleep(0.02)
         assert f"directories: memory-dir {mem}, state-dir {tmp_path / 'state'}\n" in log
         assert "limits: max-reserved 1 GiB, max-used 1.5 GiB (host memory " in log
         assert " WARNING " not in log
         assert not mem.exists()  # made at the first file block, not at start
     finally:
         assert d.stop() == 0
+
+
+def test_start_up_errors_that_stop_the_daemon_say_what_to_do(tmp_path: Path) -> None:
+    """The two refusals that still stop a start (exit 1): a socket another daemon serves, a
+    ``memory-dir`` another daemon holds; each names the path and the way out."""
+    parent = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm"))
+    mem = parent / "mem"
+    config = f'memory-dir = "{mem}"\n[[block]]\nid = "f"\nsize = 4096\nbackend = "file"\n'
+    d = Daemon(tmp_path, config)
+    try:
+        cfg = tmp_path / "2.toml"
+        cfg.write_text(f'memory-dir = "{mem}"\n')
+        runs = {
+            "socket": ["--socket", str(d.path)],
+            "memory-dir": ["--socket", str(tmp_path / "2.sock"), "--config", str(cfg)],
+        }
+        errors = {}
+        for what, args in runs.items():
+            proc = subprocess.run(
+                [sys.executable, "-m", "ramd", *args], capture_output=True, text=True, timeout=60
+            )
+            assert proc.returncode == 1, proc.stderr
+            (errors[what],) = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+        assert errors["socket"].endswith(
+            f"ERROR ramd: cannot start: another daemon is already listening on {d.path}: stop"
+            " that daemon first, or give this one another socket (--socket PATH)"
+        )
+        assert errors["memory-dir"].endswith(
+            f"ERROR ramd: cannot start: memory-dir '{mem}' is in use by another ramd (pid"
+            f" {d.pid}): stop that daemon, or give this one another memory-dir (--config FILE)"
+        )
+        assert d.alive()
+    finally:
+        assert d.stop() == 0
+        shutil.rmtree(parent)
