@@ -57,7 +57,7 @@ def probe(path: Path, *, own: bool) -> str | None:
         what = f"files in {path}"
     else:
         what = f"directory {top / path.relative_to(top).parts[0]}"
-    if not os.access(top, os.W_OK | os.X_OK):
+    if not os.access(top, os.W_OK | os.X_OK, effective_ids=True):
         return f"cannot create {what}: no write permission on {top}"
     return None
 
