@@ -173,7 +173,7 @@ def _adopt_memory_dir(ram: datadirs.MemoryDirRAMList) -> None:
     except MemoryDirInUse as e:
         raise CannotStart(
             f"{e}: stop that daemon, or give this one another memory-dir (--config FILE)"
-        ) from None
+        ) from e
     except OSError as e:
         log.warning("memory-dir %s: nothing adopted: %s", ram.memory_dir, e)
 
