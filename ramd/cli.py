@@ -26,8 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ramd",
         description="Serve resizable RAM blocks over JSON-RPC 2.0 and QMP.",
         epilog="Options override the configuration file, which overrides the built-in "
-        "defaults. Exit status: 0 clean shutdown (SIGTERM, SIGINT), 1 cannot start (socket "
-        "in use, no permission), 2 bad usage or configuration.",
+        "defaults. Directories: memory-dir (file blocks) defaults to "
+        "$XDG_RUNTIME_DIR/ramd/memory, else /run/ramd/memory; state-dir (images) to "
+        "$STATE_DIRECTORY, else /var/lib/ramd for root, else $XDG_STATE_HOME/ramd or "
+        "~/.local/state/ramd. A directory that cannot be used is reported at start; ramd "
+        "serves anyway, refusing file blocks or image files until it is fixed. Exit status: 0 "
+        "clean shutdown (SIGTERM, SIGINT), 1 cannot start (socket in use, no permission, "
+        "memory-dir held by another ramd; the message says what to do), 2 bad usage or "
+        "configuration.",
     )
     p.add_argument(
         "--socket",
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ramd: {e}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_format)
-    from ramd.daemon import serve
+    from ramd.daemon import CannotStart, serve
     from ramd.transport.unixbind import AlreadyRunning
 
     try:
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ramd: {e}", file=sys.stderr)
         return 2
-    except AlreadyRunning as e:
+    except (CannotStart, AlreadyRunning) as e:
         log.error("cannot start: %s", e)
         return 1
     except OSError as e:

@@ -26,8 +26,7 @@ from pydantic import (
     ValidationError,
 )
 
-from ramd.paths import default_socket
-from ramd.ramblock import DEFAULT_MEMORY_DIR
+from ramd import paths
 from ramd.sizes import parse_size
 
 U64_MAX = 2**64 - 1
@@ -110,14 +109,21 @@ class BlockConfig(_Section):
     align: PositiveSize | None = None
 
 
-#: ``state-dir`` when the config names none and systemd's ``StateDirectory=`` sets nothing.
-DEFAULT_STATE_DIR = "/var/lib/ramd"
+#: root's ``state-dir`` when the config names none and systemd's ``StateDirectory=`` sets
+#: nothing.
+DEFAULT_STATE_DIR = paths.SYSTEM_STATE_DIR
+
+
+def default_memory_dir() -> Path:
+    """:func:`ramd.paths.default_memory_dir`: ``$XDG_RUNTIME_DIR/ramd/memory``, else
+    ``/run/ramd/memory``."""
+    return Path(paths.default_memory_dir())
 
 
 def default_state_dir() -> Path:
-    """Protocol rule (§10): ``$STATE_DIRECTORY`` (its first entry), else /var/lib/ramd."""
-    env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(env or DEFAULT_STATE_DIR)
+    """:func:`ramd.paths.default_state_dir`: ``$STATE_DIRECTORY``, else ``/var/lib/ramd``
+    for root, else the user's ``$XDG_STATE_HOME/ramd`` or ``~/.local/state/ramd``."""
+    return Path(paths.default_state_dir())
 
 
 class Config(_Section):
@@ -131,9 +137,11 @@ class Config(_Section):
     log_format: Literal["text", "json"] = "text"
     #: ``uvloop`` needs the optional ``fast`` extra; the plain asyncio loop is the default.
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
-    #: Directory of ``file`` blocks (created 0700 at the first one).
-    memory_dir: Path = Path(DEFAULT_MEMORY_DIR)
-    #: Directory of ``ram-save``/``ram-load`` image files (created 0700 at the first use).
+    #: Directory of ``file`` blocks (created 0700 and checked at start; a bad one refuses
+    #: ``file`` blocks, not the start).
+    memory_dir: Path = Field(default_factory=default_memory_dir)
+    #: Directory of ``ram-save``/``ram-load`` image files (created 0700 and checked at start;
+    #: a bad one is reported, and saves and loads to files fail).
     state_dir: Path = Field(default_factory=default_state_dir)
     allow_uids: list[StrictInt] = []
     allow_gids: list[StrictInt] = []
@@ -197,4 +205,4 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 def default_socket_path() -> Path:
     """Protocol rule (:func:`ramd.paths.default_socket`): ``$RAMD_SOCKET``, else
     ``$XDG_RUNTIME_DIR/ramd/ramd.sock``, else ``/run/ramd/ramd.sock``."""
-    return Path(default_socket())
+    return Path(paths.default_socket())

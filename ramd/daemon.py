@@ -5,25 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from ramd import adoption, fdstore, heap, systemd
+from ramd import adoption, datadirs, fdstore, heap, systemd
 from ramd.api import dispatch
 from ramd.api.outcome import BadArguments, Failed, Internal, Pending
 from ramd.api.service import Service, Session
 from ramd.config import Config, ConfigError, default_socket_path
 from ramd.hostlimits import HostLimits, meminfo_total
-from ramd.ramblock import RAMList
+from ramd.hostmem.dirlock import MemoryDirInUse
+from ramd.paths import SYSTEM_RUNTIME_DIR
+from ramd.sizes import format_size
 from ramd.transport.connection import DialectFactory
 from ramd.transport.jsonrpc import JsonRpcDialect
 from ramd.transport.qmp import QmpDialect
 from ramd.transport.server import Listener, Server
+from ramd.transport.unixbind import AlreadyRunning
 
 log = logging.getLogger("ramd")
 
 DIALECTS: dict[str, DialectFactory] = {"jsonrpc": JsonRpcDialect, "qmp": QmpDialect}
+
+
+class CannotStart(Exception):
+    """The daemon cannot start (it exits 1); the message names the path at fault and what
+    to do about it."""
 
 
 class _NoSink:
@@ -90,9 +100,11 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = HostLimits()
+    memory_hint = datadirs.memory_dir_hint("memory_dir" not in config.model_fields_set)
+    ram = datadirs.MemoryDirRAMList(config.memory_dir, memory_hint)
     service = Service(
         host.effective(config.limits),
-        RAMList(config.memory_dir),
+        ram,
         host=host,
         state_dir=str(config.state_dir),
     )
@@ -101,25 +113,27 @@ async def serve(
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
         passed = systemd.listen_fds()
-        adoption.adopt_memory_dir(service.ram)
+        _adopt_memory_dir(ram)
         fdstore.adopt_stored(service.ram, [p for p in passed if fdstore.is_block_name(p[1])])
         kept = adoption.kept_config_blocks(service.ram, config.block)
         await create_config_blocks(service, config, kept)
         sockets = [p for p in passed if not fdstore.is_block_name(p[1])]
         server = Server(service, config, listeners_for(config, sockets), DIALECTS)
-        await server.start()
+        await _start_server(server, config)
+        _check_state_dir(config)
         systemd.notify(f"READY=1\nSTATUS=serving {len(service.ram)} RAM blocks")
         log.info(
             "ready: %d RAM blocks, %s event loop",
             len(service.ram),
             type(loop).__module__.split(".")[0],
         )
+        log.info("directories: memory-dir %s, state-dir %s", config.memory_dir, config.state_dir)
         log.info(
-            "limits: max-reserved %d, max-used %d (host memory %d, cgroup limits %s)",
-            service.limits.max_reserved,
-            service.limits.max_used,
-            meminfo_total(),
-            ", ".join(f"{c.cgroup} {c.limit}" for c in host.cgroup_limits()) or "none",
+            "limits: max-reserved %s, max-used %s (host memory %s, cgroup limits %s)",
+            format_size(service.limits.max_reserved),
+            format_size(service.limits.max_used),
+            format_size(meminfo_total()),
+            ", ".join(f"{c.cgroup} {format_size(c.limit)}" for c in host.cgroup_limits()) or "none",
         )
         heap.trim()  # what start-up allocated and freed (imports, adoption) goes back
         watchdog = _start_watchdog()
@@ -143,6 +157,64 @@ async def serve(
         service.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+def _adopt_memory_dir(ram: datadirs.MemoryDirRAMList) -> None:
+    """Adopt the ``file`` blocks of ``memory-dir`` (:mod:`ramd.adoption`) when it can be used;
+    a bad ``memory-dir`` is logged with what to do and its entries are left alone.
+
+    Raises :class:`CannotStart` when another daemon holds it (protocol.md §9: exit 1)."""
+    problem = datadirs.probe(Path(ram.memory_dir), own=True)
+    if problem is not None:
+        log.warning("memory-dir %s cannot be used: %s; %s", ram.memory_dir, problem, ram.hint)
+        return
+    try:
+        adoption.adopt_memory_dir(ram)
+    except MemoryDirInUse as e:
+        raise CannotStart(
+            f"{e}: stop that daemon, or give this one another memory-dir (--config FILE)"
+        ) from e
+    except OSError as e:
+        log.warning("memory-dir %s: nothing adopted: %s", ram.memory_dir, e)
+
+
+async def _start_server(server: Server, config: Config) -> None:
+    """Bind or adopt the listeners; :class:`CannotStart` saying what to do when one fails
+    (its ``__cause__`` is the error of the bind: ``AlreadyRunning``, ``UnsafeDirectory``,
+    ``OSError``)."""
+    try:
+        await server.start()
+    except AlreadyRunning as e:
+        raise CannotStart(
+            f"{e}: stop that daemon first, or give this one another socket (--socket PATH)"
+        ) from e
+    except OSError as e:
+        raise CannotStart(f"{e.strerror or e}; {_socket_hint(config)}") from e
+
+
+def _socket_hint(config: Config) -> str:
+    """What to do when a socket cannot be created."""
+    if (
+        os.geteuid() != 0
+        and config.socket is None
+        and not os.environ.get("RAMD_SOCKET")
+        and not os.environ.get("XDG_RUNTIME_DIR")
+    ):
+        return (
+            f"XDG_RUNTIME_DIR is not set, so the socket goes to {SYSTEM_RUNTIME_DIR}, which only"
+            " root (or ramd.service) can create: set XDG_RUNTIME_DIR or RAMD_SOCKET, or give"
+            " --socket PATH"
+        )
+    return "choose another path: --socket PATH, --qmp-socket PATH, or RAMD_SOCKET"
+
+
+def _check_state_dir(config: Config) -> None:
+    """Log a warning, with what to do, when ``state-dir`` cannot be used (saves to files
+    would fail); the daemon serves anyway."""
+    problem = datadirs.probe(config.state_dir, own=False)
+    if problem is not None:
+        hint = datadirs.state_dir_hint("state_dir" not in config.model_fields_set)
+        log.warning("state-dir %s cannot be used: %s; %s", config.state_dir, problem, hint)
 
 
 #: Keys SIGHUP applies to the running daemon; any other change needs a restart.

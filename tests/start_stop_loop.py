@@ -15,7 +15,7 @@ import sys
 import tomllib
 
 from ramd.config import parse_config
-from ramd.daemon import serve
+from ramd.daemon import CannotStart, serve
 from ramd.fsdir import UnsafeDirectory
 from ramd.transport.unixbind import AlreadyRunning
 
@@ -35,12 +35,14 @@ def main() -> None:
         try:
             asyncio.run(_once({**base, "socket": path}))
             outcomes.append(["served", path, ""])
-        except UnsafeDirectory as e:
-            outcomes.append(["refused", path, str(e)])
-        except AlreadyRunning as e:
-            outcomes.append(["running", path, str(e)])
-        except OSError as e:
-            outcomes.append(["oserror", path, str(e)])
+        except CannotStart as e:  # the bind's own error is its cause
+            cause = e.__cause__
+            if isinstance(cause, UnsafeDirectory):
+                outcomes.append(["refused", path, str(cause)])
+            elif isinstance(cause, AlreadyRunning):
+                outcomes.append(["running", path, str(cause)])
+            else:
+                outcomes.append(["oserror", path, str(cause)])
     print(json.dumps(outcomes))
 
 

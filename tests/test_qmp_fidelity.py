@@ -305,7 +305,6 @@ async def test_quit_answers_then_the_daemon_exits_and_removes_its_sockets(
 ) -> None:
     d = start_daemon(qmp=True)
     async with qmp_client(d.qmp_path) as qmp:
-        await qmp.execute("ram-block-add", {"id": "a", "size": MiB})
         assert await qmp.execute("quit") == {}
     assert await asyncio.to_thread(wait_exit, d) == 0
     assert d.qmp_path is not None and not d.qmp_path.exists() and not d.path.exists()

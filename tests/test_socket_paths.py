@@ -63,7 +63,8 @@ def test_directory_owned_by_another_user_is_refused(base: Path) -> None:
     (error,) = [line for line in proc.stderr.splitlines() if " ERROR " in line]
     assert error.endswith(
         f" ERROR ramd: cannot start: refusing directory {theirs}: it is owned by uid"
-        f" {ATTACKER}, who could replace what ramd puts there"
+        f" {ATTACKER}, who could replace what ramd puts there; choose another path: --socket"
+        " PATH, --qmp-socket PATH, or RAMD_SOCKET"
     )
     assert list(theirs.iterdir()) == []
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable
 
 import ramd
-from ramd.api import hmp
+from ramd.api import hmp, quitguard
 from ramd.api import models as m
 from ramd.api.block_commands import SCAN_INLINE_MAX, resident
 from ramd.api.events import added_data, make_event
@@ -146,9 +146,11 @@ def query_qmp_schema(session: Session, args: m.NoArgs) -> Raw:
 
 @command("quit", m.NoArgs, m.Empty, audit=True)
 def quit_daemon(session: Session, args: m.NoArgs) -> m.Empty:
-    """Shut the daemon down as SIGTERM does, once this answer is sent."""
+    """Shut the daemon down as SIGTERM does, once this answer is sent; refused while blocks
+    exist that are not persistent (they would be freed: stop the service instead)."""
     shutdown = session.service.request_shutdown
     if shutdown is None:
         raise RamdError("quit is not available: nothing serves this daemon's shutdown")
+    quitguard.refuse_if_blocks_would_be_freed(session.service.ram)
     shutdown()
     return m.Empty()

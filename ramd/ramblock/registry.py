@@ -51,8 +51,9 @@ _ID_RE = re.compile(ID_PATTERN)
 #: (QEMU's ``QEMU_VMALLOC_ALIGN`` on x86-64).
 HUGEPAGE_ALIGN = 2 * 1024 * 1024
 
-#: Where ``file`` blocks live unless configured otherwise (``memory-dir``).
-DEFAULT_MEMORY_DIR = "/dev/shm/ramd"
+#: Where ``file`` blocks of a list made without ``memory_dir`` live: root's default (the
+#: daemon's follows ``XDG_RUNTIME_DIR``: :func:`ramd.paths.default_memory_dir`).
+DEFAULT_MEMORY_DIR = "/run/ramd/memory"
 
 
 def _align_up(value: int, align: int) -> int:
