@@ -101,7 +101,7 @@ async def serve(
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
         passed = systemd.listen_fds()
-        adoption.adopt_memory_dir(service.ram)
+        adoption.adopt_memory_dir(service.ram, service.limits.max_used)
         fdstore.adopt_stored(service.ram, [p for p in passed if fdstore.is_block_name(p[1])])
         kept = adoption.kept_config_blocks(service.ram, config.block)
         await create_config_blocks(service, config, kept)

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 import ramd
 from ramd import fdstore
-from ramd.api import hmp, release
+from ramd.api import access, hmp, release
 from ramd.api import models as m
 from ramd.api.blockinfo import json_list, with_resident
 from ramd.api.events import added_data, make_event
@@ -316,6 +316,7 @@ def ram_block_get_fd(session: Session, args: m.GetFdArgs) -> WithFds:
     except OSError as e:
         raise RamdError(f"Cannot open RAM block '{block.id}': {e.strerror}") from None
     session.service.mappers.add(block, session)
+    access.hold(block, session, writable=not readonly)
     result = m.GetFdResult(
         id=block.id,
         size=block.size,

@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ramd.api import access
 from ramd.ramblock import RAMBlock
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class Mappers:
             return False
         sessions.discard(session)
         session.mapped.discard(block)
+        access.unhold(block, session)
         if not sessions:
             del self._by_block[block]
         self._changed(block)
