@@ -95,7 +95,7 @@ def decode(data: bytes) -> Acl:
         raise BadAcl(f"more than {MAX_ENTRIES} entries")
     base: dict[int, int] = {}
     named: dict[int, dict[int, int]] = {USER: {}, GROUP: {}}
-    last = (0, -1)
+    last = (-1, -1)
     for i in range(count):
         tag, perm, ident = _ENTRY.unpack_from(data, _HEADER.size + i * _ENTRY.size)
         if tag not in _TAGS or perm & ~7:
