@@ -27,6 +27,7 @@ from ramd.snapshot.callbacks import CancelledFn, ProgressFn, never_cancelled, no
 from ramd.snapshot.fileio import IO_SIZE, check_regular, next_data, next_hole, pread_into
 from ramd.snapshot.format import (
     HEADER_SIZE,
+    MAX_TABLE,
     VERSION,
     BlockHasher,
     ImageBlock,
@@ -57,13 +58,14 @@ MIN_ZERO_RUN = 64 * 1024
 ZeroFn = Callable[[int, int, int], None]
 
 
-def read_info(fd: int) -> ImageInfo:
+def read_info(fd: int, max_blocks: int = MAX_TABLE) -> ImageInfo:
     """Check an image's header and table (not its data); returns what it describes.
 
     Order: magic, version, header checksum, flags and header fields, file length, file
     checksum (header and table), table. The file checksum covers every block digest, so
     what this returns can be trusted once :func:`verify_data` has checked the data against
-    it. Raises :class:`ImageError` naming the first problem found.
+    it. A table of more than ``max_blocks`` entries is refused as soon as the parse gets
+    there. Raises :class:`ImageError` naming the first problem found.
     """
     st = check_regular(fd, writing=False)
     if st.st_size == 0:
@@ -77,7 +79,7 @@ def read_info(fd: int) -> ImageInfo:
     meta = _pread(fd, header.data_offset - HEADER_SIZE, HEADER_SIZE)
     if file_digest(raw, meta) != header.file_digest:
         raise ImageError("Bad image: file checksum mismatch")
-    entries = parse_table(header, meta)
+    entries = parse_table(header, meta, max_blocks)
     return ImageInfo(
         version=VERSION,
         flags=header.flags,
