@@ -55,12 +55,12 @@ def _table(entries: list[str]) -> bytes:
     return ('{"format":"ramd-image","blocks":[' + ",".join(entries) + "]}").encode()
 
 
-def _back_to_back(ids: list[str]) -> bytes:
+def _back_to_back(ids: list[str], **extra: Any) -> bytes:
     """A table of one-page blocks ``ids`` whose offsets follow each other from the data
     offset (which depends on the table's own length: found by iterating to a fixed point)."""
     data_offset = 0
     while True:
-        table = _table([_entry(b, data_offset + i * ALIGN) for i, b in enumerate(ids)])
+        table = _table([_entry(b, data_offset + i * ALIGN, **extra) for i, b in enumerate(ids)])
         needed = (128 + len(table) + ALIGN - 1) // ALIGN * ALIGN
         if needed == data_offset:
             return table
@@ -186,12 +186,52 @@ def test_a_table_of_360000_blocks_is_refused_without_stalling_other_clients(
         error = _load_error(d, "many")
     finally:
         pinger.finish()
-    assert error == "Bad image: block table: more than 16384 blocks (max-blocks)"
+    assert error == (
+        f"Bad image: block table of {len(table)} bytes: longer than 16384 blocks (max-blocks) take"
+    )
     assert pinger.seen.count("added") == 0 and pinger.seen.count("reply") > 0
     peak = next(x for x in Path(f"/proc/{d.pid}/status").read_text().splitlines() if "VmHWM" in x)
     with capsys.disabled():
         print(
             f"\n360000-entry table ({len(table) >> 20} MiB): query-version max latency"
+            f" {pinger.max_latency * 1000:.1f} ms over {pinger.seen.count('reply')} calls,"
+            f" daemon {peak}"
+        )
+
+
+def test_a_table_with_more_entries_than_max_blocks_is_refused_as_the_parse_reaches_them(
+    start_daemon: Any,
+) -> None:
+    d = start_daemon("[limits]\nmax-blocks = 100\n")
+    _place(d, "101", _back_to_back([f"b{i}" for i in range(101)]), 101 * ALIGN)
+    assert _load_error(d, "101") == "Bad image: block table: more than 100 blocks (max-blocks)"
+    _place(d, "100", _back_to_back([f"b{i}" for i in range(100)]), 100 * ALIGN)
+    assert _load_error(d, "100") == "Bad image: checksum mismatch in block 'b0'"  # parsed
+
+
+def test_a_table_of_max_blocks_entries_is_checked_and_refused_in_slices(
+    start_daemon: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The largest table the default limits read: 16384 entries of about 1 KiB. Its blocks
+    are created (invisible) for the verification pass, whose first checksum fails: they are
+    aborted. Other clients are answered throughout and see no block."""
+    d = start_daemon()
+    count = 16384
+    pad = "x" * 700
+    table = _back_to_back([f"b{i}" for i in range(count)], settings={"pad": pad})
+    _place(d, "max", table, count * ALIGN)
+    pinger = Pinger(d.path)
+    pinger.start()
+    try:
+        error = _load_error(d, "max")
+    finally:
+        pinger.finish()
+    assert error == "Bad image: checksum mismatch in block 'b0'"
+    assert pinger.seen.count("added") == 0 and pinger.seen.count("reply") > 0
+    peak = next(x for x in Path(f"/proc/{d.pid}/status").read_text().splitlines() if "VmHWM" in x)
+    with capsys.disabled():
+        print(
+            f"\n{count}-entry table ({len(table) >> 20} MiB): query-version max latency"
             f" {pinger.max_latency * 1000:.1f} ms over {pinger.seen.count('reply')} calls,"
             f" daemon {peak}"
         )

@@ -51,6 +51,9 @@ MIN_CHUNK = ALIGN
 MAX_CHUNK = 64 * 1024 * 1024
 #: Upper bound on the table, so a corrupt header cannot make a reader allocate without bound.
 MAX_TABLE = 64 * 1024 * 1024
+#: Longest block table entry a reader accepts per block it may create (see
+#: :func:`max_table_length`); the daemon writes about 300 bytes.
+MAX_ENTRY_BYTES = 1024
 #: Length of an XXH3-128 digest.
 DIGEST_SIZE = 16
 
@@ -187,9 +190,14 @@ def file_digest(fields: bytes, meta: bytes) -> bytes:
     The table records every block digest, and each block digest covers its block's bytes, so
     this root covers every byte of the file while a reader can check it before any data.
     """
-    h = xxhash.xxh3_128(fields[:_FILE_DIGEST_AT])
+    h = file_digest_start(fields)
     h.update(meta)
     return h.digest()
+
+
+def file_digest_start(fields: bytes) -> xxhash.xxh3_128:
+    """The file digest's hasher after the header fields: feed it the table and padding."""
+    return xxhash.xxh3_128(fields[:_FILE_DIGEST_AT])
 
 
 # -- layout --------------------------------------------------------------------------------
@@ -449,6 +457,11 @@ def iter_table(text: str, max_entries: int) -> Iterator[object]:
         raise ImageError("Bad image: block table has no 'blocks' list")
 
 
+def max_table_length(max_entries: int) -> int:
+    """The longest table of ``max_entries`` entries a reader reads (:data:`MAX_TABLE` at most)."""
+    return min(MAX_TABLE, 64 + max_entries * MAX_ENTRY_BYTES)
+
+
 def _bad_field(key: str, kind: str) -> ImageError:
     return ImageError(f"Bad image: block table: '{key}' missing or not {kind}")
 
@@ -484,21 +497,14 @@ def _parse_settings(value: object) -> dict[str, SettingValue]:
 
 
 def parse_table(
-    header: Header, meta: bytes, max_entries: int = MAX_TABLE
+    header: Header, text: str, max_entries: int = MAX_TABLE
 ) -> list[tuple[BlockDescriptor, int, bytes]]:
-    """Decode and check the table in ``meta`` (the region after the header), of at most
-    ``max_entries`` blocks (:func:`iter_table`: bounded in entries, nesting and integers).
+    """Decode and check the table ``text`` (decoded, its digest and padding checked), of at
+    most ``max_entries`` blocks (:func:`iter_table`: bounded in entries, nesting, integers).
 
     Returns ``(descriptor, offset, recorded digest)`` per block. The blocks must lie back to
     back from ``data_offset`` to ``file_length``, in table order.
     """
-    table, padding = meta[: header.table_length], meta[header.table_length :]
-    if any(padding):
-        raise ImageError("Bad image: non-zero padding after the block table")
-    try:
-        text = table.decode()
-    except UnicodeDecodeError:
-        raise ImageError("Bad image: block table is not JSON") from None
     out: list[tuple[BlockDescriptor, int, bytes]] = []
     expected = header.data_offset
     for e in iter_table(text, max_entries):
