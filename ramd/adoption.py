@@ -10,6 +10,10 @@
 
 Whatever cannot be adopted (no or bad metadata, a file whose length does not fit the
 metadata, not a regular file, a symbolic link) is logged and left untouched, never deleted.
+The only entries ever removed are the daemon's own temporary files a crash left
+(``.ID.new``, ``.ID.meta.tmp``: :func:`~ramd.hostmem.blockmeta.is_leftover`), once the
+directory is locked, and only when they are regular files. Names are logged with their
+non-printable characters escaped.
 
 Config blocks whose id was adopted (:func:`kept_config_blocks`): the adopted block wins
 if it matches the ``[[block]]`` (same backend, resizable or not, the same ``max-size``, or the
@@ -27,7 +31,7 @@ import re
 import stat
 
 from ramd.config import BlockConfig, ConfigError
-from ramd.hostmem.blockmeta import META_SUFFIX, BadMetadata, BlockMeta, read_meta
+from ramd.hostmem.blockmeta import META_SUFFIX, BadMetadata, BlockMeta, is_leftover, read_meta
 from ramd.hostmem.shared import FileMemory
 from ramd.ids import ID_PATTERN
 from ramd.ramblock import RAMList
@@ -37,8 +41,12 @@ log = logging.getLogger(__name__)
 _ID_RE = re.compile(ID_PATTERN)
 
 
-def adopt_memory_dir(ram: RAMList) -> list[str]:
+def adopt_memory_dir(ram: RAMList, max_used: int = 0) -> list[str]:
     """Adopt every ``file`` block of ``ram.memory_dir``; the ids adopted.
+
+    ``max_used`` (``[limits] max-used``; 0: none): a block that would take the blocks' total
+    size past it is not adopted (logged, its files left untouched), like an add would be
+    refused; the blocks are taken in creation order, so the oldest are kept.
 
     Raises ``OSError`` (``MemoryDirInUse`` naming the holder's pid) when the directory
     holds entries but cannot be opened or locked: the daemon then exits 1.
@@ -47,25 +55,40 @@ def adopt_memory_dir(ram: RAMList) -> list[str]:
         names = os.listdir(ram.memory_dir)
     except FileNotFoundError:
         return []
-    if all(name.startswith(".") for name in names):
+    if all(name.startswith(".") and not is_leftover(name) for name in names):
         return []
     dir_fd = ram.open_memory_dir()
-    names = sorted(n for n in os.listdir(dir_fd) if not n.startswith("."))
+    listed = os.listdir(dir_fd)
+    for name in listed:
+        if is_leftover(name):
+            _remove_leftover(dir_fd, name)
+    names = sorted(n for n in listed if not n.startswith("."))
     present = set(names)
     blocks = [n for n in names if _is_id(n) and n + META_SUFFIX in present]
     for name in names:
         if name in blocks or (name.endswith(META_SUFFIX) and name[: -len(META_SUFFIX)] in blocks):
             continue
         what = "metadata without its block file" if name.endswith(META_SUFFIX) else "no metadata"
-        log.warning("memory-dir: '%s' not adopted (%s): left untouched", name, what)
+        log.warning("memory-dir: '%s' not adopted (%s): left untouched", _printable(name), what)
     found = []
     for name in blocks:
         try:
             found.append(_open(dir_fd, ram.memory_dir, name))
         except (OSError, BadMetadata) as e:
-            log.warning("memory-dir: '%s' not adopted (%s): left untouched", name, e)
+            log.warning("memory-dir: '%s' not adopted (%s): left untouched", _printable(name), e)
     adopted = []
     for mem, meta in sorted(found, key=lambda pair: (pair[1].created, pair[1].id)):
+        if max_used and ram.used + meta.size > max_used:
+            mem.free()
+            log.warning(
+                "memory-dir: '%s' not adopted (0x%x bytes: max-used is %d, %d used):"
+                " left untouched",
+                meta.id,
+                meta.size,
+                max_used,
+                ram.used,
+            )
+            continue
         try:
             ram.adopt(mem, meta)
         except Exception as e:  # a RamdError, or the kernel refusing the mapping
@@ -74,6 +97,28 @@ def adopt_memory_dir(ram: RAMList) -> list[str]:
         log.info("memory-dir: adopted RAM block '%s' (0x%x bytes)", meta.id, meta.size)
         adopted.append(meta.id)
     return adopted
+
+
+def _remove_leftover(dir_fd: int, name: str) -> None:
+    """Remove a temporary file a crashed daemon left (the directory is locked: no other
+    daemon is writing it). Only a regular file is removed; ``unlink`` never follows a link."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("memory-dir: '%s' is not a regular file: left untouched", name)
+            return
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError as e:
+        log.warning("memory-dir: cannot remove '%s': %s", name, e)
+        return
+    log.info("memory-dir: removed '%s', left by an interrupted write", name)
+
+
+def _printable(name: str) -> str:
+    """``name`` for the log: every byte outside printable ASCII (and ``\\``) as ``\\xNN``,
+    so a file name cannot forge log lines or terminal escapes."""
+    raw = os.fsencode(name)
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
 
 
 def _is_id(name: str) -> bool:

@@ -113,7 +113,7 @@ async def serve(
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
         passed = systemd.listen_fds()
-        _adopt_memory_dir(ram)
+        _adopt_memory_dir(ram, service.limits.max_used)
         fdstore.adopt_stored(service.ram, [p for p in passed if fdstore.is_block_name(p[1])])
         kept = adoption.kept_config_blocks(service.ram, config.block)
         await create_config_blocks(service, config, kept)
@@ -159,9 +159,10 @@ async def serve(
             loop.remove_signal_handler(sig)
 
 
-def _adopt_memory_dir(ram: datadirs.MemoryDirRAMList) -> None:
-    """Adopt the ``file`` blocks of ``memory-dir`` (:mod:`ramd.adoption`) when it can be used;
-    a bad ``memory-dir`` is logged with what to do and its entries are left alone.
+def _adopt_memory_dir(ram: datadirs.MemoryDirRAMList, max_used: int) -> None:
+    """Adopt the ``file`` blocks of ``memory-dir`` (:mod:`ramd.adoption`; up to ``max_used``
+    bytes) when it can be used; a bad ``memory-dir`` is logged with what to do and its
+    entries are left alone.
 
     Raises :class:`CannotStart` when another daemon holds it (protocol.md §9: exit 1)."""
     problem = datadirs.probe(Path(ram.memory_dir), own=True)
@@ -169,7 +170,7 @@ def _adopt_memory_dir(ram: datadirs.MemoryDirRAMList) -> None:
         log.warning("memory-dir %s cannot be used: %s; %s", ram.memory_dir, problem, ram.hint)
         return
     try:
-        adoption.adopt_memory_dir(ram)
+        adoption.adopt_memory_dir(ram, max_used)
     except MemoryDirInUse as e:
         raise CannotStart(
             f"{e}: stop that daemon, or give this one another memory-dir (--config FILE)"

@@ -41,7 +41,8 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(ID_PATTERN)
 T = TypeVar("T")
+
+#: Longest a slice of :meth:`JobContext.run_sliced_on_loop` holds the loop (seconds).
+SLICE_SECONDS = 0.002
+#: The error text of a job that failed on something unexpected (the log has the details).
+INTERNAL_ERROR_TEXT = "Internal error (details in the daemon's log)"
 
 #: The error text of a cancelled job (``strerror(ECANCELED)``, as QEMU reports it).
 CANCELED_TEXT = os.strerror(errno.ECANCELED)
@@ -183,9 +189,41 @@ class JobContext:
         self._loop.call_soon_threadsafe(call)
         return fut.result()
 
+    def run_sliced_on_loop(self, steps: Generator[None, None, T]) -> T:
+        """Run the generator ``steps`` on the loop thread in slices, wait for it, and return
+        what it returns (or raise what it raises).
+
+        Each slice advances it for at most :data:`SLICE_SECONDS` (it should yield after each
+        small unit of work), then the loop serves everything else ready before the next
+        slice: a step that touches many blocks never holds the loop for long. The loop may
+        run other commands between two slices, so each unit must check what it relies on.
+        """
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError("run_sliced_on_loop called on the loop thread")
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def step() -> None:
+            deadline = time.monotonic() + SLICE_SECONDS
+            try:
+                while time.monotonic() < deadline:
+                    next(steps)
+            except StopIteration as done:
+                fut.set_result(done.value)
+                return
+            except BaseException as e:
+                fut.set_exception(e)
+                return
+            self._loop.call_soon(step)
+
+        if fut.set_running_or_notify_cancel():
+            self._loop.call_soon_threadsafe(step)
+        return fut.result()
+
 
 #: ``work(ctx)``: the job's work, run in a worker thread. Returning means success; raising
-#: means failure (the exception's text becomes the job's error).
+#: means failure: the job's error is a :class:`RamdError`'s text, an ``OSError``'s
+#: ``strerror``, or for anything else :data:`INTERNAL_ERROR_TEXT` (the exception is logged in
+#: full; its text, which may describe the daemon's internals, never reaches a client).
 WorkFn = Callable[[JobContext], None]
 #: ``on_status(job)``: called on the loop thread right after each status change.
 StatusFn = Callable[[Job], None]
@@ -200,7 +238,7 @@ def _error_text(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
     log.error("job failed unexpectedly", exc_info=exc)
-    return str(exc) or type(exc).__name__
+    return INTERNAL_ERROR_TEXT
 
 
 class _WorkerPool:

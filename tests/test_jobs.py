@@ -6,12 +6,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Generator
 
 import pytest
 
 from ramd.errors import RamdError
-from ramd.jobs import Job, JobCancelled, JobContext, JobManager, JobStatus
+from ramd.jobs import (
+    INTERNAL_ERROR_TEXT,
+    Job,
+    JobCancelled,
+    JobContext,
+    JobManager,
+    JobStatus,
+)
 
 TIMEOUT = 60  # generous: the machine is shared and loaded
 
@@ -77,10 +85,12 @@ async def test_success_goes_created_running_concluded_with_monotone_progress() -
     [
         (RamdError("Size too large: ram0: 0x2000 > 0x1000: Invalid argument"), None),
         (OSError(errno.ENOSPC, "ignored"), "No space left on device"),
+        (RecursionError("maximum recursion depth exceeded in the daemon"), INTERNAL_ERROR_TEXT),
+        (ValueError("Exceeds the limit (4300 digits)"), INTERNAL_ERROR_TEXT),
     ],
 )
 async def test_failure_goes_through_aborting_with_the_error_text(
-    exc: Exception, text: str | None
+    exc: Exception, text: str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     rec = Recorder()
     jobs = JobManager(rec)
@@ -97,6 +107,8 @@ async def test_failure_goes_through_aborting_with_the_error_text(
         JobStatus.CONCLUDED,
     ]
     assert job.info().error == (text or str(exc))
+    if text == INTERNAL_ERROR_TEXT:  # the details are for the log only
+        assert str(exc) in caplog.text
 
 
 async def test_cancel_while_running_stops_the_work_between_chunks() -> None:
@@ -356,3 +368,23 @@ async def test_stop_cancels_at_once_and_refuses_new_jobs() -> None:
         jobs.start("b", lambda ctx: None)
     jobs.stop()  # idempotent
     assert await jobs.shutdown(0) == []
+
+
+async def test_sliced_work_on_the_loop_lets_other_callbacks_run_between_slices() -> None:
+    jobs = JobManager(Recorder())
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+
+    def steps() -> Generator[None, None, int]:
+        for i in range(3):
+            order.append(f"step{i}")
+            loop.call_soon(order.append, f"other{i}")
+            time.sleep(0.003)  # each step outlasts a slice: the next one waits a turn
+            yield
+        return 42
+
+    result: list[int] = []
+    job = jobs.start("snapshot-load", lambda ctx: result.append(ctx.run_sliced_on_loop(steps())))
+    await _concluded(job)
+    assert result == [42]
+    assert order == ["step0", "other0", "step1", "other1", "step2", "other2"]

@@ -31,12 +31,14 @@ to the end, so a load that concluded without error is complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 from ramd import fdstore
 from ramd.api import models as m
-from ramd.api.limits import check_add_limits, check_grow, create_block
+from ramd.api.limits import check_add_limits, check_grow, create_block, limit
 from ramd.api.service import Service, Session
 from ramd.api.table import command
 from ramd.errors import DeviceNotFound, RamdError
@@ -177,11 +179,20 @@ class _Load:
     filled: int = 0  # created[:filled] are locked and preallocated as asked
     pins: list[Pin] = field(default_factory=list)
 
-    def check(self, info: ImageInfo) -> None:
-        """Refuse the image if any of its blocks (but the direct ones) cannot take it;
-        changes nothing."""
+    def check(self, info: ImageInfo) -> Generator[None, None, None]:
+        """Refuse the image if any of its blocks (but the direct ones) cannot take it, the
+        missing ones all together past ``max-blocks`` included; changes nothing. A
+        generator: it yields after each block (see :meth:`JobContext.run_sliced_on_loop`)."""
         ram = self.service.ram
+        missing = 0
         for index, image_block in enumerate(info.blocks):
+            missing += index not in self.direct and image_block.id not in ram
+            yield
+        count, lim = len(ram) + ram.pending, self.service.limits.max_blocks
+        if count + missing > lim:
+            raise limit("max-blocks", lim, f"{count} blocks exist, the image adds {missing}")
+        for index, image_block in enumerate(info.blocks):
+            yield
             if index in self.direct:
                 continue
             desc = image_block.desc
@@ -206,15 +217,16 @@ class _Load:
                     " process(es) hold it"
                 )
 
-    def create_direct(self, info: ImageInfo) -> None:
+    def create_direct(self, info: ImageInfo) -> Generator[None, None, None]:
         """Before verification: check the whole image, then create the missing blocks that
         are not persistent (uncommitted: invisible, and aborted if the load fails), so the
         verification pass can load them. A ``file`` block is created only after
         verification: its metadata is on disk from creation, and a crash must not leave a
-        block holding an image that was never verified."""
-        self.check(info)
+        block holding an image that was never verified. A generator, as :meth:`check`."""
+        yield from self.check(info)
         ram = self.service.ram
         for index, image_block in enumerate(info.blocks):
+            yield
             desc = image_block.desc
             if desc.id not in ram and desc.backend != "file":
                 # the pass writes every data page, which allocates it: no fallocate first
@@ -223,15 +235,16 @@ class _Load:
                 self.targets[index] = block
                 self.direct.add(index)
 
-    def prepare(self, info: ImageInfo) -> None:
+    def prepare(self, info: ImageInfo) -> Generator[None, None, None]:
         """After verification: check the other blocks again (the loop ran other commands
         since), then resize present blocks and pin them, and create missing ones
         (uncommitted until :meth:`commit`). A failure here (the kernel refusing memory)
         leaves the blocks already resized as they are; the created ones are aborted by
-        :meth:`release`."""
-        self.check(info)
+        :meth:`release`. A generator, as :meth:`check`."""
+        yield from self.check(info)
         ram = self.service.ram
         for index, image_block in enumerate(info.blocks):
+            yield
             if index in self.direct:
                 continue
             desc = image_block.desc
@@ -251,12 +264,14 @@ class _Load:
                 self.created.append(block)
             self.targets[index] = block
 
-    def commit(self) -> None:
+    def commit(self) -> Generator[None, None, None]:
         """Make the created blocks visible in image order (``RAM_BLOCK_ADDED``; a ``memfd``
-        one goes to the fd store), pinned for the rest of the load."""
+        one goes to the fd store), pinned for the rest of the load. A generator, as
+        :meth:`check`."""
         ram = self.service.ram
         created = {id(block) for block in self.created}
         for index in sorted(self.targets):
+            yield
             block = self.targets[index]
             if id(block) in created:
                 ram.commit(block)
@@ -267,6 +282,12 @@ class _Load:
     def second_pass_bytes(self, info: ImageInfo) -> int:
         """Block bytes the load pass (after verification) copies."""
         return sum(b.size for i, b in enumerate(info.blocks) if i not in self.direct)
+
+    def abort_created(self) -> Generator[None, None, None]:
+        """Abort the blocks created and not committed, one per step (as :meth:`check`)."""
+        while self.created:
+            self.service.ram.abort(self.created.pop())
+            yield
 
     def release(self, job: Job) -> None:
         """``on_finish``: abort blocks created and never committed, unpin, close the fd."""
@@ -315,9 +336,16 @@ def ram_load(session: Session, args: m.RamLoadArgs) -> m.JobStarted:
         access.zero(state.targets[index], offset, length)
 
     def work(ctx: JobContext) -> None:
-        info = read_info(fd)
+        try:
+            load_image(ctx, read_info(fd, service.limits.max_blocks))
+        except BaseException:
+            with contextlib.suppress(RuntimeError):  # no loop any more: release() won't run
+                ctx.run_sliced_on_loop(state.abort_created())
+            raise
+
+    def load_image(ctx: JobContext, info: ImageInfo) -> None:
         ctx.check_cancelled()
-        ctx.run_on_loop(lambda: state.create_direct(info))
+        ctx.run_sliced_on_loop(state.create_direct(info))
         ctx.set_total(info.data_bytes + state.second_pass_bytes(info))
         fill_created()
         verify_data(
@@ -330,9 +358,9 @@ def ram_load(session: Session, args: m.RamLoadArgs) -> m.JobStarted:
             cancelled=ctx.cancelled,
         )
         ctx.check_cancelled()
-        ctx.run_on_loop(lambda: state.prepare(info))
+        ctx.run_sliced_on_loop(state.prepare(info))
         fill_created()
-        ctx.run_on_loop(state.commit)
+        ctx.run_sliced_on_loop(state.commit())
         load(fd, info, write, zero, skip=state.direct, progress=ctx.advance)
 
     def fill_created() -> None:

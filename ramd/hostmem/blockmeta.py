@@ -18,7 +18,9 @@ the data it was about to drop). A file shorter than its metadata, or longer than
 ``max-size``, is a mismatch that is never adopted.
 
 Names starting with ``.`` (temporary files, the lock file) are the daemon's own and are
-never taken for blocks. Thread: the RAM list's owner thread only.
+never taken for blocks. A new block file is ``.ID.new`` until its metadata is written
+(:class:`ramd.hostmem.shared.FileMemory`); ``.ID.new`` and ``.ID.meta.tmp`` left by a crash
+are removed at the next start (:func:`is_leftover`). Thread: the RAM list's owner thread only.
 """
 
 from __future__ import annotations
@@ -26,11 +28,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 
 #: Suffix of a metadata file.
 META_SUFFIX = ".meta"
+#: Suffixes of the daemon's temporary names: a new block file, new metadata.
+NEW_SUFFIX = ".new"
+TMP_SUFFIX = ".tmp"
+_LEFTOVER_RE = re.compile(
+    r"\.[A-Za-z][A-Za-z0-9._-]{0,63}(?:"
+    + re.escape(NEW_SUFFIX)
+    + "|"
+    + re.escape(META_SUFFIX + TMP_SUFFIX)
+    + ")"
+)
 #: The ``format`` and ``version`` written; other versions are refused (not adopted).
 FORMAT = "ramd-block"
 VERSION = 1
@@ -120,11 +133,27 @@ def meta_name(block_id: str) -> str:
     return block_id + META_SUFFIX
 
 
+def temp_name(block_id: str) -> str:
+    """The name a new block file has until its metadata is written (``.ID.new``)."""
+    return f".{block_id}{NEW_SUFFIX}"
+
+
+def meta_temp_name(block_id: str) -> str:
+    """The name new metadata has until it is renamed over ``ID.meta``."""
+    return f".{meta_name(block_id)}{TMP_SUFFIX}"
+
+
+def is_leftover(name: str) -> bool:
+    """Whether ``name`` is one of the daemon's own temporary names (:func:`temp_name`,
+    :func:`meta_temp_name`): what a crash can leave, and only the daemon creates."""
+    return _LEFTOVER_RE.fullmatch(name) is not None
+
+
 def write_meta(dir_fd: int, meta: BlockMeta) -> None:
     """Replace ``ID.meta`` atomically (write a temporary file, fsync, rename, fsync the
     directory). Raises ``OSError``; the old metadata is then still in place."""
     final = meta_name(meta.id)
-    tmp = f".{final}.tmp"
+    tmp = meta_temp_name(meta.id)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp, dir_fd=dir_fd)  # a leftover of a crash: ours (the dir is locked)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -173,8 +202,11 @@ __all__ = [
     "META_SUFFIX",
     "BadMetadata",
     "BlockMeta",
+    "is_leftover",
     "meta_name",
+    "meta_temp_name",
     "read_meta",
     "remove_meta",
+    "temp_name",
     "write_meta",
 ]

@@ -147,3 +147,18 @@ def copy_into_own_mapping(addr: int, data: bytes) -> int:
             break
         done += n
     return done
+
+
+RENAME_NOREPLACE = 0x1
+_renameat2 = libc._libc.renameat2
+_renameat2.restype = ctypes.c_int
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def rename_noreplace(dir_fd: int, old: str, new: str) -> None:
+    """Rename entry ``old`` of the directory ``dir_fd`` to ``new`` in it, atomically, never
+    replacing an existing ``new`` (``FileExistsError``); ``renameat2(RENAME_NOREPLACE)``,
+    supported by tmpfs and hugetlbfs (Linux 3.15+)."""
+    if _renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), RENAME_NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), new)

@@ -40,17 +40,27 @@ import stat
 
 from ramd.hostmem import linux
 from ramd.hostmem.backend import BackingTruncated, HostMemory
-from ramd.hostmem.blockmeta import BlockMeta, remove_meta, write_meta
+from ramd.hostmem.blockmeta import BlockMeta, remove_meta, temp_name, write_meta
+from ramd.hostmem.grants import UidGrants
 from ramd.hostmem.mmap_alloc import mmap_populate, mmap_reserve
 
 log = logging.getLogger(__name__)
 
 
 class FdMemory(HostMemory):
-    """Memory backed by a file mapped ``MAP_SHARED``; the fd is owned by this object."""
+    """Memory backed by a file mapped ``MAP_SHARED``; the fd is owned by this object.
+
+    The file is made mode 0600 with no ACL entries here; :attr:`grants` then gives the
+    other uids that hold the block access matching their fds (:mod:`.grants`).
+    """
 
     shared = True
     private = False
+
+    def __init__(self, fd: int, path: str | None, name: str) -> None:
+        super().__init__(fd, path)
+        #: Access to the file for the other uids holding the block.
+        self.grants = UidGrants(fd, name)
 
     #: Length of the file when it was adopted with its contents (an existing file, or an fd
     #: passed back from the fd store), until the first :meth:`populate` maps it; else -1.
@@ -139,7 +149,7 @@ class MemfdMemory(FdMemory):
         if fd < 0:
             fd = linux.memfd_create(name, hugetlb=hugetlb)
         try:
-            super().__init__(fd)
+            super().__init__(fd, None, name)
             if hugetlb != self.hugetlb:
                 raise OSError(errno.EINVAL, "hugetlb does not match the memfd")
         except BaseException:
@@ -150,9 +160,17 @@ class MemfdMemory(FdMemory):
 class FileMemory(FdMemory):
     """A file named ``name`` in a memory directory (tmpfs, or hugetlbfs for huge pages).
 
-    The file is created here (``O_EXCL``: an existing file is never truncated) and outlives
-    the process unless :meth:`unlink` removes it; or, with ``existing``, a file left by an
-    earlier daemon is opened to be adopted with its contents (:attr:`adopted_length`).
+    A new file is created under the temporary name ``.NAME.new`` (:func:`.blockmeta.temp_name`,
+    ``O_EXCL``; an existing ``NAME`` is never touched: ``FileExistsError``) and gets its final
+    name only once its metadata is in place: :meth:`keep` writes ``NAME.meta``, then renames
+    the file to ``NAME`` (``RENAME_NOREPLACE``: never over an existing entry). A crash
+    before that leaves only names the daemon removes at its next start
+    (:func:`ramd.adoption.adopt_memory_dir`), or at worst a ``NAME.meta`` without its file,
+    which the next block of that name replaces; so an id is never blocked by a half-created
+    file. hugetlbfs takes no metadata (its files cannot be written): there the file gets its
+    name once its first :meth:`populate` reserved its huge pages. With ``existing``, a file
+    left by an earlier daemon is opened to be adopted with its contents
+    (:attr:`adopted_length`).
 
     Once :meth:`keep` gave it its metadata, every size change rewrites ``name.meta`` in the
     order of :mod:`.blockmeta` (the metadata's size never exceeds the file's length).
@@ -165,11 +183,15 @@ class FileMemory(FdMemory):
         if existing:
             flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
             fd = os.open(name, flags, dir_fd=dir_fd)
+            current = name
         else:
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+            fd = _create_temporary(dir_fd, name)
+            current = temp_name(name)
         self._dir_fd = os.dup(dir_fd)
-        self._name = name
+        self._id = name
+        #: The file's name in the directory now: the temporary one until it is published.
+        self._name = current
+        self._wrote_meta = False
         self.meta: BlockMeta | None = None
         try:
             if existing:
@@ -177,7 +199,7 @@ class FileMemory(FdMemory):
                 if not stat.S_ISREG(st.st_mode):
                     raise OSError(errno.EINVAL, "not a regular file")
                 self.adopted_length = st.st_size
-            super().__init__(fd, os.path.join(dir_path, name))
+            super().__init__(fd, os.path.join(dir_path, name), name)
         except BaseException:
             if existing:
                 os.close(self._dir_fd)
@@ -188,14 +210,31 @@ class FileMemory(FdMemory):
             raise
 
     def keep(self, meta: BlockMeta) -> None:
-        """Write the block's metadata beside its file (``OSError``: nothing written) and
-        keep it current from now on."""
+        """Write the block's metadata beside its file, then give a new file its final name
+        (``OSError``: the file keeps its temporary name) and keep the metadata current from
+        now on."""
         write_meta(self._dir_fd, meta)
+        self._wrote_meta = True
+        self._publish()
         self.meta = meta
+
+    def _publish(self) -> None:
+        """Give the file its final name, if it does not have it yet."""
+        if self._name == self._id:
+            return
+        linux.rename_noreplace(self._dir_fd, self._name, self._id)
+        self._name = self._id
+        os.fsync(self._dir_fd)
 
     def populate(self, start: int, end: int, *, allocate: bool = True) -> None:
         super().populate(start, end, allocate=allocate)
         if self.meta is None:
+            if self.hugetlb:
+                try:
+                    self._publish()
+                except OSError:
+                    super().release(start, end)
+                    raise
             return
         try:
             self.keep(self.meta.with_size(end))
@@ -216,11 +255,13 @@ class FileMemory(FdMemory):
         super().release(start, end)
 
     def unlink(self) -> None:
-        """Remove the file, then its metadata (a crash between leaves metadata without a
-        file: logged at the next start, and replaced by the next block of that name)."""
+        """Remove the file, then the metadata written for it (a crash between leaves
+        metadata without a file: logged at the next start, and replaced by the next block of
+        that name)."""
         if self._dir_fd >= 0:
             os.unlink(self._name, dir_fd=self._dir_fd)
-            remove_meta(self._dir_fd, self._name)
+            if self._wrote_meta:
+                remove_meta(self._dir_fd, self._id)
             os.close(self._dir_fd)
             self._dir_fd = -1
 
@@ -229,6 +270,25 @@ class FileMemory(FdMemory):
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
+
+
+def _create_temporary(dir_fd: int, name: str) -> int:
+    """Create the new block file ``name`` under its temporary name; its fd.
+
+    ``FileExistsError`` when ``name`` exists (never touched). A temporary file of that name
+    left by a crash is the daemon's own (the directory is locked): it is replaced.
+    """
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), name)
+    tmp = temp_name(name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dir_fd)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(tmp, flags, 0o600, dir_fd=dir_fd)
 
 
 def open_memory_dir(path: str) -> int:

@@ -15,9 +15,14 @@ One :class:`Holders` registry per RAM list keeps them all. The one resize/remove
 holder is identified by its block, owner and kind; the same owner may hold a block both as
 mapper and as lease.
 
+File access follows the holders (protocol.md §8): while a holder of another uid holds a
+shared block, that uid may open the block's file as its fd allows (read-write, or read-only
+when every fd it was given is read-only), through the file's grants
+(:class:`~ramd.hostmem.grants.UidGrants`); the grant ends with the uid's last holding. A
+block whose memory is freed needs nothing: its grants go with its fd.
+
 Ownership and thread: owned by whoever owns the RAM list; loop thread only. ``on_change``
-runs after every change of a block's holders (counts shown in ``RamBlockInfo``, file access
-grants).
+runs after every change of a block's holders (counts shown in ``RamBlockInfo``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
+
+from ramd.hostmem.shared import FdMemory
 
 if TYPE_CHECKING:
     from ramd.ramblock.block import RAMBlock
@@ -117,8 +124,10 @@ class Holders:
         if same is not None:
             if same.readonly and not holder.readonly:
                 same.readonly = False
+                _grant(block, same)
                 self.on_change(block)
             return same
+        _grant(block, holder)
         self._by_block.setdefault(block, []).append(holder)
         self._by_owner.setdefault(holder.owner, set()).add(block)
         self.on_change(block)
@@ -133,6 +142,8 @@ class Holders:
         if not gone:
             return False
         holders[:] = [h for h in holders if h.owner is not owner]
+        for h in gone:
+            _ungrant(block, h)
         if not holders:
             del self._by_block[block]
         blocks = self._by_owner.get(owner)
@@ -184,3 +195,14 @@ class Holders:
                     wait.settle(holder)
                     return True
         return False
+
+
+def _grant(block: RAMBlock, holder: Holder) -> None:
+    """``holder``'s uid may open ``block``'s file as its fd allows."""
+    if isinstance(block.mem, FdMemory):
+        block.mem.grants.hold(holder, holder.uid, not holder.readonly)
+
+
+def _ungrant(block: RAMBlock, holder: Holder) -> None:
+    if isinstance(block.mem, FdMemory) and block.mem.fd >= 0:
+        block.mem.grants.unhold(holder)

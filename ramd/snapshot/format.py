@@ -26,7 +26,7 @@ import functools
 import json
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import xxhash
@@ -51,6 +51,9 @@ MIN_CHUNK = ALIGN
 MAX_CHUNK = 64 * 1024 * 1024
 #: Upper bound on the table, so a corrupt header cannot make a reader allocate without bound.
 MAX_TABLE = 64 * 1024 * 1024
+#: Longest block table entry a reader accepts per block it may create (see
+#: :func:`max_table_length`); the daemon writes about 300 bytes.
+MAX_ENTRY_BYTES = 1024
 #: Length of an XXH3-128 digest.
 DIGEST_SIZE = 16
 
@@ -187,9 +190,14 @@ def file_digest(fields: bytes, meta: bytes) -> bytes:
     The table records every block digest, and each block digest covers its block's bytes, so
     this root covers every byte of the file while a reader can check it before any data.
     """
-    h = xxhash.xxh3_128(fields[:_FILE_DIGEST_AT])
+    h = file_digest_start(fields)
     h.update(meta)
     return h.digest()
+
+
+def file_digest_start(fields: bytes) -> xxhash.xxh3_128:
+    """The file digest's hasher after the header fields: feed it the table and padding."""
+    return xxhash.xxh3_128(fields[:_FILE_DIGEST_AT])
 
 
 # -- layout --------------------------------------------------------------------------------
@@ -344,6 +352,116 @@ def parse_header(raw: bytes) -> Header:
     )
 
 
+#: Longest integer in a table (digits): every size and offset fits in 63 bits.
+MAX_INT_DIGITS = 20
+#: Largest integer value in a table.
+MAX_INT = (1 << 63) - 1
+
+
+def _parse_int(text: str) -> int:
+    """The table's integers: refused past :data:`MAX_INT_DIGITS` digits, before Python
+    converts them (whose own limit and its message are not for clients)."""
+    if len(text) > MAX_INT_DIGITS + 1:
+        raise ImageError(f"Bad image: block table: an integer of {len(text)} digits")
+    return int(text)
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+class _Text:
+    """A cursor over the table's JSON text, for the parse of :func:`iter_table`."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def peek(self) -> str:
+        """The next character that is not white space ("" at the end)."""
+        m = _SPACE.match(self.text, self.pos)
+        self.pos = m.end() if m else self.pos
+        return self.text[self.pos : self.pos + 1]
+
+    def take(self, char: str) -> bool:
+        """Consume ``char`` if it is next."""
+        if self.peek() != char:
+            return False
+        self.pos += 1
+        return True
+
+    def expect(self, char: str) -> None:
+        if not self.take(char):
+            raise ImageError("Bad image: block table is not JSON")
+
+    def value(self) -> object:
+        """One JSON value. Its nesting is bounded by the interpreter's recursion limit (the
+        decoder raises ``RecursionError``, turned into an image error: a table nests 3 deep)."""
+        self.peek()
+        try:
+            value, self.pos = _DECODER.raw_decode(self.text, self.pos)
+        except RecursionError:
+            raise ImageError("Bad image: block table nests too deep") from None
+        except ImageError:
+            raise
+        except ValueError:  # JSONDecodeError, or a number Python refuses to convert
+            raise ImageError("Bad image: block table is not JSON") from None
+        return value
+
+
+def iter_table(text: str, max_entries: int) -> Iterator[object]:
+    """The entries of the table's ``blocks`` list, one at a time, as they are parsed.
+
+    The table is ``{"format": "ramd-image", "blocks": [ENTRY, ...]}`` (any key order, white
+    space and further keys): each entry is decoded on its own (a bounded step, so a caller
+    in a worker thread lets the event loop run between entries), and an entry past
+    ``max_entries`` is refused before the rest is parsed. Raises :class:`ImageError` for
+    anything else, including a wrong ``format`` (checked once the object is read).
+    """
+    cur = _Text(text)
+    cur.expect("{")
+    seen: set[str] = set()
+    count = 0
+    more = not cur.take("}")
+    while more:
+        key = cur.value()
+        if not isinstance(key, str) or key in seen:
+            raise ImageError("Bad image: block table: bad or repeated key")
+        seen.add(key)
+        cur.expect(":")
+        if key == "blocks":
+            cur.expect("[")
+            entries = not cur.take("]")
+            while entries:
+                count += 1
+                if count > max_entries:
+                    raise ImageError(
+                        f"Bad image: block table: more than {max_entries} blocks (max-blocks)"
+                    )
+                yield cur.value()
+                entries = cur.take(",")
+                if not entries:
+                    cur.expect("]")
+        else:
+            value = cur.value()
+            if key == "format" and value != "ramd-image":
+                raise ImageError("Bad image: block table has no 'format': 'ramd-image'")
+        more = cur.take(",")
+        if not more:
+            cur.expect("}")
+    if cur.peek():
+        raise ImageError("Bad image: block table is not JSON")
+    if "format" not in seen:
+        raise ImageError("Bad image: block table has no 'format': 'ramd-image'")
+    if "blocks" not in seen:
+        raise ImageError("Bad image: block table has no 'blocks' list")
+
+
+def max_table_length(max_entries: int) -> int:
+    """The longest table of ``max_entries`` entries a reader reads (:data:`MAX_TABLE` at most)."""
+    return min(MAX_TABLE, 64 + max_entries * MAX_ENTRY_BYTES)
+
+
 def _bad_field(key: str, kind: str) -> ImageError:
     return ImageError(f"Bad image: block table: '{key}' missing or not {kind}")
 
@@ -351,7 +469,7 @@ def _bad_field(key: str, kind: str) -> ImageError:
 def _get_int(entry: Mapping[str, object], key: str) -> int:
     value = entry.get(key)
     # bool is a subclass of int: an int field must not accept true/false.
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
         raise _bad_field(key, "a non-negative integer")
     return value
 
@@ -378,27 +496,18 @@ def _parse_settings(value: object) -> dict[str, SettingValue]:
     return dict(value)
 
 
-def parse_table(header: Header, meta: bytes) -> list[tuple[BlockDescriptor, int, bytes]]:
-    """Decode and check the table in ``meta`` (the region after the header).
+def parse_table(
+    header: Header, text: str, max_entries: int = MAX_TABLE
+) -> list[tuple[BlockDescriptor, int, bytes]]:
+    """Decode and check the table ``text`` (decoded, its digest and padding checked), of at
+    most ``max_entries`` blocks (:func:`iter_table`: bounded in entries, nesting, integers).
 
     Returns ``(descriptor, offset, recorded digest)`` per block. The blocks must lie back to
     back from ``data_offset`` to ``file_length``, in table order.
     """
-    table, padding = meta[: header.table_length], meta[header.table_length :]
-    if any(padding):
-        raise ImageError("Bad image: non-zero padding after the block table")
-    try:
-        doc = json.loads(table.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ImageError("Bad image: block table is not JSON") from None
-    if not isinstance(doc, dict) or doc.get("format") != "ramd-image":
-        raise ImageError("Bad image: block table has no 'format': 'ramd-image'")
-    entries = doc.get("blocks")
-    if not isinstance(entries, list):
-        raise ImageError("Bad image: block table has no 'blocks' list")
     out: list[tuple[BlockDescriptor, int, bytes]] = []
     expected = header.data_offset
-    for e in entries:
+    for e in iter_table(text, max_entries):
         if not isinstance(e, dict):
             raise ImageError("Bad image: block table entry is not an object")
         desc = BlockDescriptor(

@@ -19,6 +19,7 @@ thread has ended when :func:`verify_data` or :func:`load` returns or raises. Mem
 
 from __future__ import annotations
 
+import codecs
 import functools
 from collections.abc import Callable, Collection
 
@@ -27,14 +28,17 @@ from ramd.snapshot.callbacks import CancelledFn, ProgressFn, never_cancelled, no
 from ramd.snapshot.fileio import IO_SIZE, check_regular, next_data, next_hole, pread_into
 from ramd.snapshot.format import (
     HEADER_SIZE,
+    MAX_TABLE,
     VERSION,
     BlockHasher,
+    Header,
     ImageBlock,
     ImageCancelled,
     ImageError,
     ImageInfo,
     chunk_digest,
-    file_digest,
+    file_digest_start,
+    max_table_length,
     parse_header,
     parse_table,
     zero_chunk_digest,
@@ -43,6 +47,8 @@ from ramd.snapshot.format import (
 from ramd.snapshot.pipeline import Pipeline
 from ramd.snapshot.scan import scan
 
+#: Bytes of the table read, hashed or decoded at a time (see :func:`read_info`).
+TABLE_PIECE = 1 << 20
 #: Buffers in flight to the hash thread (one more is being read).
 DEPTH = 2
 
@@ -57,13 +63,19 @@ MIN_ZERO_RUN = 64 * 1024
 ZeroFn = Callable[[int, int, int], None]
 
 
-def read_info(fd: int) -> ImageInfo:
+def read_info(fd: int, max_blocks: int = MAX_TABLE) -> ImageInfo:
     """Check an image's header and table (not its data); returns what it describes.
 
     Order: magic, version, header checksum, flags and header fields, file length, file
     checksum (header and table), table. The file checksum covers every block digest, so
     what this returns can be trusted once :func:`verify_data` has checked the data against
     it. Raises :class:`ImageError` naming the first problem found.
+
+    Bounded for a caller that must not hold the interpreter long (a job's worker thread,
+    beside the event loop): a table longer than ``max_blocks`` entries can be
+    (:data:`~ramd.snapshot.format.MAX_ENTRY_BYTES` each) is refused before it is read, one
+    with more entries as soon as the parse gets there, and the table is read, hashed and
+    decoded in pieces of :data:`TABLE_PIECE` bytes, each a short hold of the GIL.
     """
     st = check_regular(fd, writing=False)
     if st.st_size == 0:
@@ -74,10 +86,12 @@ def read_info(fd: int) -> ImageInfo:
         raise ImageError(f"Bad image: truncated ({st.st_size} of {header.file_length} bytes)")
     if st.st_size > header.file_length:
         raise ImageError(f"Bad image: {st.st_size - header.file_length} bytes past its end")
-    meta = _pread(fd, header.data_offset - HEADER_SIZE, HEADER_SIZE)
-    if file_digest(raw, meta) != header.file_digest:
-        raise ImageError("Bad image: file checksum mismatch")
-    entries = parse_table(header, meta)
+    if header.table_length > max_table_length(max_blocks):
+        raise ImageError(
+            f"Bad image: block table of {header.table_length} bytes: longer than"
+            f" {max_blocks} blocks (max-blocks) take"
+        )
+    entries = parse_table(header, _read_table(fd, header), max_blocks)
     return ImageInfo(
         version=VERSION,
         flags=header.flags,
@@ -186,6 +200,35 @@ class _Sink:
         if self._zero_end > self._zero_start:
             self._zero(self._index, self._zero_start, self._zero_end - self._zero_start)
         self._zero_start = self._zero_end = 0
+
+
+def _read_table(fd: int, header: Header) -> str:
+    """The table of a checked header, read and hashed in pieces and checked against the file
+    digest, then decoded; its zero padding is checked too."""
+    length = header.data_offset - HEADER_SIZE
+    buf = bytearray(length)
+    view = memoryview(buf)
+    digest = file_digest_start(header.raw)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pieces = []
+    try:
+        for at in range(0, length, TABLE_PIECE):
+            piece = view[at : at + TABLE_PIECE]
+            if pread_into(fd, piece, HEADER_SIZE + at) != len(piece):
+                raise ImageError("Bad image: truncated")
+            digest.update(piece)
+        if digest.digest() != header.file_digest:
+            raise ImageError("Bad image: file checksum mismatch")
+        if any(view[header.table_length :]):
+            raise ImageError("Bad image: non-zero padding after the block table")
+        for at in range(0, header.table_length, TABLE_PIECE):
+            pieces.append(decoder.decode(view[at : min(at + TABLE_PIECE, header.table_length)]))
+        pieces.append(decoder.decode(b"", final=True))
+    except UnicodeDecodeError:
+        raise ImageError("Bad image: block table is not JSON") from None
+    finally:
+        view.release()
+    return "".join(pieces)
 
 
 def _pread(fd: int, length: int, offset: int) -> bytes:
