@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ramd import adoption, fdstore, heap, systemd
 from ramd.api import dispatch
@@ -20,6 +21,9 @@ from ramd.transport.connection import DialectFactory
 from ramd.transport.jsonrpc import JsonRpcDialect
 from ramd.transport.qmp import QmpDialect
 from ramd.transport.server import Listener, Server
+
+if TYPE_CHECKING:
+    from ramd.metrics.http import MetricsServer
 
 log = logging.getLogger("ramd")
 
@@ -98,6 +102,7 @@ async def serve(
     )
     service.request_shutdown = stop.set
     server: Server | None = None
+    metrics: MetricsServer | None = None
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
         passed = systemd.listen_fds()
@@ -108,6 +113,10 @@ async def serve(
         sockets = [p for p in passed if not fdstore.is_block_name(p[1])]
         server = Server(service, config, listeners_for(config, sockets), DIALECTS)
         await server.start()
+        if config.metrics_listen is not None:
+            from ramd.metrics.endpoint import start_endpoint  # prometheus_client: only if used
+
+            metrics = start_endpoint(config, service, server)
         systemd.notify(f"READY=1\nSTATUS=serving {len(service.ram)} RAM blocks")
         log.info(
             "ready: %d RAM blocks, %s event loop",
@@ -134,6 +143,8 @@ async def serve(
         deadline = loop.time() + config.stop_timeout
         if service.jobs is not None:
             service.jobs.stop()
+        if metrics is not None:
+            metrics.close()
         if server is not None:
             await server.shutdown(config.stop_timeout)
         if service.jobs is not None:

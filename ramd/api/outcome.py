@@ -78,3 +78,13 @@ class Pending:
 
 
 Outcome = Done | Failed | BadArguments | NotFound | Internal | Pending
+
+#: How each final outcome is counted (``ramd_commands_total``'s ``outcome`` label,
+#: :data:`ramd.metrics.counters.OUTCOMES`).
+OUTCOME_LABELS: dict[type, str] = {
+    Done: "ok",
+    Failed: "refused",
+    BadArguments: "invalid",
+    NotFound: "invalid",
+    Internal: "internal",
+}

@@ -1,0 +1,74 @@
+"""Per-command counts and latencies, kept by the one function that dispatches commands.
+
+Cost: :meth:`CommandStats.record` is a few dict operations and one bisection, on the loop
+thread, with no lock: the figures are loop-owned like every other piece of daemon state, and
+the metrics endpoint reads them through a snapshot taken on the loop
+(:mod:`ramd.metrics.figures`), never from its own thread.
+
+Bounded: the command label is a command of the table or :data:`UNKNOWN` (names clients make
+up are never kept), and outcomes are the four of :data:`OUTCOMES`.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+#: ``ramd_command_seconds``'s bucket bounds (seconds): most commands answer in well under a
+#: millisecond; prealloc, lock and acknowledged releases take up to ``ack-timeout`` and more.
+BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+#: The command label of calls of a command that does not exist.
+UNKNOWN = "(unknown)"
+#: ``ok``: answered; ``refused``: a command error (``GenericError``, ``DeviceNotFound``, ...);
+#: ``invalid``: bad input (arguments, unknown command); ``internal``: a bug in the daemon.
+OUTCOMES = ("ok", "refused", "invalid", "internal")
+
+
+@dataclass(slots=True)
+class Latency:
+    """One command's latencies: a count per bucket (not cumulative; the last one is above
+    every bound) and their sum."""
+
+    buckets: list[int]
+    total: float = 0.0
+
+
+class CommandStats:
+    """Calls by (command, outcome) and latencies by command. Loop thread only."""
+
+    __slots__ = ("calls", "latency", "total")
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, str], int] = {}
+        self.latency: dict[str, Latency] = {}
+        #: Every call recorded, whatever its outcome (``query-stats`` ``commands``).
+        self.total = 0
+
+    def record(self, command: str, outcome: str, seconds: float) -> None:
+        """Count one finished call of ``command`` (a table name or :data:`UNKNOWN`)."""
+        key = (command, outcome)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        self.total += 1
+        latency = self.latency.get(command)
+        if latency is None:
+            latency = self.latency[command] = Latency([0] * (len(BUCKETS) + 1))
+        latency.buckets[bisect_left(BUCKETS, seconds)] += 1
+        latency.total += seconds
