@@ -38,6 +38,8 @@ log = logging.getLogger("ramd.metrics")
 MAX_SCRAPES = 4
 #: Seconds a scraper may take to send its request, or to read a piece of the answer.
 CLIENT_TIMEOUT = 10.0
+#: Reads of what a peer sent before it is answered 503 (see ``_ThreadedServer._busy``).
+BUSY_DRAIN_READS = 4
 #: The only path served.
 PATH = "/metrics"
 
@@ -121,14 +123,19 @@ class _ThreadedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             log.error("scrape failed", exc_info=exc)
 
     def _busy(self, request: socket.socket) -> None:
-        """Answer 503 without reading the request (a fresh socket's send buffer takes it
-        without blocking), then close."""
+        """Answer 503 without waiting for the request (a fresh socket's send buffer takes
+        the answer at once), read what the peer already sent (closing a socket with unread
+        input resets the connection, and the peer could lose the answer), then close."""
         with contextlib.suppress(OSError):
-            request.settimeout(0)
+            request.setblocking(False)
             request.send(
                 b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n"
             )
-        self.shutdown_request(request)
+            request.shutdown(socket.SHUT_WR)
+            for _ in range(BUSY_DRAIN_READS):
+                if not request.recv(65536):
+                    break
+        request.close()
 
 
 class MetricsServer:
