@@ -88,17 +88,20 @@ def metrics_daemon(
     """A daemon serving metrics on a Unix socket or on TCP loopback (a free port), and the
     target to scrape."""
     if request.param == "unix":
-        d = start_daemon(f'metrics-listen = "unix:{tmp_path / "metrics.sock"}"\n')
+        d = start_daemon(f'metrics-listen = "unix:{tmp_path / "metrics.sock"}"\n', qmp=True)
     else:
-        d = start_daemon('metrics-listen = "127.0.0.1:0"\n')
+        d = start_daemon('metrics-listen = "127.0.0.1:0"\n', qmp=True)
     yield d, served_at(d)
 
 
 def test_scrape_follows_add_resize_and_delete(metrics_daemon: tuple[Daemon, str]) -> None:
     d, target = metrics_daemon
-    with Raw(d.path) as r:
+    assert d.qmp_path is not None
+    with Raw(d.path) as r, Raw(d.qmp_path) as qmp:
+        assert "QMP" in qmp.line()  # a QMP connection, greeted (not negotiated)
         r.call("ram-block-add", id="a", size=MiB)
         r.call("ram-block-add", id="b", size=2 * MiB, backend="memfd", **{"max-size": 8 * MiB})
+        assert r.call("subscribe")["seq"] == 2  # its replay makes it a pending command
         fd, _info, mapper = get_fd(d.path, "b")
         try:
             before = scrape(target)
@@ -124,7 +127,7 @@ def test_scrape_follows_add_resize_and_delete(metrics_daemon: tuple[Daemon, str]
     assert value(m, "ramd_block_max_size_bytes", id="b") == 8 * MiB
     assert value(m, "ramd_block_holders", id="b", kind="mapper") == 1
     assert value(m, "ramd_connections", socket="jsonrpc") == 2  # Raw and the mapper
-    assert value(m, "ramd_connections", socket="qmp") == 0
+    assert value(m, "ramd_connections", socket="qmp") == 1
     calls = {
         (s.labels["command"], s.labels["outcome"]): s.value
         for s in m["ramd_commands"]
@@ -138,6 +141,8 @@ def test_scrape_follows_add_resize_and_delete(metrics_daemon: tuple[Daemon, str]
     assert calls[("ram-block-get-fd", "ok")] == 1
     assert calls[("(unknown)", "invalid")] == 1
     assert calls[("query-stats", "ok")] == 1
+    assert calls[("subscribe", "ok")] == 1
+    assert value(m, "ramd_command_seconds_count", command="subscribe") == 1
     assert stats["commands"] == sum(calls.values()) - 1  # all but that query-stats itself
     assert value(m, "ramd_command_seconds_count", command="ram-block-add") == 3
     assert value(m, "ramd_command_seconds_bucket", command="ram-block-add", le="+Inf") == 3

@@ -31,7 +31,7 @@ from pydantic_core import PydanticSerializationError
 
 from ramd.api.commands import COMMANDS, Raw, WithFds
 from ramd.api.outcome import (
-    OUTCOME_LABELS,
+    OUTCOME_INDEX,
     BadArguments,
     Done,
     Failed,
@@ -66,7 +66,7 @@ def call(session: Session, name: str, params: dict[str, Any]) -> Outcome:
 def _count(session: Session, name: str, outcome: Outcome, started: float) -> None:
     label = name if name in COMMANDS else UNKNOWN
     seconds = time.perf_counter() - started
-    session.service.command_stats.record(label, OUTCOME_LABELS[type(outcome)], seconds)
+    session.service.command_stats.record(label, OUTCOME_INDEX[type(outcome)], seconds)
 
 
 def _call(session: Session, name: str, params: dict[str, Any], started: float) -> Outcome:

@@ -21,7 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import CollectorRegistry
 
 from ramd.metrics.counters import BUCKETS
-from ramd.metrics.figures import Figures
+from ramd.metrics.figures import HOLDER_KINDS, Figures
 
 
 def families(figures: Figures | None) -> Iterator[Metric]:
@@ -50,11 +50,11 @@ def families(figures: Figures | None) -> Iterator[Metric]:
     holders = GaugeMetricFamily(
         "ramd_block_holders", "Holders of a block, by kind (protocol.md §12)", labels=["id", "kind"]
     )
-    for b in f.blocks if f is not None else ():
-        size.add_metric([b.id], b.size)
-        max_size.add_metric([b.id], b.max_size)
-        for kind, count in b.holders:
-            holders.add_metric([b.id, kind], count)
+    for block_id, block_size, block_max_size, counts in f.blocks if f is not None else ():
+        size.add_metric([block_id], block_size)
+        max_size.add_metric([block_id], block_max_size)
+        for kind, count in zip(HOLDER_KINDS, counts, strict=True):
+            holders.add_metric([block_id, kind], count)
     yield from (size, max_size, holders)
     connections = GaugeMetricFamily(
         "ramd_connections", "Open client connections, by socket", labels=["socket"]

@@ -12,7 +12,6 @@ up are never kept), and outcomes are the four of :data:`OUTCOMES`.
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass
 
 #: ``ramd_command_seconds``'s bucket bounds (seconds): most commands answer in well under a
 #: millisecond; prealloc, lock and acknowledged releases take up to ``ack-timeout`` and more.
@@ -35,6 +34,7 @@ BUCKETS = (
     10.0,
     30.0,
 )
+_FIRST = BUCKETS[0]
 #: The command label of calls of a command that does not exist.
 UNKNOWN = "(unknown)"
 #: ``ok``: answered; ``refused``: a command error (``GenericError``, ``DeviceNotFound``, ...);
@@ -42,33 +42,37 @@ UNKNOWN = "(unknown)"
 OUTCOMES = ("ok", "refused", "invalid", "internal")
 
 
-@dataclass(slots=True)
-class Latency:
-    """One command's latencies: a count per bucket (not cumulative; the last one is above
-    every bound) and their sum."""
+class Tally:
+    """One command's figures: calls per outcome (indexed like :data:`OUTCOMES`), calls per
+    latency bucket (not cumulative; the last one is above every bound), and the sum of the
+    latencies in seconds."""
 
-    buckets: list[int]
-    total: float = 0.0
+    __slots__ = ("buckets", "outcomes", "seconds")
+
+    def __init__(self) -> None:
+        self.outcomes = [0] * len(OUTCOMES)
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.seconds = 0.0
 
 
 class CommandStats:
-    """Calls by (command, outcome) and latencies by command. Loop thread only."""
+    """Each command's :class:`Tally`, and the calls of all. Loop thread only."""
 
-    __slots__ = ("calls", "latency", "total")
+    __slots__ = ("by_command", "total")
 
     def __init__(self) -> None:
-        self.calls: dict[tuple[str, str], int] = {}
-        self.latency: dict[str, Latency] = {}
+        self.by_command: dict[str, Tally] = {}
         #: Every call recorded, whatever its outcome (``query-stats`` ``commands``).
         self.total = 0
 
-    def record(self, command: str, outcome: str, seconds: float) -> None:
-        """Count one finished call of ``command`` (a table name or :data:`UNKNOWN`)."""
-        key = (command, outcome)
-        self.calls[key] = self.calls.get(key, 0) + 1
+    def record(self, command: str, outcome: int, seconds: float) -> None:
+        """Count one finished call of ``command`` (a table name or :data:`UNKNOWN`) that
+        came to ``OUTCOMES[outcome]`` in ``seconds``."""
+        tally = self.by_command.get(command)
+        if tally is None:
+            tally = self.by_command[command] = Tally()
+        tally.outcomes[outcome] += 1
+        # Most calls fall in the first bucket: skip the bisection for them.
+        tally.buckets[0 if seconds <= _FIRST else bisect_left(BUCKETS, seconds)] += 1
+        tally.seconds += seconds
         self.total += 1
-        latency = self.latency.get(command)
-        if latency is None:
-            latency = self.latency[command] = Latency([0] * (len(BUCKETS) + 1))
-        latency.buckets[bisect_left(BUCKETS, seconds)] += 1
-        latency.total += seconds
