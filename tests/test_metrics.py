@@ -229,6 +229,13 @@ def test_bad_metrics_listen_exits_2_naming_the_key(
     assert not (tmp_path / "s").exists()
 
 
+def test_metrics_remote_allows_any_address(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon('metrics-remote = true\nmetrics-listen = "0.0.0.0:0"\n')
+    host, _, port = served_at(d).rpartition(":")
+    assert host == "0.0.0.0"
+    assert value(scrape(f"127.0.0.1:{port}"), "ramd_blocks") == 0
+
+
 def test_stalled_scrapers_delay_nothing(metrics_daemon: tuple[Daemon, str]) -> None:
     """Scrapers that connect and send nothing hold handler threads only: the JSON-RPC socket
     answers meanwhile, a scrape still succeeds while slots are left, and one beyond

@@ -9,8 +9,9 @@ snapshot has no series in it. Runs on the scraping thread; touches no daemon sta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
+from typing import TypeVar
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -24,24 +25,16 @@ from ramd.metrics.counters import BUCKETS
 from ramd.metrics.figures import HOLDER_KINDS, Figures
 
 
-def families(figures: Figures | None) -> Iterator[Metric]:
-    """Every metric family, with the samples of ``figures`` (None: no samples, the
-    families' names and types only)."""
-    f = figures
-
-    def gauge(name: str, doc: str, value: int | None) -> GaugeMetricFamily:
-        return GaugeMetricFamily(name, doc, value=value)
-
-    yield gauge("ramd_blocks", "RAM blocks", None if f is None else len(f.blocks))
-    yield gauge(
+def families(f: Figures) -> Iterator[Metric]:
+    """Every metric family, with the samples of ``f``."""
+    yield GaugeMetricFamily("ramd_blocks", "RAM blocks", value=len(f.blocks))
+    yield GaugeMetricFamily(
         "ramd_reserved_bytes",
         "Address space reserved by all blocks (max-size plus a guard page each)",
-        None if f is None else f.reserved,
+        value=f.reserved,
     )
-    yield gauge(
-        "ramd_used_bytes",
-        "Sum of the blocks' sizes (query-stats used)",
-        None if f is None else f.used,
+    yield GaugeMetricFamily(
+        "ramd_used_bytes", "Sum of the blocks' sizes (query-stats used)", value=f.used
     )
     size = GaugeMetricFamily("ramd_block_size_bytes", "Used size of a block", labels=["id"])
     max_size = GaugeMetricFamily(
@@ -50,22 +43,19 @@ def families(figures: Figures | None) -> Iterator[Metric]:
     holders = GaugeMetricFamily(
         "ramd_block_holders", "Holders of a block, by kind (protocol.md §12)", labels=["id", "kind"]
     )
-    for block_id, block_size, block_max_size, counts in f.blocks if f is not None else ():
+    for block_id, block_size, block_max_size, counts in f.blocks:
         size.add_metric([block_id], block_size)
         max_size.add_metric([block_id], block_max_size)
         for kind, count in zip(HOLDER_KINDS, counts, strict=True):
             holders.add_metric([block_id, kind], count)
     yield from (size, max_size, holders)
-    connections = GaugeMetricFamily(
-        "ramd_connections", "Open client connections, by socket", labels=["socket"]
+    yield _labelled(
+        GaugeMetricFamily, "ramd_connections", "Open client connections", "socket", f.connections
     )
-    for socket, count in f.connections if f is not None else ():
-        connections.add_metric([socket], count)
-    yield connections
     commands = CounterMetricFamily(
         "ramd_commands", "Commands answered, by command and outcome", labels=["command", "outcome"]
     )
-    for (command, outcome), calls in f.commands if f is not None else ():
+    for (command, outcome), calls in f.commands:
         commands.add_metric([command, outcome], calls)
     yield commands
     seconds = HistogramMetricFamily(
@@ -73,33 +63,49 @@ def families(figures: Figures | None) -> Iterator[Metric]:
         "Time from a command's call to its outcome, by command",
         labels=["command"],
     )
-    bounds = [repr(b) for b in BUCKETS] + ["+Inf"]
-    for lat in f.latencies if f is not None else ():
-        cumulative = list(accumulate(lat.buckets))
+    for lat in f.latencies:
+        cumulative = accumulate(lat.buckets)
         seconds.add_metric(
-            [lat.command], list(zip(bounds, cumulative, strict=True)), lat.total_seconds
+            [lat.command], list(zip(_BOUNDS, cumulative, strict=True)), lat.total_seconds
         )
     yield seconds
-    for name, doc, label, pairs in (
-        ("ramd_events", "Events emitted, by name", "event", f and f.events),
-        (
-            "ramd_refused_connections",
-            "Connections refused, by reason",
-            "reason",
-            f and f.refused_connections,
-        ),
-        ("ramd_job_bytes", "Bytes processed by jobs, by job type", "type", f and f.job_bytes),
-    ):
-        counter = CounterMetricFamily(name, doc, labels=[label])
-        for key, value in pairs or ():
-            counter.add_metric([key], value)
-        yield counter
-    pools = GaugeMetricFamily(
-        "ramd_pool_ready", "Blocks ready in a pool (protocol.md §14)", labels=["pool"]
+    yield _labelled(CounterMetricFamily, "ramd_events", "Events emitted", "event", f.events)
+    yield _labelled(
+        CounterMetricFamily,
+        "ramd_refused_connections",
+        "Connections refused",
+        "reason",
+        f.refused_connections,
     )
-    for pool, ready in f.pools if f is not None else ():
-        pools.add_metric([pool], ready)
-    yield pools
+    yield _labelled(
+        CounterMetricFamily, "ramd_job_bytes", "Bytes processed by jobs", "type", f.job_bytes
+    )
+    yield _labelled(
+        GaugeMetricFamily,
+        "ramd_pool_ready",
+        "Blocks ready in a pool (protocol.md §14)",
+        "pool",
+        f.pools,
+    )
+
+
+#: ``le`` of each bucket of ``ramd_command_seconds``.
+_BOUNDS = [repr(b) for b in BUCKETS] + ["+Inf"]
+_Family = TypeVar("_Family", GaugeMetricFamily, CounterMetricFamily)
+
+
+def _labelled(
+    kind: type[_Family], name: str, doc: str, label: str, pairs: Iterable[tuple[str, int]]
+) -> _Family:
+    """A family of one label: a sample per ``(label value, value)`` pair."""
+    family = kind(name, f"{doc}, by {label}", labels=[label])
+    for key, value in pairs:
+        family.add_metric([key], value)
+    return family
+
+
+#: What :meth:`RamdCollector.describe` renders: no block, no connection, no count.
+_EMPTY = Figures((), 0, 0, (), (), (), (), (), (), ())
 
 
 class RamdCollector:
@@ -110,8 +116,9 @@ class RamdCollector:
         self._snapshot = snapshot
 
     def describe(self) -> Iterator[Metric]:
-        """The families without samples: what the registry checks names with."""
-        return families(None)
+        """The families (with the samples of an empty daemon): the registry reads their
+        names."""
+        return families(_EMPTY)
 
     def collect(self) -> Iterator[Metric]:
         return families(self._snapshot())

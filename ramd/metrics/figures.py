@@ -7,8 +7,8 @@ runs on an HTTP thread, so it never reads that state itself: :class:`LoopFigures
 :func:`take` on the loop with ``call_soon_threadsafe`` and waits for the immutable
 :class:`Figures` it returns (with a timeout). One snapshot is one loop callback, so its figures
 agree with each other (``ramd_blocks`` is the number of ``ramd_block_size_bytes`` series), and
-counting on the hot paths costs no lock. The callback is O(blocks + connections): under a
-microsecond per block (``tools``-free measure: 16384 blocks in a few ms).
+counting on the hot paths costs no lock. The callback is O(blocks + connections), a plain
+tuple per block: 16384 blocks take about 3 ms.
 """
 
 from __future__ import annotations
