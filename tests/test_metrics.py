@@ -30,7 +30,8 @@ SERVING_RE = re.compile(r"metrics: serving GET /metrics on (\S+)")
 
 
 def http_get(target: str, path: str = "/metrics", timeout: float = 10.0) -> tuple[int, str]:
-    """``GET path`` on ``target`` (``unix:PATH`` or ``HOST:PORT``): status and body."""
+    """``GET path`` on ``target`` (``unix:PATH`` or ``HOST:PORT``): status and body (the
+    body of a 200 must be the Prometheus text format, by its content type)."""
     if target.startswith("unix:"):
         sock = socket.socket(socket.AF_UNIX)
         address: str | tuple[str, int] = target.removeprefix("unix:")
@@ -49,6 +50,8 @@ def http_get(target: str, path: str = "/metrics", timeout: float = 10.0) -> tupl
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
+    if status == 200:
+        assert b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in head, head
     return status, body.decode()
 
 

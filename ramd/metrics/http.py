@@ -4,10 +4,10 @@ Nothing here runs on the event loop. One acceptor thread (``socketserver``'s
 ``serve_forever``) accepts connections on the listening socket, TCP or Unix, and hands each to
 a handler thread of its own; at most :data:`MAX_SCRAPES` are served at once (one more is
 answered 503 at once and closed). A handler reads its request and writes its answer with a
-socket timeout of :data:`CLIENT_TIMEOUT` seconds, so a scraper that connects and sends nothing,
-or reads nothing, holds one handler thread for that long and delays nothing else: the loop is
-reached only once a whole request has been read, for one snapshot
-(:class:`~ramd.metrics.figures.LoopFigures`).
+socket timeout of :data:`CLIENT_TIMEOUT` seconds and within :data:`CONNECTION_DEADLINE` seconds
+in all, so a scraper that connects and sends nothing, or reads nothing, holds one handler thread
+for that long and delays nothing else: the loop is reached only once a whole request has been
+read, for one snapshot (:class:`~ramd.metrics.figures.LoopFigures`).
 
 Ownership: :class:`MetricsServer` owns its threads and its listening socket; a Unix socket's
 file is created by :func:`ramd.transport.unixbind.bind_unix` (mode ``socket-mode``) and removed
@@ -25,7 +25,7 @@ import sys
 import threading
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from ramd.metrics.address import MetricsAddress
@@ -36,10 +36,17 @@ log = logging.getLogger("ramd.metrics")
 
 #: Scrapes served at once; more are answered 503.
 MAX_SCRAPES = 4
-#: Seconds a scraper may take to send its request, or to read a piece of the answer.
+#: Seconds a scraper may take to send a piece of its request, or to read one of the answer.
 CLIENT_TIMEOUT = 10.0
+#: Seconds a connection may last in all (a scraper trickling its request byte by byte is cut
+#: off then, like one that sends nothing).
+CONNECTION_DEADLINE = 30.0
 #: Reads of what a peer sent before it is answered 503 (see ``_ThreadedServer._busy``).
 BUSY_DRAIN_READS = 4
+#: The Prometheus text format (``generate_latest``) and its content type
+#: (``text/plain; version=0.0.4``): what the library answers a scraper that asks for nothing
+#: else. It is answered to every scraper (protocol.md §15: the text exposition format).
+_ENCODE, _CONTENT_TYPE = choose_encoder("")
 #: The only path served.
 PATH = "/metrics"
 
@@ -52,6 +59,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     server_version = "ramd"
 
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(CONNECTION_DEADLINE, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
+    def _expire(self) -> None:
+        """Timer thread: end the connection's reads and writes (the handler then ends)."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def do_GET(self) -> None:
         self._answer(send_body=True)
 
@@ -63,12 +85,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404, f"only {PATH} is served")
             return
         try:
-            body = generate_latest(self.server.registry)
+            body = _ENCODE(self.server.registry)
         except SnapshotUnavailable as e:
             self.send_error(503, str(e))
             return
         self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Type", _CONTENT_TYPE)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if send_body:
