@@ -21,7 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from ramd_client.shared import get_fd
 
+from ramd.config import Limits, parse_config
 from ramd.metrics.http import MAX_SCRAPES
+from ramd.transport.admission import Admission, refusal_reason
+from ramd.transport.peer import PeerCredentials
 
 MiB = 1024 * 1024
 
@@ -278,3 +281,24 @@ def test_stalled_scrapers_delay_nothing(metrics_daemon: tuple[Daemon, str]) -> N
         if status == 200:
             break
     assert status == 200 and "ramd_blocks 1.0" in body
+
+
+def test_every_admission_refusal_has_its_short_reason() -> None:
+    """The texts :class:`Admission` refuses with map to fixed reasons (never a uid)."""
+    config = parse_config({"allow-gids": [4242], "limits": {"max-connections": 16}})
+    admission = Admission(config, Limits.model_validate({"max-connections": 16}))
+    peer = PeerCredentials(pid=1, uid=1000, gid=1000, groups=frozenset({4242}))
+    for n in range(16 - admission.reserve):  # every slot non-root peers may take
+        assert admission.admit(("conn", n), peer)[1] is None
+    texts = {
+        "max-connections": admission.admit("one more", peer)[1],
+        "not-allowed": admission.access(PeerCredentials(1, 7, 7, frozenset({7})))[1],
+        "groups-unknown": admission.access(PeerCredentials(1, 7, 7, None))[1],
+    }
+    per_uid = Admission(config, Limits.model_validate({"max-connections-per-uid": 1}))
+    assert per_uid.admit("first", peer)[1] is None
+    texts["max-connections-per-uid"] = per_uid.admit("second", peer)[1]
+    for reason, text in texts.items():
+        assert text is not None and refusal_reason(text) == reason, (reason, text)
+    assert refusal_reason("the daemon is shutting down") == "shutting-down"
+    assert refusal_reason("something new") == "other"
