@@ -8,13 +8,14 @@ On a terminal each frame replaces the one before (the screen is cleared); otherw
 are separated by an empty line, and with ``--json`` each frame is one JSON object on one line.
 ``--once`` (``-n 1``) or ``-n N`` stop after N frames; otherwise it runs until SIGINT (exit 0).
 
-Light at import (no pydantic): :mod:`ramd_client.cli_parser` imports :func:`add_parser`.
+Light at import (neither asyncio nor pydantic): :mod:`ramd_client.cli_parser` imports
+:func:`add_parser` for every ramctl command line, ``version`` included, so asyncio is imported
+by the coroutines that run the view (as :mod:`ramd_client.cli` does).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import signal
 import sys
@@ -137,6 +138,8 @@ def _frame_text(stats: Any, blocks: list[Any], rates: tuple[float, float, str]) 
 
 
 async def _show(client: AsyncClient, args: argparse.Namespace) -> None:
+    import asyncio
+
     frames = 1 if args.once else args.frames
     tty = not args.json and sys.stdout.isatty()
     before: _Sample | None = None
@@ -160,6 +163,8 @@ async def _show(client: AsyncClient, args: argparse.Namespace) -> None:
 
 async def cmd_top(client: AsyncClient, args: argparse.Namespace) -> int:
     """Show frames until ``-n``/``--once`` are done or SIGINT (exit 0 either way)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
