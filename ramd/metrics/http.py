@@ -9,6 +9,10 @@ in all, so a scraper that connects and sends nothing, or reads nothing, holds on
 for that long and delays nothing else: the loop is reached only once a whole request has been
 read, for one snapshot (:class:`~ramd.metrics.figures.LoopFigures`).
 
+Rendering the text (``prometheus_client``, on the handler thread) shares the interpreter lock
+with the loop thread, which gets it back at every switch interval (5 ms): measured, the
+median ``query-version`` round trip did not change while 1000 blocks were scraped back to back.
+
 Ownership: :class:`MetricsServer` owns its threads and its listening socket; a Unix socket's
 file is created by :func:`ramd.transport.unixbind.bind_unix` (mode ``socket-mode``) and removed
 by :meth:`MetricsServer.close`. Start and close on the loop thread.
