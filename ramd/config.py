@@ -24,9 +24,12 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
 
 from ramd import paths
+from ramd.metrics.address import MetricsAddress, parse_metrics_address
 from ramd.sizes import parse_size
 
 U64_MAX = 2**64 - 1
@@ -150,8 +153,26 @@ class Config(_Section):
     #: Seconds SIGTERM waits for commands in flight (a prealloc, a lock) before exiting;
     #: systemd's default stop timeout, which the unit's ``TimeoutStopSec=`` matches.
     stop_timeout: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 90
+    #: Serve ``metrics-listen`` on a non-loopback address (protocol.md §15). Declared before
+    #: ``metrics-listen``, whose check reads it.
+    metrics_remote: StrictBool = False
+    #: Where ``GET /metrics`` is served: ``"unix:PATH"`` or ``"HOST:PORT"``; none by default.
+    metrics_listen: StrictStr | None = None
     limits: Limits = Limits()
     block: list[BlockConfig] = []
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            parse_metrics_address(value, remote=bool(info.data.get("metrics_remote")))
+        return value
+
+    def metrics_address(self) -> MetricsAddress | None:
+        """``metrics-listen`` parsed (None when unset); valid by construction."""
+        if self.metrics_listen is None:
+            return None
+        return parse_metrics_address(self.metrics_listen, remote=self.metrics_remote)
 
     def socket_gid(self) -> int | None:
         """``socket-group`` as a gid (None when unset)."""

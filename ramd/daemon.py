@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ramd import adoption, datadirs, fdstore, heap, systemd
 from ramd.api import dispatch
@@ -25,6 +26,9 @@ from ramd.transport.jsonrpc import JsonRpcDialect
 from ramd.transport.qmp import QmpDialect
 from ramd.transport.server import Listener, Server
 from ramd.transport.unixbind import AlreadyRunning
+
+if TYPE_CHECKING:
+    from ramd.metrics.http import MetricsServer
 
 log = logging.getLogger("ramd")
 
@@ -110,6 +114,7 @@ async def serve(
     )
     service.request_shutdown = stop.set
     server: Server | None = None
+    metrics: MetricsServer | None = None
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
         passed = systemd.listen_fds()
@@ -121,6 +126,10 @@ async def serve(
         server = Server(service, config, listeners_for(config, sockets), DIALECTS)
         await _start_server(server, config)
         _check_state_dir(config)
+        if config.metrics_listen is not None:
+            from ramd.metrics.endpoint import start_endpoint  # prometheus_client: only if used
+
+            metrics = start_endpoint(config, service, server)
         systemd.notify(f"READY=1\nSTATUS=serving {len(service.ram)} RAM blocks")
         log.info(
             "ready: %d RAM blocks, %s event loop",
@@ -148,6 +157,8 @@ async def serve(
         deadline = loop.time() + config.stop_timeout
         if service.jobs is not None:
             service.jobs.stop()
+        if metrics is not None:
+            metrics.close()
         if server is not None:
             await server.shutdown(config.stop_timeout)
         if service.jobs is not None:

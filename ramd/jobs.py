@@ -317,6 +317,8 @@ class JobManager:
         self._pool = _WorkerPool(workers, self._run)
         self._next_id = 1
         self._closing = False
+        #: Progress bytes of the concluded jobs, dismissed or not, by job type.
+        self._concluded_bytes: dict[str, int] = {}
 
     # -- commands (loop thread) ----------------------------------------------------------
 
@@ -364,6 +366,15 @@ class JobManager:
     def query(self) -> list[JobInfo]:
         """Every job not dismissed, in creation order."""
         return [j.info() for j in self._jobs.values()]
+
+    def bytes_by_type(self) -> dict[str, int]:
+        """Progress bytes of every job this manager ran, by job type: those that concluded
+        (kept when dismissed) plus the current progress of the others. Never decreases."""
+        out = dict(self._concluded_bytes)
+        for job in self._jobs.values():
+            if job.status != JobStatus.CONCLUDED:
+                out[job.type] = out.get(job.type, 0) + job.info().current_progress
+        return out
 
     def cancel(self, job_id: str) -> None:
         """Ask a job to stop (QEMU's ``job-cancel``); allowed while created or running."""
@@ -447,6 +458,8 @@ class JobManager:
                 job.error = job.error or _error_text(e)
         if job.error is not None:
             self._set(job, JobStatus.ABORTING)
+        done = job.info().current_progress
+        self._concluded_bytes[job.type] = self._concluded_bytes.get(job.type, 0) + done
         self._set(job, JobStatus.CONCLUDED)
         job._concluded.set()
         self._concluded.append(job)

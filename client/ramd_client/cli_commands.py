@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from ramd.api.eventnames import EVENT_NAMES
 from ramd.sizes import format_size
+from ramd_client.cli_holders import holders_text
 from ramd_client.cli_output import (
     EXIT_FAILED,
     EXIT_OK,
@@ -39,6 +40,7 @@ from ramd_client.cli_output import (
 from ramd_client.cli_progress import WITH_TOTAL as _BAR_WITH_TOTAL
 from ramd_client.cli_progress import progress_bar
 from ramd_client.cli_shared import CHUNK, cmd_map, read_mapped, write_mapped
+from ramd_client.cli_top import cmd_top
 from ramd_client.client import AsyncClient
 from ramd_client.error import ConnectionLost, EventOverflow, RamdError
 from ramd_client.events import Event, EventStream
@@ -120,6 +122,8 @@ async def cmd_list(client: AsyncClient, args: argparse.Namespace) -> int:
 async def cmd_info(client: AsyncClient, args: argparse.Namespace) -> int:
     (block,) = await client.query_ram_blocks(args.id, resident=True)
     _show_block(args, block)
+    if not args.json:
+        emit(holders_text(block))
     return EXIT_OK
 
 
@@ -475,4 +479,5 @@ COMMANDS: dict[str, Handler] = {
     "discard": cmd_discard,
     "watch": cmd_watch,
     "stats": cmd_stats,
+    "top": cmd_top,
 }

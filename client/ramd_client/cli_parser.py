@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import ramd
 from ramd.api.eventnames import EVENT_NAMES
 from ramd.sizes import SIZE_MAX, parse_size
+from ramd_client.cli_top import add_parser as add_top_parser
 
 __all__ = [
     "COMPLETIONS",
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("jobs", "list the daemon's save and load jobs")
 
     command("stats", "show the daemon's usage figures and limits")
+    add_top_parser(command)
     command("version", "show the daemon's version")
 
     p = command("exec", "run a program holding leases of RAM blocks (it inherits their fds)")

@@ -10,12 +10,17 @@ it becomes a :class:`~ramd.api.outcome.Pending` whose result is mapped the same 
 Logging: each refusal of a peer's request is logged once at INFO with the peer and the
 reason, rate-limited per session; each successful change (commands marked ``audit``) is one
 audit line with the peer's pid and uid. Names chosen by clients are logged with ``repr``.
+
+Metrics: every call is counted here, once, when its outcome is final (a pending one when it
+settles), with its time from the call to that outcome, in the service's
+:class:`~ramd.metrics.counters.CommandStats` (loop thread, no lock).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import replace
 from types import CoroutineType
@@ -25,9 +30,20 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from ramd.api.commands import COMMANDS, Raw, WithFds
-from ramd.api.outcome import BadArguments, Done, Failed, Final, Internal, NotFound, Outcome, Pending
+from ramd.api.outcome import (
+    OUTCOME_INDEX,
+    BadArguments,
+    Done,
+    Failed,
+    Final,
+    Internal,
+    NotFound,
+    Outcome,
+    Pending,
+)
 from ramd.api.service import Session
 from ramd.errors import RamdError
+from ramd.metrics.counters import UNKNOWN
 
 log = logging.getLogger("ramd.requests")
 audit = logging.getLogger("ramd.audit")
@@ -40,9 +56,23 @@ _NO_MEMORY = Failed("GenericError", "Cannot allocate memory for this request")
 
 def call(session: Session, name: str, params: dict[str, Any]) -> Outcome:
     """Run command ``name`` with ``params`` for ``session``."""
+    started = time.perf_counter()
+    outcome = _call(session, name, params, started)
+    if type(outcome) is not Pending:
+        _count(session, name, outcome, started)
+    return outcome
+
+
+def _count(session: Session, name: str, outcome: Outcome, started: float) -> None:
+    label = name if name in COMMANDS else UNKNOWN
+    seconds = time.perf_counter() - started
+    session.service.command_stats.record(label, OUTCOME_INDEX[type(outcome)], seconds)
+
+
+def _call(session: Session, name: str, params: dict[str, Any], started: float) -> Outcome:
     cmd = COMMANDS.get(name)
     if cmd is None:
-        return not_found(session, name)
+        return _not_found(session, name)
     if session.readonly and not cmd.readonly:
         return _failed(
             session, name, RamdError(f"Permission denied: read-only peer may not run '{name}'")
@@ -63,19 +93,39 @@ def call(session: Session, name: str, params: dict[str, Any]) -> Outcome:
         log.exception("internal error in %s", name)
         return Internal()
     if isinstance(result, _AWAITABLES):
-        return Pending(_settle(session, name, params, cmd.audit, result))
+        return Pending(_settle(session, name, params, cmd.audit, result, started))
     if cmd.audit:
         _audit(session, name, params)
     return _done(result)
 
 
 def not_found(session: Session, name: str) -> NotFound:
-    """The outcome of a call of an unknown command (logged as a refusal)."""
+    """The outcome of a call of an unknown command (logged as a refusal, and counted)."""
+    started = time.perf_counter()
+    outcome = _not_found(session, name)
+    _count(session, name, outcome, started)
+    return outcome
+
+
+def _not_found(session: Session, name: str) -> NotFound:
     _refused(session, name, "unknown command")
     return NotFound(name)
 
 
 async def _settle(
+    session: Session,
+    name: str,
+    params: dict[str, Any],
+    audited: bool,
+    pending: Awaitable[Any],
+    started: float,
+) -> Final:
+    outcome = await _settled(session, name, params, audited, pending)
+    _count(session, name, outcome, started)
+    return outcome
+
+
+async def _settled(
     session: Session, name: str, params: dict[str, Any], audited: bool, pending: Awaitable[Any]
 ) -> Final:
     try:

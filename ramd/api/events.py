@@ -102,7 +102,9 @@ def added_data(block: RAMBlock, seq: int, replay: bool) -> dict[str, Any]:
 class Broadcaster:
     """The RAM block notifier that turns block changes into events for subscribers.
 
-    Owns the ``seq`` counter and the set of subscribers (in subscription order). The
+    Owns the ``seq`` counter, the count of events emitted per name (``emitted_by_name``: each
+    event that advanced ``seq``; replays are answers, not events, and are not counted) and the
+    set of subscribers (in subscription order). The
     mappers of a block (``mappers_of``) get every event of that block, subscribed or not; a
     shrink's ``RAM_BLOCK_RESIZED`` and a ``RAM_BLOCK_REMOVED`` carry ``"ack": true`` for them
     (they must acknowledge it) and ``"ack": false`` for everyone else. Loop thread only.
@@ -110,6 +112,7 @@ class Broadcaster:
 
     def __init__(self, mappers_of: Callable[[RAMBlock], Collection[Subscriber]]) -> None:
         self.seq = 0
+        self.emitted_by_name: dict[str, int] = {}
         self._subscribers: dict[Subscriber, None] = {}
         self._mappers_of = mappers_of
 
@@ -137,16 +140,18 @@ class Broadcaster:
             for sub in list(mapped):
                 sub.deliver_mapped(to_mappers)
 
-    def _next(self) -> int:
+    def _next(self, name: str) -> int:
+        """The ``seq`` of a new event ``name``, which is counted."""
+        self.emitted_by_name[name] = self.emitted_by_name.get(name, 0) + 1
         self.seq += 1
         return self.seq
 
     def added(self, block: RAMBlock) -> None:
-        seq = self._next()
+        seq = self._next("RAM_BLOCK_ADDED")
         self._emit("RAM_BLOCK_ADDED", added_data(block, seq, False), block)
 
     def resized(self, block: RAMBlock, old_size: int, new_size: int) -> None:
-        seq = self._next()
+        seq = self._next("RAM_BLOCK_RESIZED")
         data = RamBlockResizedData(
             seq=seq,
             id=block.id,
@@ -159,7 +164,7 @@ class Broadcaster:
         self._emit("RAM_BLOCK_RESIZED", data, block, ack=new_size < old_size)
 
     def removed(self, block: RAMBlock) -> None:
-        seq = self._next()
+        seq = self._next("RAM_BLOCK_REMOVED")
         data = RamBlockRemovedData(
             seq=seq,
             id=block.id,
@@ -172,7 +177,7 @@ class Broadcaster:
 
     def job_status(self, job_id: str, status: str) -> None:
         """``JOB_STATUS_CHANGE``: to subscribers only (a job is no block: no mapper gets it)."""
-        seq = self._next()
+        seq = self._next("JOB_STATUS_CHANGE")
         data = JobStatusChangeData.model_validate({"seq": seq, "id": job_id, "status": status})
         event = make_event("JOB_STATUS_CHANGE", data.model_dump(by_alias=True))
         for sub in list(self._subscribers):

@@ -350,6 +350,7 @@ class StatsResult(Result):
     clients: int
     subscribers: int
     events_emitted: int
+    commands: int = Field(description="commands answered since start, whatever their outcome")
     dropped_subscribers: int = Field(description="subscribers disconnected for falling behind")
     uptime: float
     limits: dict[str, int] = Field(description="each configured limit by name")

@@ -78,3 +78,14 @@ class Pending:
 
 
 Outcome = Done | Failed | BadArguments | NotFound | Internal | Pending
+
+#: How each final outcome is counted: its index in :data:`ramd.metrics.counters.OUTCOMES`
+#: (``ramd_commands_total``'s ``outcome`` label: ``ok``, ``refused``, ``invalid``,
+#: ``internal``).
+OUTCOME_INDEX: dict[type, int] = {
+    Done: 0,
+    Failed: 1,
+    BadArguments: 2,
+    NotFound: 2,
+    Internal: 3,
+}

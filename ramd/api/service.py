@@ -23,6 +23,7 @@ from ramd.config import DEFAULT_STATE_DIR, Limits
 from ramd.hostlimits import HostLimits
 from ramd.jobs import JobManager
 from ramd.logs import LogBudget
+from ramd.metrics.counters import CommandStats
 from ramd.ramblock import RAMBlock, RAMList
 from ramd.ramblock.change import Waiting
 
@@ -60,6 +61,8 @@ class Service:
         self.sessions: set[Session] = set()
         #: Subscribers disconnected for falling behind (counted by the transport).
         self.dropped_subscribers = 0
+        #: Every command's calls and latencies (counted by :mod:`ramd.api.dispatch`).
+        self.command_stats = CommandStats()
         self.started = time.monotonic()
         #: Asks the daemon to shut down as on SIGTERM (``quit``); set by whoever serves this
         #: service. It only schedules the shutdown, which lets the command in flight finish

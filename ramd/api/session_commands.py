@@ -91,6 +91,7 @@ def _stats(session: Session, resident_bytes: int) -> m.StatsResult:
         clients=len(service.sessions),
         subscribers=sum(1 for _ in service.broadcaster.subscribers()),
         events_emitted=service.broadcaster.emitted,
+        commands=service.command_stats.total,
         dropped_subscribers=service.dropped_subscribers,
         uptime=round(time.monotonic() - service.started, 3),
         limits=service.limits.model_dump(by_alias=True),

@@ -27,6 +27,25 @@ from ramd.transport.peer import PeerCredentials
 #: Most slots kept for uid 0.
 ROOT_RESERVE_MAX = 8
 
+#: A refusal's text (from :class:`Admission` or the server) by its start, and the short
+#: reason it is counted under (``ramd_refused_connections_total{reason}``): a few fixed
+#: words, never the uid or the numbers in the text. Longest prefixes first.
+REFUSAL_REASONS = (
+    ("Limit exceeded: max-connections-per-uid", "max-connections-per-uid"),
+    ("Limit exceeded: max-connections", "max-connections"),
+    ("Permission denied: the groups", "groups-unknown"),
+    ("Permission denied", "not-allowed"),
+    ("the daemon is shutting down", "shutting-down"),
+)
+
+
+def refusal_reason(text: str) -> str:
+    """The short reason a refusal ``text`` is counted under (``other`` if none matches)."""
+    for prefix, reason in REFUSAL_REASONS:
+        if text.startswith(prefix):
+            return reason
+    return "other"
+
 
 def root_reserve(max_connections: int) -> int:
     """Slots non-root peers can never take: an eighth of ``max-connections``, at least 1 and

@@ -20,7 +20,7 @@ from pathlib import Path
 from ramd.api.service import Service
 from ramd.config import Config
 from ramd.logs import LogBudget
-from ramd.transport.admission import Admission
+from ramd.transport.admission import Admission, refusal_reason
 from ramd.transport.connection import Connection, DialectFactory, read_buffer
 from ramd.transport.peer import PeerCredentials
 from ramd.transport.unixbind import BoundSocket, bind_unix
@@ -75,6 +75,8 @@ class Server:
         self.admission = Admission(config, service.limits)
         self._lingering: set[Connection] = set()
         self._refusal_log: dict[int, LogBudget] = {}
+        #: Refused connections by short reason (:func:`~ramd.transport.admission.refusal_reason`).
+        self.refused: dict[str, int] = {}
 
     async def start(self) -> None:
         """Bind or adopt every listener and start accepting."""
@@ -103,7 +105,9 @@ class Server:
         return access, refusal
 
     def refusal(self, conn: Connection, reason: str) -> None:
-        """Log a refused connection, at most a few lines per second per uid."""
+        """Count a refused connection, and log it at most a few lines per second per uid."""
+        key = refusal_reason(reason)
+        self.refused[key] = self.refused.get(key, 0) + 1
         budget = self._refusal_log.get(conn.uid)
         if budget is None:
             if len(self._refusal_log) >= 1024:
