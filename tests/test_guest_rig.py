@@ -5,6 +5,7 @@ guest hot-plugs a file-backed DIMM whose bytes ``xp`` reads. Later VMM tests bui
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -106,6 +107,35 @@ async def test_virtio_mem_plugs_256mib_into_the_guest_and_unplugs_it(machine: st
                 await _until(f"QEMU's plugged size {requested}", plugged)
                 await _until(f"guest MemTotal {before + grown} KiB", memtotal)
             assert (await _memory_device(client))["requested-size"] == 0
+
+
+@pytest.mark.guest
+async def test_the_guest_reads_a_file_backed_dimm_as_its_physical_memory(tmp_path: Path) -> None:
+    """Bytes written into a DIMM's backing file (``share=on``) while the guest runs are what
+    the guest's kernel reads at the DIMM's guest-physical address, and what ``xp`` reads."""
+    backing = tmp_path / "dimm.bin"
+    with open(backing, "wb") as f:
+        f.truncate(128 * MiB)
+    args = [
+        "-object",
+        f"memory-backend-file,id=mem1,mem-path={backing},size=128M,share=on",
+        "-device",
+        "pc-dimm,id=dimm1,memdev=mem1",
+    ]
+    with Qemu(memory=256, slots=2, maxmem=1024, args=args) as vm:
+        async with vm.qmp(second=True) as client:
+            address = (await _memory_device(client))["addr"]
+            small, big = os.urandom(100), os.urandom(MiB)
+            fd = os.open(backing, os.O_WRONLY)
+            try:
+                os.pwrite(fd, small, 127 * MiB + 12345)
+                os.pwrite(fd, big, 120 * MiB)
+            finally:
+                os.close(fd)
+            assert await asyncio.to_thread(vm.read_phys, address + 127 * MiB + 12345, 100) == small
+            assert await xp(client, address + 127 * MiB + 12345, 100) == small
+            digest = await asyncio.to_thread(vm.phys_sha256, address + 120 * MiB, MiB)
+            assert digest == hashlib.sha256(big).hexdigest()
 
 
 @pytest.mark.parametrize("runas", [None, (OTHER_UID, OTHER_UID)], ids=["root", "other-uid"])
