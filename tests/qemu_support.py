@@ -16,7 +16,6 @@ threads); QMP goes through ``qemu.qmp``'s :class:`QMPClient` (:meth:`Qemu.qmp`).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import fcntl
@@ -336,10 +335,6 @@ class Qemu:
         if code != 0:
             raise self._failure(f"guest command {command!r} exited {code}: {out!r}")
         return out
-
-    async def ash(self, command: str, timeout: float = 120.0) -> str:
-        """:meth:`sh` from a coroutine, without blocking its event loop."""
-        return await asyncio.to_thread(self.sh, command, timeout)
 
     def _kcore_offset(self, address: int, length: int) -> int:
         """Where guest-physical ``[address, address + length)`` is in the guest's
