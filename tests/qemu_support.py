@@ -37,7 +37,7 @@ from guest import prepare
 from qemu.qmp import QMPClient
 
 MiB = 1024 * 1024
-READY = "@@RAMD-GUEST-READY@@"
+READY = "@@RAMD-GUEST-READY@@\n"  # whole line: commands' output starts after it
 _KVM_GET_API_VERSION = 0xAE00
 _KVM_CREATE_VM = 0xAE01
 _PT_LOAD = 1

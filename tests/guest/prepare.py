@@ -26,6 +26,7 @@ import fcntl
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import struct
@@ -131,22 +132,41 @@ def _modinfo_depends(ko: bytes) -> list[str]:
     raise ValueError("no .modinfo section")
 
 
-def _load_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[Path]:
-    """``wanted`` and everything they depend on, each after its dependencies."""
-    by_name = {p.stem.replace("-", "_"): p for p in modules_dir.rglob("*.ko")}
-    order: list[Path] = []
+def _module_name(path: Path) -> str:
+    """``virtio_mem`` for ``.../virtio_mem.ko`` (or ``.ko.xz``, ``.ko.gz``, ...)."""
+    return path.name.partition(".ko")[0].replace("-", "_")
+
+
+def _module_bytes(path: Path) -> bytes:
+    """A module's ELF image. Debian 12's kernel ships them uncompressed, which busybox's
+    ``insmod`` loads; xz or gzip modules (later kernels) are decompressed for it."""
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        return lzma.decompress(data)
+    if path.suffix == ".gz":
+        return gzip.decompress(data)
+    if path.suffix != ".ko":
+        raise ValueError(f"cannot decompress {path}")
+    return data
+
+
+def _load_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """``wanted`` and everything they depend on, each after its dependencies, as module
+    name and ELF image."""
+    by_name = {_module_name(p): p for p in modules_dir.rglob("*.ko*")}
+    order: dict[str, bytes] = {}
 
     def visit(name: str) -> None:
-        path = by_name[name]
-        if path in order:
+        if name in order:
             return
-        for dep in _modinfo_depends(path.read_bytes()):
+        image = _module_bytes(by_name[name])
+        for dep in _modinfo_depends(image):
             visit(dep)
-        order.append(path)
+        order[name] = image
 
     for name in wanted:
         visit(name)
-    return order
+    return list(order.items())
 
 
 class _Cpio:
@@ -200,12 +220,12 @@ def _build(out: Path, kernel_deb: Path, busybox_deb: Path, manifest: dict[str, o
     cpio.file("bin/busybox", (root / "bin" / "busybox").read_bytes(), 0o755)
     cpio.symlink("bin/sh", "busybox")
     cpio.file("init", INIT.read_bytes(), 0o755)
-    for ko in modules:
-        cpio.file(f"lib/modules/{ko.name}", ko.read_bytes())
-    cpio.file("lib/modules/load.order", "".join(f"{ko.name}\n" for ko in modules).encode())
+    for name, image in modules:
+        cpio.file(f"lib/modules/{name}.ko", image)
+    cpio.file("lib/modules/load.order", "".join(f"{name}.ko\n" for name, _ in modules).encode())
     (out / "initramfs.cpio.gz").write_bytes(gzip.compress(cpio.finish(), 6, mtime=0))
     shutil.rmtree(root)
-    manifest["modules"] = [ko.stem for ko in modules]
+    manifest["modules"] = [name for name, _ in modules]
     _replace(out / "manifest.json", manifest)
 
 
