@@ -11,7 +11,12 @@ framing and lines mean nothing. The splitter finds where each text ends without 
   literal, or garbage) ends at the next whitespace byte or at ``{ [ " } ]``. At the end of
   the data received so far such a token is incomplete (``12`` may become ``123``) and waits;
 * a ``}`` or ``]`` at top level is a stray closer: one error item, and scanning continues
-  after it.
+  after it;
+* a control byte inside a string (JSON forbids them) makes its message one error item: a
+  line break ends the message at once (most likely a missing closing quote: the next lines
+  are requests of their own), any other is skipped over as if it were allowed and the
+  message is delimited as usual (a raw byte in a string costs exactly that message, in a
+  stream without newlines too, as ``qemu.qmp`` sends).
 
 Speed: Python never steps through the bytes one at a time; C code jumps to the next byte that
 matters. Three tiers:
@@ -67,6 +72,11 @@ _BARE_END: Final = re.compile(rb'[ \t\n\r\[\]{}"]')
 # quote cannot swallow every later request).
 _CONTROL: Final = re.compile(rb"[\x00-\x1f]")
 _CONTROL_BYTES: Final = tuple(bytes((c,)) for c in range(0x20))
+# A line break inside a string is most likely a missing closing quote: it ends the message at
+# once, so that the requests on the next lines are not swallowed. Any other control byte makes
+# its message bad, and the message is skipped to its end as if the byte were allowed (so a
+# raw byte in a string costs exactly that message, also in a stream without newlines).
+_LINE_BREAKS: Final = frozenset(b"\r\n")
 # From this many bytes on, one memchr per control byte beats the regular expression (which
 # steps through the bytes one at a time: about 100 MB/s here, against GB/s for memchr).
 _MEMCHR_FROM: Final = 2048
@@ -140,6 +150,13 @@ def _first_control(data: bytes, start: int, end: int) -> int:
     return first
 
 
+def _first_line_break(data: bytes, start: int, end: int) -> int:
+    """Where the first ``\\n`` or ``\\r`` of ``data[start:end]`` is, or -1 (two memchr)."""
+    nl = data.find(b"\n", start, end)
+    cr = data.find(b"\r", start, end if nl < 0 else nl)
+    return nl if cr < 0 else cr
+
+
 def long_string(text: bytes | bytearray, min_length: int) -> tuple[int, int] | None:
     """``(start, end)`` of the content of the first string of ``text`` (one JSON text from
     :meth:`JsonSplitter.feed`) that is at least ``min_length`` bytes long, if it has no
@@ -206,8 +223,10 @@ class JsonSplitter:
       most ``max_size`` of them (see :meth:`pending`), plus a few integers. No input makes it
       hold more: the bytes of an oversized or overdeep message are dropped, not stored.
     * Resync: after an error the splitter always recovers. A stray closer costs that one byte.
-      An oversized or overdeep message costs exactly that message (it is still delimited by
-      bracket counting), and the next text after it comes out intact. Any byte sequence is
+      An oversized or overdeep message, or one with a control byte in a string, costs
+      exactly that message (it is still delimited by bracket counting; a line break in a
+      string ends it there), and the next text after it comes out intact. The first error
+      of a message is its only one. Any byte sequence is
       accepted, invalid UTF-8 included; the splitter works on bytes and never raises on input.
     * Order: :meth:`feed` returns messages and errors in stream order, each exactly once,
       independently of how the stream is chunked (except which limit an over-limit message is
@@ -282,8 +301,11 @@ class JsonSplitter:
                 if not discarding:
                     over = len(buf) > max_size
                     out.append(size_error(max_size) if over else control_error(data[0]))
-                mode, depth, discarding = _IDLE, 0, False
-                buf.clear()
+                    buf.clear()
+                if data[0] in _LINE_BREAKS:
+                    mode, depth, discarding = _IDLE, 0, False
+                else:
+                    discarding = True
 
         while pos < n:
             end = -1  # set to the end of the current message when it completes
@@ -341,13 +363,17 @@ class JsonSplitter:
                     m = _STRING_REST.match(data, pos)
                     assert m is not None  # the pattern matches the empty string
                     e = m.end()
-                bad = _first_control(data, pos, e)
-                if bad >= 0:  # the message ends here, as an error; resume after it
-                    if not discarding:
-                        over = len(buf) + bad - start > max_size
-                        out.append(size_error(max_size) if over else control_error(data[bad]))
-                    mode, depth, discarding = _IDLE, 0, False
+                bad = _first_line_break(data, pos, e) if discarding else -1
+                if not discarding and (bad := _first_control(data, pos, e)) >= 0:
+                    # the message is bad: reported now, skipped to its end (or a line break)
+                    over = len(buf) + bad - start > max_size
+                    out.append(size_error(max_size) if over else control_error(data[bad]))
+                    discarding = True
                     buf.clear()
+                    if data[bad] not in _LINE_BREAKS:
+                        bad = _first_line_break(data, bad + 1, e)
+                if bad >= 0:  # a line break: the message ends here; resume after it
+                    mode, depth, discarding = _IDLE, 0, False
                     pos = bad + 1
                     continue
                 if e == n:
