@@ -128,6 +128,13 @@ class Session:
         self.closer: Callable[[], None] = lambda: None
         service.sessions.add(self)
 
+    @property
+    def holding(self) -> bool:
+        """Whether the connection must stay open however long it is silent (protocol.md §11,
+        ``idle-timeout``): it subscribed, or it maps a block (a mapper sends nothing while
+        it only uses the memory, and closing it would release the memory under it)."""
+        return self.subscribed is not None or bool(self.mapped)
+
     def subscribe(self, events: Collection[str] | None) -> frozenset[str]:
         """Receive ``events`` (all when None) from now on."""
         self.subscribed = frozenset(EVENT_NAMES if events is None else events)

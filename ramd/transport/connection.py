@@ -23,7 +23,8 @@ Refused connections get their refusal, then a half-close, and are read (and the 
 dropped) until the peer closes or ``REFUSAL_LINGER`` passes: closing at once would reset a
 peer that already sent a request, and it would see EPIPE instead of the refusal.
 
-Idle connections (no request for ``idle-timeout``, not subscribed) are closed.
+Idle connections (no request for ``idle-timeout``, neither subscribed nor mapping a block)
+are closed.
 Closing never cancels the command in flight: the task settles it, then exits. A closed
 connection drops its buffers and its session at once (no reference cycle keeps them).
 """
@@ -349,16 +350,15 @@ class Connection(asyncio.Protocol):
             self._timer = self._loop.call_later(delay, self._idle_check)
 
     def _idle_check(self) -> None:
-        """Close the connection if it sent nothing for ``idle-timeout`` and does not
-        receive events; otherwise look again when it could next become idle."""
+        """Close the connection if it sent nothing for ``idle-timeout`` and neither
+        receives events nor maps a block (:attr:`Session.holding`); otherwise look again
+        when it could next become idle."""
         self._timer = None
         timeout = self.server.service.limits.idle_timeout
         if self.closed or self.dialect is None or timeout <= 0:
             return
         idle = time.monotonic() - self._last_request
-        if self.dialect.session.subscribed is not None or (
-            self.pipeline is not None and self.pipeline.busy
-        ):
+        if self.dialect.session.holding or (self.pipeline is not None and self.pipeline.busy):
             self._arm_idle_timer(timeout)
         elif idle >= timeout:
             log.info(
