@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import array
 import asyncio
+import fcntl
 import logging
 import mmap
 import os
 import socket
+import termios
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -136,7 +138,15 @@ class Connection(asyncio.Protocol):
         self.dialect = dialect = self._factory(session)
         self.fields["dialect"] = dialect.name
         limits = self.server.service.limits
-        self.output = Output(t, limits.subscriber_queue, self._drop_slow, self._send_fds)
+        self.output = Output(
+            t,
+            limits.subscriber_queue,
+            self._drop_slow,
+            self._send_fds,
+            self._unread,
+            self.server.fd_flight,
+            self.peer,
+        )
         if refusal is not None:
             self._refuse(refusal)
             return
@@ -194,6 +204,15 @@ class Connection(asyncio.Protocol):
         assert self._sock is not None
         rights = array.array("i", fds).tobytes()
         self._sock.sendmsg([first], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+
+    def _unread(self) -> int:
+        """Bytes sent that the peer has not read yet (``TIOCOUTQ``, i.e. ``SIOCOUTQ``: on a
+        Unix stream socket, what is still queued at the peer counts until it is read)."""
+        if self._sock is None:
+            return 0
+        count = array.array("i", [0])
+        fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, count)
+        return count[0]
 
     def _stop_reading(self) -> None:
         if self._sock is not None and not self._read_paused:

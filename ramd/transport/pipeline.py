@@ -124,7 +124,7 @@ class Pipeline:
             self._plan = None
             reply = plan.finish()
             if reply:
-                output.write(reply, plan.fds)
+                output.write(reply, plan.fds, plan.fds_failed)
             else:
                 close_fds(plan.fds)
             if inbox and time.perf_counter() > deadline:

@@ -200,6 +200,9 @@ class _Command:
     def finish(self) -> Reply:
         return self.answer
 
+    def fds_failed(self, reason: str) -> Reply:
+        return _response(Failed(GENERIC_ERROR, reason), self._name, self._req_id)
+
 
 class QmpDialect:
     """One QMP connection's protocol logic (see :class:`~.dialect.Dialect`).

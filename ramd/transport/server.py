@@ -22,6 +22,7 @@ from ramd.config import Config
 from ramd.logs import LogBudget
 from ramd.transport.admission import Admission
 from ramd.transport.connection import Connection, DialectFactory, read_buffer
+from ramd.transport.fdflight import FdFlight
 from ramd.transport.peer import PeerCredentials
 from ramd.transport.unixbind import BoundSocket, bind_unix
 
@@ -74,6 +75,8 @@ class Server:
         self._created: list[BoundSocket] = []
         self.admission = Admission(config, service.limits)
         self._lingering: set[Connection] = set()
+        #: fds sent to peers that have not read them yet, over every connection.
+        self.fd_flight = FdFlight()
         self._refusal_log: dict[int, LogBudget] = {}
 
     async def start(self) -> None:
