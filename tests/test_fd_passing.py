@@ -1,0 +1,169 @@
+"""fd passing under peers that do not read (protocol.md §11, issue 21 point 4): fds in flight
+count against the daemon's ``RLIMIT_NOFILE``, so a connection has at most one unread answer
+with fds, batches of fds share half of the limit, a batch over ``SCM_MAX_FD`` is refused, and
+an answer whose fds cannot go fails its requests while the connection keeps working. Real
+daemons (one as an unprivileged uid with a limit of 1024), real sockets, real fds."""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import json
+import os
+import socket
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon import Daemon, Raw
+from unprivileged import unprivileged_daemon
+
+MiB = 1 << 20
+_FDS = socket.CMSG_SPACE(253 * 4)
+
+
+def _get_fd(req_id: int, block: str = "m") -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": "ram-block-get-fd", "params": {"id": block}, "id": req_id}
+
+
+class FdConn(Raw):
+    """A connection that reads answers with ``recvmsg`` and keeps the fds of each line."""
+
+    def __init__(self, path: Path | str, timeout: float = 60.0) -> None:
+        super().__init__(path, timeout)
+        self.fds: list[int] = []
+
+    def line(self) -> dict[str, Any] | list[Any]:
+        while b"\n" not in self.buf:
+            data, anc, _, _ = self.sock.recvmsg(1 << 16, _FDS)
+            for level, kind, raw in anc:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                    fds = array.array("i")
+                    fds.frombytes(raw[: len(raw) - len(raw) % 4])
+                    self.fds.extend(fds)
+            if not data:
+                raise ConnectionError("daemon closed the connection")
+            self.buf += data
+        raw_line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(raw_line)  # type: ignore[no-any-return]
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def waiting(self) -> int:
+        """Bytes the daemon sent that this side has not read (``FIONREAD``)."""
+        count = array.array("i", [0])
+        fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, count)
+        return count[0]
+
+    def close(self) -> None:
+        for fd in self.take_fds():
+            os.close(fd)
+        super().close()
+
+
+def _steady(conns: list[FdConn]) -> list[int]:
+    """What each connection has received once nothing more arrives for a while (the daemon
+    sends what it will send to peers that do not read)."""
+    seen: list[int] = []
+    quiet = 0
+    while quiet < 5:
+        time.sleep(0.1)
+        now = [c.waiting() for c in conns]
+        quiet = quiet + 1 if now == seen else 0
+        seen = now
+    return seen
+
+
+@pytest.fixture
+def limited() -> Iterator[Daemon]:
+    """The daemon as the unit runs it, at a ``RLIMIT_NOFILE`` of 1024, with a memfd block."""
+    with unprivileged_daemon() as d:
+        with Raw(d.path) as rpc:
+            rpc.call("ram-block-add", id="m", size=MiB, backend="memfd")
+        yield d
+
+
+def test_peers_that_never_read_their_fds_cannot_stop_fd_passing(limited: Daemon) -> None:
+    """8 connections pipeline 300 get-fd each and read nothing: before, the daemon sent them
+    all, over 1024 fds were in flight and every later sendmsg with an fd failed
+    (ETOOMANYREFS), muting its connection. Now each gets one, the rest wait for it to read."""
+    attackers = [FdConn(limited.path) for _ in range(8)]
+    try:
+        batch = b"".join(json.dumps(_get_fd(i)).encode() for i in range(300))
+        for a in attackers:
+            a.send(batch)
+        received = _steady(attackers)
+        assert all(received), received
+        with FdConn(limited.path) as victim:
+            for i in range(3):
+                victim.send(json.dumps(_get_fd(i)).encode())
+                assert victim.reply()["result"]["size"] == MiB
+                fds = victim.take_fds()
+                assert len(fds) == 1 and os.fstat(fds[0]).st_size == MiB
+                os.close(fds[0])
+        # Nothing was lost: a peer that reads gets all its answers, each with its fd.
+        reader = attackers[0]
+        for i in range(300):
+            answer = reader.reply()
+            assert answer["id"] == i and answer["result"]["size"] == MiB, answer
+            fds = reader.take_fds()
+            assert len(fds) == 1, (i, fds)
+            os.close(fds[0])
+        with Raw(limited.path) as rpc:
+            assert rpc.call("query-ram-blocks", id="m")[0]["mappers"] == 8
+    finally:
+        for a in attackers:
+            a.close()
+    assert "not sent, the request fails" not in limited.log_text()
+
+
+def test_batches_of_fds_nobody_reads_get_half_the_limit_and_fail_past_it(
+    limited: Daemon,
+) -> None:
+    """Batches carrying many fds share half of RLIMIT_NOFILE: past it, the batch's get-fd
+    calls fail naming the limit and the connection goes on; single fds still go."""
+    batch = json.dumps([_get_fd(i) for i in range(253)]).encode()
+    with FdConn(limited.path) as a, FdConn(limited.path) as b, FdConn(limited.path) as c:
+        for peer in (a, b):
+            peer.send(batch)
+        while not (a.waiting() and b.waiting()):  # 506 fds now in flight, unread
+            time.sleep(0.02)
+        c.send(batch)
+        answers = c.reply()
+        assert isinstance(answers, list) and len(answers) == 253
+        assert c.take_fds() == []
+        for answer in answers:
+            assert answer["error"]["data"] == {"class": "GenericError"}, answer
+            assert answer["error"]["message"].startswith("Limit exceeded: fd budget: "), answer
+            assert "RLIMIT_NOFILE is 1024" in answer["error"]["message"]
+        assert c.call("query-version")
+        with FdConn(limited.path) as victim:
+            assert victim.call("ram-block-get-fd", id="m")["size"] == MiB
+            assert len(victim.fds) == 1
+        answers = a.reply()
+        assert isinstance(answers, list) and all("result" in x for x in answers)
+        assert len(a.fds) == 253
+    assert "253 fd(s) not sent, the request fails: Limit exceeded: fd budget" in limited.log_text()
+
+
+def test_a_batch_over_scm_max_fd_is_refused_whole(reused_shared_daemon: Daemon) -> None:
+    """253 fds fit in one sendmsg (SCM_MAX_FD); a batch whose answers would carry more was
+    run, then failed in sendmsg and muted the connection. Now it is refused unrun."""
+    with FdConn(reused_shared_daemon.path) as rpc:
+        rpc.call("ram-block-add", id="m", size=MiB, backend="memfd")
+        rpc.send(json.dumps([_get_fd(i) for i in range(254)]).encode())
+        refusal = rpc.reply()
+        assert isinstance(refusal, dict) and refusal["error"]["code"] == -32600, refusal
+        assert "at most 253 file descriptors (SCM_MAX_FD)" in refusal["error"]["data"]
+        assert rpc.take_fds() == []
+        assert rpc.call("query-ram-blocks", id="m")[0]["mappers"] == 0
+        rpc.send(json.dumps([_get_fd(i) for i in range(253)]).encode())
+        answers = rpc.reply()
+        assert isinstance(answers, list) and [x["id"] for x in answers] == list(range(253))
+        assert len(rpc.fds) == 253
+        assert rpc.call("query-ram-blocks", id="m")[0]["mappers"] == 1
