@@ -141,7 +141,8 @@ def test_batches_of_fds_nobody_reads_get_half_the_limit_and_fail_past_it(
             assert answer["error"]["data"] == {"class": "GenericError"}, answer
             assert answer["error"]["message"].startswith("Limit exceeded: fd budget: "), answer
             assert "RLIMIT_NOFILE is 1024" in answer["error"]["message"]
-        assert c.call("query-version")
+        # c is no mapper: it got no fd (a and b are, though they have not read theirs yet)
+        assert c.call("query-ram-blocks", id="m")[0]["mappers"] == 2
         with FdConn(limited.path) as victim:
             assert victim.call("ram-block-get-fd", id="m")["size"] == MiB
             assert len(victim.fds) == 1

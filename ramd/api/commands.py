@@ -77,6 +77,8 @@ class WithFds:
 
     result: BaseModel
     fds: tuple[int, ...]
+    #: Undoes the call if the fds cannot be sent (see :attr:`ramd.api.outcome.Done.unsent`).
+    unsent: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +317,7 @@ def ram_block_get_fd(session: Session, args: m.GetFdArgs) -> WithFds:
         fd = os.open(f"/proc/self/fd/{block.fd}", flags)
     except OSError as e:
         raise RamdError(f"Cannot open RAM block '{block.id}': {e.strerror}") from None
+    unsent = None if block in session.mapped else functools.partial(_put_fd, session, block)
     session.service.mappers.add(block, session)
     result = m.GetFdResult(
         id=block.id,
@@ -323,7 +326,12 @@ def ram_block_get_fd(session: Session, args: m.GetFdArgs) -> WithFds:
         page_size=block.page_size,
         readonly=readonly,
     )
-    return WithFds(result, (fd,))
+    return WithFds(result, (fd,), unsent)
+
+
+def _put_fd(session: Session, block: RAMBlock) -> None:
+    """A get-fd whose fd could not be sent: the connection is no mapper of it after all."""
+    session.service.mappers.remove(block, session)
 
 
 @command("ram-block-put-fd", m.BlockIdArgs, m.Empty, readonly=True)

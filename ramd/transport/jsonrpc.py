@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ramd.api import dispatch
@@ -143,27 +144,34 @@ class _Single:
     """The plan of one request object whose call did not end at once: its outcome is
     pending (work in a thread) or carries fds, which the pipeline sends with the answer."""
 
-    __slots__ = ("_first", "_obj", "answer", "fds")
+    __slots__ = ("_first", "_obj", "_unsent", "answer", "fds")
 
     def __init__(self, obj: dict[str, Any], first: Outcome) -> None:
         self._obj = obj
         self._first: Outcome | None = first
         self.answer: bytes | None = None
         self.fds: list[int] = []
+        self._unsent: list[Callable[[], None]] = []
 
     def step(self) -> Outcome | None:
         first, self._first = self._first, None
         return first
 
     def record(self, outcome: Outcome) -> None:
-        if isinstance(outcome, Done):
-            self.fds.extend(outcome.fds)  # closed by the pipeline if there is no answer
         self.answer = _single_answer(self._obj, outcome)
+        if isinstance(outcome, Done):
+            if self.answer is None:  # a notification: its fds go nowhere
+                unsent(outcome)
+            else:
+                self.fds.extend(outcome.fds)
+                self._unsent.extend(filter(None, [outcome.unsent]))
 
     def finish(self) -> Reply:
         return self.answer
 
     def fds_failed(self, reason: str) -> Reply:
+        for undo in self._unsent:
+            undo()
         return _single_answer(self._obj, Failed("GenericError", reason))
 
 
@@ -180,6 +188,7 @@ class _Batch:
         "_reserved",
         "_session",
         "_size",
+        "_unsent",
         "fds",
     )
 
@@ -194,6 +203,7 @@ class _Batch:
         self._full = False  # an answer did not fit: the remaining members are refused unrun
         self.fds: list[int] = []
         self._fd_parts: list[tuple[int, Any]] = []  # (part, request id) of answers with fds
+        self._unsent: list[Callable[[], None]] = []
 
     def step(self) -> Outcome | None:
         while True:
@@ -214,17 +224,18 @@ class _Batch:
         req = self._members[self._i]
         fds = outcome.fds if isinstance(outcome, Done) else ()
         if "id" not in req:
-            close_fds(fds)
+            unsent(outcome)
             return
         text = response(outcome, req["id"])
         if self._size + len(text) + 1 + self._reserved - _refusal_size(req) > self._budget:
             self._full = True
-            close_fds(fds)
+            unsent(outcome)
             self._add(_refusal(req, self._budget, ran=True), req)
         else:
-            if fds:
+            if isinstance(outcome, Done) and outcome.fds:
                 self.fds.extend(fds)
                 self._fd_parts.append((len(self._parts), req["id"]))
+                self._unsent.extend(filter(None, [outcome.unsent]))
             self._add(text, req)
 
     def _add(self, text: str | None, req: Any) -> None:
@@ -239,10 +250,21 @@ class _Batch:
         return _line("[" + ",".join(self._parts) + "]")
 
     def fds_failed(self, reason: str) -> Reply:
+        for undo in self._unsent:
+            undo()
         for part, req_id in self._fd_parts:
             self._parts[part] = _error(COMMAND_FAILED, reason, req_id, {"class": "GenericError"})
         self._fd_parts.clear()
         return self.finish()
+
+
+def unsent(outcome: Outcome) -> None:
+    """The fds of ``outcome`` go nowhere (no answer carries them): close them and undo what
+    the call did for their holder."""
+    if isinstance(outcome, Done):
+        close_fds(outcome.fds)
+        if outcome.unsent is not None:
+            outcome.unsent()
 
 
 def _immediate(req: Any) -> str | None:
