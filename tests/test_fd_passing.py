@@ -168,3 +168,69 @@ def test_a_batch_over_scm_max_fd_is_refused_whole(reused_shared_daemon: Daemon) 
         assert isinstance(answers, list) and [x["id"] for x in answers] == list(range(253))
         assert len(rpc.fds) == 253
         assert rpc.call("query-ram-blocks", id="m")[0]["mappers"] == 1
+
+
+# -- fds a client sends: kept only for a getfd of the same message (issue 21, point 5) -------
+
+
+def _send_fds(conn: Raw, data: bytes, fds: list[int]) -> None:
+    conn.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def _wait_fd_count(d: Daemon, at_most: int) -> None:
+    """Until the daemon holds at most ``at_most`` fds (it closes them on the loop thread)."""
+    deadline = time.monotonic() + 10
+    while d.fd_count() > at_most:
+        assert time.monotonic() < deadline, (d.fd_count(), at_most)
+        time.sleep(0.02)
+
+
+def test_fds_sent_with_another_message_are_closed_not_kept(any_daemon: Daemon) -> None:
+    """Before, up to 4 fds sent with any message waited in a queue for a later getfd, so a
+    peer could hold 4 of the daemon's fds per connection for ever."""
+    with Raw(any_daemon.path) as rpc:
+        assert rpc.call("query-version")
+        baseline = any_daemon.fd_count()
+        r, w = os.pipe()
+        try:
+            _send_fds(rpc, b'{"jsonrpc":"2.0","method":"query-version","id":1}', [r, w, r, w])
+            assert "result" in rpc.reply()
+            _wait_fd_count(any_daemon, baseline)
+            err = rpc.error("getfd", fdname="late")
+            assert err["message"] == "No file descriptor supplied via SCM_RIGHTS"
+            # A getfd sent in the same write as another message (the fd comes with the first
+            # byte of the write): the getfd keeps it, the other one is answered as usual.
+            getfd = b'{"jsonrpc":"2.0","method":"getfd","params":{"fdname":"img"},"id":2}'
+            _send_fds(rpc, getfd + b'{"jsonrpc":"2.0","method":"query-version","id":3}', [w])
+            assert rpc.reply() == {"jsonrpc": "2.0", "result": {}, "id": 2}
+            assert "result" in rpc.reply()
+            assert rpc.call("closefd", fdname="img") == {}
+        finally:
+            os.close(r)
+            os.close(w)
+        _wait_fd_count(any_daemon, baseline)
+
+
+async def test_qemu_qmp_send_fd_scm_then_getfd(any_daemon: Daemon) -> None:
+    """qemu.qmp sends the fd with one space, then the getfd: whitespace before a message is
+    part of it, so the getfd gets the fd; an fd sent before another command is closed."""
+    from qemu.qmp import ExecuteError, QMPClient
+
+    assert any_daemon.qmp_path is not None
+    baseline = any_daemon.fd_count()
+    client = QMPClient("ramd-test")
+    await client.connect(str(any_daemon.qmp_path))
+    r, w = os.pipe()
+    try:
+        client.send_fd_scm(w)
+        assert await client.execute("getfd", {"fdname": "out"}) == {}
+        client.send_fd_scm(r)
+        assert await client.execute("query-version")
+        with pytest.raises(ExecuteError, match="No file descriptor supplied"):
+            await client.execute("getfd", {"fdname": "in"})
+        assert await client.execute("closefd", {"fdname": "out"}) == {}
+    finally:
+        await client.disconnect()
+        os.close(r)
+        os.close(w)
+    _wait_fd_count(any_daemon, baseline)

@@ -8,9 +8,11 @@ Reading: asyncio's transports cannot receive file descriptors (``SCM_RIGHTS``, Q
 ``getfd``), so the transport's own reading is paused for good and the connection reads with
 ``recvmsg_into`` on a duplicate of the socket, registered with the loop's ``add_reader``
 (both event loops support it), into the server's one read buffer (see :func:`read_buffer`;
-each read is copied out before the callback returns). Received fds wait in a small
-bounded queue for the ``getfd`` that names them; extra ones are closed at once. Writing stays
-with the transport (:class:`~ramd.transport.output.Output`).
+each read is copied out before the callback returns). The fds of a read go to the pipeline
+with the messages of that read (:meth:`~ramd.transport.pipeline.Pipeline.push_fds`): only a
+``getfd`` among them keeps one, the others are closed once those messages are answered; the
+kernel closes those beyond ``MAX_RECEIVED_FDS`` (no room for them in the ancillary buffer).
+Writing stays with the transport (:class:`~ramd.transport.output.Output`).
 
 Flow: each read is split into JSON texts queued in the pipeline; reading pauses while the
 pipeline is full. While the connection's task is parked (nothing in
@@ -40,7 +42,6 @@ import os
 import socket
 import termios
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -48,9 +49,9 @@ from ramd import heap
 from ramd.api.events import Event
 from ramd.api.service import Session
 from ramd.transport.dialect import Dialect
-from ramd.transport.output import Output
+from ramd.transport.output import Output, close_fds
 from ramd.transport.peer import peer_credentials
-from ramd.transport.pipeline import Pipeline, State
+from ramd.transport.pipeline import MAX_RECEIVED_FDS, Pipeline, State
 from ramd.transport.splitter import JsonSplitter
 
 if TYPE_CHECKING:
@@ -68,8 +69,6 @@ READ_BUFFER = 256 * 1024
 TRIM_AFTER = 1024 * 1024
 #: Seconds a refused connection is kept half-closed so that the peer reads its refusal.
 REFUSAL_LINGER = 2.0
-#: Received fds kept for ``getfd`` at once; more are closed on arrival.
-MAX_RECEIVED_FDS = 4
 _ANCILLARY = socket.CMSG_SPACE(MAX_RECEIVED_FDS * array.array("i").itemsize)
 
 
@@ -92,7 +91,6 @@ class Connection(asyncio.Protocol):
         )
         self._read_paused = False
         self._sock: socket.socket | None = None
-        self._received_fds: deque[int] = deque()
         self._eof = False
         self._parked = False
         self._refused = False
@@ -176,27 +174,22 @@ class Connection(asyncio.Protocol):
         except OSError:
             self._lost()
             return
+        fds: list[int] = []
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-                self._keep_fds(fds)
+                got = array.array("i")
+                got.frombytes(data[: len(data) - len(data) % got.itemsize])
+                fds += got
         if nbytes == 0:
+            close_fds(fds)
             self._stop_reading()
             self._eof_received()
         else:
-            self._received(bytes(buffer[:nbytes]))
-
-    def _keep_fds(self, fds: Sequence[int]) -> None:
-        for fd in fds:
-            if self.closed or self._refused or len(self._received_fds) >= MAX_RECEIVED_FDS:
-                os.close(fd)
-            else:
-                self._received_fds.append(fd)
+            self._received(bytes(buffer[:nbytes]), fds)
 
     def _take_received_fd(self) -> int | None:
-        """The oldest fd received and not yet claimed (by ``getfd``), now the caller's."""
-        return self._received_fds.popleft() if self._received_fds else None
+        """The first fd offered to the message in progress (by ``getfd``), now the caller's."""
+        return self.pipeline.take_fd() if self.pipeline is not None else None
 
     def _send_fds(self, first: bytes, fds: Sequence[int]) -> None:
         """Send ``first`` with ``fds`` attached (the output calls this when nothing else is
@@ -229,19 +222,25 @@ class Connection(asyncio.Protocol):
         right after ``connection_made``): the same path as our own reads, in stream order."""
         self._received(data)
 
-    def _received(self, data: bytes) -> None:
+    def _received(self, data: bytes, fds: list[int] | None = None) -> None:
+        """One read's bytes, and the fds that came with them (now owned here)."""
         pipeline, splitter = self.pipeline, self._splitter
         if self.closed or pipeline is None or splitter is None:
+            close_fds(fds or ())
             return  # refused (input dropped) or closing
         self._last_request = time.monotonic()
         self._bytes_in += len(data)
         try:
-            for item in splitter.feed(data):
-                pipeline.push(item)
+            items = splitter.feed(data)
         except MemoryError:
+            close_fds(fds or ())
             log.warning("connection %s: out of memory splitting its input", self.peer)
             self._finish()
             return
+        for item in items:
+            pipeline.push(item)
+        if fds:
+            pipeline.push_fds(fds, len(items), splitter.in_message)
         if pipeline.full:
             self._stop_reading()
         if self._parked and not self.server.stopping:
@@ -271,8 +270,6 @@ class Connection(asyncio.Protocol):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        while self._received_fds:
-            os.close(self._received_fds.popleft())
         if self.dialect is not None:
             self.dialect.session.close()
         moved = self._bytes_in

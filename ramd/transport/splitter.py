@@ -268,6 +268,11 @@ class JsonSplitter:
         """
         return len(self._buf)
 
+    @property
+    def in_message(self) -> bool:
+        """Whether a message has begun and not ended (its bytes so far were fed)."""
+        return self._mode != _IDLE
+
     def feed(self, data: bytes) -> list[bytes | bytearray | SplitError]:
         """Scan the next chunk of the stream and return what it completes, in stream order.
 
