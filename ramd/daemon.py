@@ -14,6 +14,7 @@ from ramd.api import dispatch
 from ramd.api.outcome import BadArguments, Failed, Internal, Pending
 from ramd.api.service import Service, Session
 from ramd.config import Config, ConfigError, default_socket_path
+from ramd.fdbudget import raise_nofile_limit
 from ramd.hostlimits import HostLimits, meminfo_total
 from ramd.ramblock import RAMList
 from ramd.transport.connection import DialectFactory
@@ -89,6 +90,7 @@ async def serve(
     heap.keep_large_buffers()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    raise_nofile_limit()
     host = HostLimits()
     service = Service(
         host.effective(config.limits),

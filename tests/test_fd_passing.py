@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 import termios
 import time
 from collections.abc import Iterator
@@ -234,3 +235,140 @@ async def test_qemu_qmp_send_fd_scm_then_getfd(any_daemon: Daemon) -> None:
         os.close(r)
         os.close(w)
     _wait_fd_count(any_daemon, baseline)
+
+
+# -- the fd budget (issue 21, point 5) -------------------------------------------------------
+
+
+def test_rlimit_nofile_is_raised_to_the_hard_limit_at_start() -> None:
+    with unprivileged_daemon(nofile=1024) as d:
+        assert "RLIMIT_NOFILE is 1024 (hard limit 1024)" in d.log_text()
+    if os.getuid() == 0:
+        wrap = ["prlimit", "--nofile=512:4096", "--"]
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Daemon(Path(tmp), "", wrap=wrap)
+            try:
+                limits = Path(f"/proc/{d.pid}/limits").read_text()
+                assert any(
+                    line.startswith("Max open files") and line.split()[3:5] == ["4096", "4096"]
+                    for line in limits.splitlines()
+                ), limits
+                assert "RLIMIT_NOFILE is 4096 (hard limit 4096)" in d.log_text()
+            finally:
+                d.stop()
+
+
+def test_shared_blocks_past_the_fd_budget_are_refused_naming_it() -> None:
+    """Before, the 1,013th memfd block failed with "Too many open files" and left the daemon
+    at its fd limit (accept, open, everything failed). Now shared blocks stop at the fd budget
+    with a refusal naming it; anonymous blocks hold no fd and are not refused by it."""
+    with unprivileged_daemon() as d, Raw(d.path) as rpc:
+        refusal = None
+        for i in range(1013):
+            answer = rpc.request("ram-block-add", id=f"m{i}", size=4096, backend="memfd")
+            if "error" in answer:
+                refusal = answer["error"]
+                break
+        assert refusal is not None, "no block refused"
+        assert refusal["data"] == {"class": "GenericError"}
+        assert refusal["message"].startswith("Limit exceeded: fd budget is 832 (RLIMIT_NOFILE 1024")
+        assert "no room for another shared block" in refusal["message"]
+        assert d.fd_count() < 1000
+        err = rpc.error("ram-block-add", id="f", size=4096, backend="file")
+        assert err["message"].startswith("Limit exceeded: fd budget is 832")
+        assert rpc.call("ram-block-add", id="anon", size=4096)["backend"] == "anonymous"
+        # The daemon stays usable: room again after a removal, new connections, fds.
+        rpc.call("ram-block-del", id="m1")
+        assert rpc.call("ram-block-add", id="again", size=4096, backend="memfd")["id"] == "again"
+        with FdConn(d.path) as other:
+            assert other.call("ram-block-get-fd", id="m0")["size"] == 4096
+            assert len(other.fds) == 1
+        assert "Too many open files" not in d.log_text()
+
+
+READONLY_UID = 61000 + os.getpid() % 1000
+
+
+def _hold_connections(path: Path, uid: int, report: int, release: int) -> None:
+    """In a child as ``uid``: open connections until refused, each sending one space with 4
+    fds and nothing else (fds kept for a getfd that never comes); report how many were taken
+    and the refusal, then hold them until ``release`` is readable."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    conns: list[socket.socket] = []
+    refusal = ""
+    r, w = os.pipe()
+    for _ in range(300):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w] * 2))])
+        conns.append(s)
+        s.setblocking(False)
+        try:
+            data = s.recv(4096)
+        except BlockingIOError:
+            data = b""
+        if data:  # a refusal is the only thing said unasked
+            refusal = data.decode()
+            break
+        s.setblocking(True)
+        s.send(b'{"jsonrpc":"2.0","method":"query-version","id":1}')
+        answer = s.recv(4096)
+        if b'"result"' not in answer:
+            refusal = answer.decode()
+            break
+        s.send(b" ")  # the fds of this space wait for the next message, which never comes
+    os.write(report, json.dumps([len(conns), refusal]).encode())
+    os.read(release, 1)
+
+
+def test_read_only_peers_holding_connections_and_fds_cannot_lock_out_root() -> None:
+    """Before, read-only peers whose connections each kept 4 unclaimed fds exhausted the fd
+    table at 1024: nobody, root included, could connect, and the log got a line per try."""
+    config = (
+        f'socket-mode = "0666"\nreadonly-uids = [{READONLY_UID}]\n'
+        "[limits]\nmax-connections = 1000\nmax-connections-per-uid = 1000\n"
+    )
+    with unprivileged_daemon(config) as d:
+        with Raw(d.path) as rpc:
+            rpc.call("ram-block-add", id="m", size=MiB, backend="memfd")
+        report_r, report_w = os.pipe()
+        release_r, release_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _hold_connections(d.path, READONLY_UID, report_w, release_r)
+            except BaseException as e:
+                os.write(report_w, json.dumps([0, f"child failed: {e!r}"]).encode())
+            finally:
+                os._exit(0)
+        os.close(report_w)
+        os.close(release_r)
+        try:
+            taken, refusal = json.loads(os.read(report_r, 65536))
+            assert 20 < taken < 300, (taken, refusal)
+            assert "Limit exceeded: fd budget is 832" in refusal, refusal
+            assert "no room for another connection" in refusal
+            assert d.fd_count() < 1000
+            with FdConn(d.path) as root:
+                assert root.call("ram-block-get-fd", id="m")["size"] == MiB
+                assert len(root.fds) == 1
+            refused_lines = d.log_text().count("refused connection")
+            assert 1 <= refused_lines <= 25, refused_lines
+        finally:
+            os.write(release_w, b"x")
+            os.close(release_w)
+            os.close(report_r)
+            os.waitpid(pid, 0)
+
+
+def test_the_budget_of_a_connection_counts_every_fd_it_may_hold() -> None:
+    from ramd import fdbudget
+    from ramd.api.commands import MAX_NAMED_FDS
+    from ramd.transport.pipeline import MAX_RECEIVED_FDS
+    from ramd.transport.server import MAX_LINGERING
+
+    assert fdbudget.PER_CONNECTION == 2 + MAX_RECEIVED_FDS + MAX_NAMED_FDS + 1
+    assert fdbudget.LINGERING_FDS == 2 * MAX_LINGERING

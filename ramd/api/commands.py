@@ -22,7 +22,7 @@ import pybase64
 from pydantic import BaseModel
 
 import ramd
-from ramd import fdstore
+from ramd import fdbudget, fdstore
 from ramd.api import hmp, release
 from ramd.api import models as m
 from ramd.api.blockinfo import json_list, with_resident
@@ -130,6 +130,7 @@ def _check_add_limits(service: Service, args: m.RamBlockAddArgs) -> None:
     size = _align_up(args.size, page)
     reserve = _align_up(max(args.max_size or size, size), page) + page
     count = len(ram) + ram.pending
+    fdbudget.check_shared_add(service, args.backend)
     if count >= lim.max_blocks:
         raise _limit("max-blocks", lim.max_blocks, f"{count} blocks exist or are being created")
     if lim.max_reserved and ram.reserved + reserve > lim.max_reserved:

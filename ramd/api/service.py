@@ -19,6 +19,7 @@ from ramd.api.events import Broadcaster, Event, EventSink
 from ramd.api.mappers import Mappers
 from ramd.api.models import EVENT_NAMES
 from ramd.config import DEFAULT_STATE_DIR, Limits
+from ramd.fdbudget import FdBudget, nofile_limit
 from ramd.hostlimits import HostLimits
 from ramd.jobs import JobManager
 from ramd.logs import LogBudget
@@ -50,6 +51,8 @@ class Service:
         self.ram.register_notifier(self.broadcaster)
         self.ram.register_notifier(self.infos)
         self.sessions: set[Session] = set()
+        #: What connections and shared blocks may hold of ``RLIMIT_NOFILE``.
+        self.fd_budget = FdBudget(nofile_limit())
         #: Subscribers disconnected for falling behind (counted by the transport).
         self.dropped_subscribers = 0
         self.started = time.monotonic()

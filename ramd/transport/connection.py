@@ -116,7 +116,12 @@ class Connection(asyncio.Protocol):
         raw = t.get_extra_info("socket")
         t.pause_reading()
         self._loop.call_soon(_keep_paused, t)
-        self._sock = socket.socket(fileno=os.dup(raw.fileno()))
+        try:
+            self._sock = socket.socket(fileno=os.dup(raw.fileno()))
+        except OSError as e:  # EMFILE: the fd budget should have kept room; never per peer
+            self.server.resource_error("cannot take a connection", e)
+            t.abort()
+            return
         self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._readable)
         cred = peer_credentials(raw)

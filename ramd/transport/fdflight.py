@@ -23,8 +23,9 @@ Ownership and thread: one per server, shared by its connections' outputs; loop t
 
 from __future__ import annotations
 
-import resource
 from typing import Protocol
+
+from ramd.fdbudget import nofile_limit
 
 
 class Holder(Protocol):
@@ -34,12 +35,6 @@ class Holder(Protocol):
         """Whether the peer read everything sent so far (then its fds are no longer in
         flight)."""
         ...
-
-
-def nofile_limit() -> int:
-    """The soft ``RLIMIT_NOFILE`` (unlimited counts as a large number)."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
 
 
 class FdFlight:
