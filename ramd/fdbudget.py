@@ -17,8 +17,9 @@ peers can make it hold so that, together, it never reaches the limit:
 
 The rest of the limit, ``budget``, is shared: a new connection or a new shared block is
 refused ("Limit exceeded: fd budget is ...") when it would not fit. Root keeps room for
-``reserve`` connections (the slots :mod:`ramd.transport.admission` keeps for uid 0): other
-peers' connections and every shared block leave it free, so they can never lock root out.
+``reserve`` connections (the slots :mod:`ramd.transport.admission` keeps for uid 0; fewer
+when the budget is small, :attr:`FdBudget.kept_for_root`): other peers' connections and
+every shared block leave it free, so they can never lock root out.
 
 Ownership and thread: one per service, loop thread only. ``connections`` is kept by the
 server (admitted connections); shared blocks are counted on the RAM list when asked.
@@ -90,16 +91,22 @@ class FdBudget:
             f" connections ({PER_CONNECTION} fds each) hold it, {more}"
         )
 
+    @property
+    def kept_for_root(self) -> int:
+        """Connections kept for uid 0: ``reserve``, but at most an eighth of what the budget
+        holds (at least one), so that a small limit still admits other peers."""
+        return min(self.reserve, max(1, self.budget // PER_CONNECTION // 8))
+
     def connection_refusal(self, shared: int, root: bool) -> str | None:
         """Why one more connection (of root when ``root``) does not fit, or None."""
-        kept = 0 if root else self.reserve
+        kept = 0 if root else self.kept_for_root
         if shared + (self.connections + 1 + kept) * PER_CONNECTION <= self.budget:
             return None
         return self._refusal(shared, "no room for another connection")
 
     def block_refusal(self, shared: int) -> str | None:
         """Why one more shared block does not fit, or None."""
-        if shared + 1 + (self.connections + self.reserve) * PER_CONNECTION <= self.budget:
+        if shared + 1 + (self.connections + self.kept_for_root) * PER_CONNECTION <= self.budget:
             return None
         return self._refusal(shared, "no room for another shared block")
 
