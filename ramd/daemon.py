@@ -160,7 +160,10 @@ def reload(server: Server | None, reread: Callable[[], Config] | None) -> None:
     try:
         new = reread()
     except ConfigError as e:
-        log.error("SIGHUP: configuration not reloaded: %s", e)
+        log.error("SIGHUP: configuration not reloaded, the running one is kept: %s", e)
+        return
+    except Exception:
+        log.exception("SIGHUP: configuration not reloaded, the running one is kept")
         return
     old = server.config
     update = {k: getattr(new, k) for k in RELOADABLE}
