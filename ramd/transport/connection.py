@@ -189,8 +189,14 @@ class Connection(asyncio.Protocol):
             close_fds(fds)
             self._stop_reading()
             self._eof_received()
-        else:
-            self._received(bytes(buffer[:nbytes]), fds)
+            return
+        try:
+            data = bytes(buffer[:nbytes])
+        except MemoryError:  # the read is lost: the stream cannot be followed any more
+            close_fds(fds)
+            self._out_of_memory("reading its input")
+            return
+        self._received(data, fds)
 
     def _take_received_fd(self) -> int | None:
         """The first fd offered to the message in progress (by ``getfd``), now the caller's."""
@@ -237,10 +243,9 @@ class Connection(asyncio.Protocol):
         self._bytes_in += len(data)
         try:
             items = splitter.feed(data)
-        except MemoryError:
+        except MemoryError:  # the splitter reports what it cannot store: a last resort
             close_fds(fds or ())
-            log.warning("connection %s: out of memory splitting its input", self.peer)
-            self._finish()
+            self._out_of_memory("splitting its input")
             return
         for item in items:
             pipeline.push(item)
@@ -259,6 +264,13 @@ class Connection(asyncio.Protocol):
                 self._resume_reading()
                 return
         self.wake()
+
+    def _out_of_memory(self, doing: str) -> None:
+        """Input was lost for lack of memory: say so to the peer, then close."""
+        log.warning("connection %s: out of memory %s", self.peer, doing)
+        if self.output is not None and self.dialect is not None:
+            self.output.write(self.dialect.no_memory())
+        self._finish()
 
     def _eof_received(self) -> None:
         self._eof = True

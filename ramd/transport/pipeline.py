@@ -171,7 +171,8 @@ class Pipeline:
                 answer: bytes | Plan | None
                 try:
                     if isinstance(item, SplitError):
-                        answer = dialect.split_error(item)
+                        memory = item.kind == "memory"
+                        answer = dialect.no_memory() if memory else dialect.split_error(item)
                     else:
                         self.inbox_bytes -= len(item)
                         answer = dialect.handle(item)

@@ -130,7 +130,7 @@ def _base64_only(data: bytes, start: int, end: int) -> bool:
     try:
         with memoryview(data) as view:
             pybase64.b64decode(view[start:whole], validate=True)
-    except ValueError:  # binascii.Error is one
+    except (ValueError, MemoryError):  # binascii.Error is one; no memory: look byte by byte
         return False
     return True
 
@@ -190,8 +190,10 @@ def _no_fast_path(data: bytes, pos: int) -> None:
 class SplitError:
     """A place in the stream where no JSON text could be delimited.
 
-    ``kind`` says which: ``"stray"`` (a closer outside any text), ``"size"`` or ``"depth"`` (a
-    message over a limit, whose text was dropped); ``reason`` is human text for the response.
+    ``kind`` says which: ``"stray"`` (a closer outside any text), ``"control"`` (a control
+    byte in a string), ``"size"`` or ``"depth"`` (a message over a limit, whose text was
+    dropped), ``"memory"`` (no memory to store the message, dropped too); ``reason`` is
+    human text for the response.
     """
 
     kind: str
@@ -210,6 +212,10 @@ def size_error(limit: int) -> SplitError:
     return SplitError("size", f"message exceeds the size limit of {limit} bytes")
 
 
+def memory_error() -> SplitError:
+    return SplitError("memory", "no memory to hold this message")
+
+
 def depth_error(limit: int) -> SplitError:
     return SplitError("depth", f"message nested deeper than {limit}")
 
@@ -222,6 +228,9 @@ class JsonSplitter:
     * Bounded memory: the only data kept between calls is the incomplete message's bytes, at
       most ``max_size`` of them (see :meth:`pending`), plus a few integers. No input makes it
       hold more: the bytes of an oversized or overdeep message are dropped, not stored.
+    * Out of memory: a message whose bytes cannot be stored (the process at its address-space
+      or mapping limit) is one ``memory`` error and is skipped like an oversized one; the
+      splitter never raises for it.
     * Resync: after an error the splitter always recovers. A stray closer costs that one byte.
       An oversized or overdeep message, or one with a control byte in a string, costs
       exactly that message (it is still delimited by bracket counting; a line break in a
@@ -288,7 +297,10 @@ class JsonSplitter:
         if self._mode == _IDLE and self._max_depth >= _FAST_DEPTH:  # nothing buffered
             whole = _FAST_CHUNK.fullmatch(data)
             if whole is not None and whole.end(1) - whole.start(1) <= self._max_size:
-                return [whole.group(1)]
+                try:
+                    return [whole.group(1)]
+                except MemoryError:
+                    return [memory_error()]
         out: list[bytes | bytearray | SplitError] = []
         buf = self._buf
         max_size = self._max_size
@@ -407,12 +419,16 @@ class JsonSplitter:
             elif len(buf) + end - start > max_size:
                 out.append(size_error(max_size))
                 buf.clear()
-            elif buf:  # hand the buffer over (no copy of a large message); a new one follows
-                buf += memoryview(data)[start:end]
-                out.append(buf)
-                self._buf = buf = bytearray()
             else:
-                out.append(data[start:end])
+                try:
+                    if buf:  # hand the buffer over (no copy of a large message)
+                        buf += memoryview(data)[start:end]
+                        out.append(buf)
+                    else:
+                        out.append(data[start:end])
+                except MemoryError:
+                    out.append(memory_error())
+                self._buf = buf = bytearray()  # a new one follows (the old one freed)
 
         if mode != _IDLE and not discarding:  # keep the incomplete message, within the limit
             if len(buf) + n - start > max_size:
@@ -420,7 +436,12 @@ class JsonSplitter:
                 discarding = True
                 buf.clear()
             else:
-                buf += memoryview(data)[start:]
+                try:
+                    buf += memoryview(data)[start:]
+                except MemoryError:
+                    out.append(memory_error())
+                    discarding = True
+                    self._buf = buf = bytearray()
         self._mode = mode
         self._depth = depth
         self._discarding = discarding
