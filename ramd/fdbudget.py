@@ -116,6 +116,16 @@ def shared_blocks(service: Service) -> int:
     return service.ram.pending + sum(1 for block in service.ram if block.shared)
 
 
+def connection_refusal(service: Service, root: bool) -> str | None:
+    """Why the fd budget has no room for one more connection now, or None. Every block
+    counted as shared first (no walk over the blocks), the exact count only when that is
+    short."""
+    budget = service.fd_budget
+    if budget.connection_refusal(len(service.ram) + service.ram.pending, root) is None:
+        return None
+    return budget.connection_refusal(shared_blocks(service), root)
+
+
 def check_shared_add(service: Service, backend: str) -> None:
     """Refuse (``RamdError``) a new block of ``backend`` that the fd budget cannot hold."""
     if backend == "anonymous":

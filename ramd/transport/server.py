@@ -20,7 +20,7 @@ from typing import Any
 
 from ramd.api.service import Service
 from ramd.config import Config
-from ramd.fdbudget import shared_blocks
+from ramd.fdbudget import connection_refusal
 from ramd.logs import LogBudget
 from ramd.transport.admission import Admission
 from ramd.transport.connection import Connection, DialectFactory, read_buffer
@@ -131,11 +131,10 @@ class Server:
             return "full", "the daemon is shutting down"
         access, refusal = self.admission.admit(conn, peer)
         if refusal is None:
-            budget = self.service.fd_budget
-            refusal = budget.connection_refusal(shared_blocks(self.service), peer.uid == 0)
+            refusal = connection_refusal(self.service, peer.uid == 0)
             if refusal is None:
                 self.connections.add(conn)
-                budget.connections += 1
+                self.service.fd_budget.connections += 1
             else:
                 self.admission.release(conn)
         return access, refusal
