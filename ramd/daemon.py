@@ -117,11 +117,14 @@ async def serve(
             type(loop).__module__.split(".")[0],
         )
         log.info(
-            "limits: max-reserved %d, max-used %d (host memory %d, cgroup limits %s)",
+            "limits: max-reserved %d, max-used %d (host memory %d, cgroup limits %s),"
+            " RLIMIT_NOFILE %d (fd budget %d)",
             service.limits.max_reserved,
             service.limits.max_used,
             meminfo_total(),
             ", ".join(f"{c.cgroup} {c.limit}" for c in host.cgroup_limits()) or "none",
+            service.fd_budget.limit,
+            service.fd_budget.budget,
         )
         heap.trim()  # what start-up allocated and freed (imports, adoption) goes back
         watchdog = _start_watchdog()

@@ -56,18 +56,17 @@ def nofile_limit() -> int:
 
 
 def raise_nofile_limit() -> int:
-    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (logged); the soft limit now.
-    Where that is not allowed (a seccomp filter without ``@resources``), the soft limit
-    stays as it is, logged too: ``LimitNOFILE=`` in the unit sets both."""
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; the soft limit now (the daemon
+    logs it once started). Where that is not allowed (a seccomp filter without
+    ``@resources``), the soft limit stays as it is, with a warning: ``LimitNOFILE=`` in the
+    unit sets both."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (OSError, ValueError) as e:
             log.warning("RLIMIT_NOFILE: cannot raise %d to %d: %s", soft, hard, e)
-    limit = nofile_limit()
-    log.info("RLIMIT_NOFILE is %d (hard limit %d)", limit, hard)
-    return limit
+    return nofile_limit()
 
 
 class FdBudget:
