@@ -150,6 +150,11 @@ def test_batches_of_fds_nobody_reads_get_half_the_limit_and_fail_past_it(
         answers = a.reply()
         assert isinstance(answers, list) and all("result" in x for x in answers)
         assert len(a.fds) == 253
+        # a read its fds: they no longer count, and c's batch goes now
+        c.send(batch)
+        answers = c.reply()
+        assert isinstance(answers, list) and all("result" in x for x in answers), answers[0]
+        assert len(c.fds) == 253
     assert "253 fd(s) not sent, the request fails: Limit exceeded: fd budget" in limited.log_text()
 
 

@@ -32,8 +32,8 @@ class Holder(Protocol):
     """An output that may have fds in flight."""
 
     def peer_read_all(self) -> bool:
-        """Whether the peer read everything sent so far (then its fds are no longer in
-        flight)."""
+        """Whether the peer read everything sent so far; if so, it calls :meth:`FdFlight.read`
+        (its fds are no longer in flight)."""
         ...
 
 
@@ -76,6 +76,7 @@ class FdFlight:
         self.total -= self._held.pop(holder, 0)
 
     def sweep(self) -> None:
-        """Forget the fds of every holder whose peer read them by now."""
-        for holder in [h for h in self._held if h.peer_read_all()]:
-            self.read(holder)
+        """Forget the fds of every holder whose peer read them by now (a holder whose peer
+        did calls :meth:`read` itself)."""
+        for holder in list(self._held):
+            holder.peer_read_all()
