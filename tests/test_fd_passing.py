@@ -377,3 +377,41 @@ def test_the_budget_of_a_connection_counts_every_fd_it_may_hold() -> None:
 
     assert fdbudget.PER_CONNECTION == 2 + MAX_RECEIVED_FDS + MAX_NAMED_FDS + 1
     assert fdbudget.LINGERING_FDS == 2 * MAX_LINGERING
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_running_out_of_fds_is_logged_once_per_interval_and_passes(loop: str) -> None:
+    """A limit below the daemon's own margin (budget 0): every connection is refused, and
+    refused connections linger until the fd table is full, so accepting fails (EMFILE).
+    Before, the log got a line per try (135,000 in 14 s); now one per interval, and the
+    daemon accepts again once fds are free."""
+    with unprivileged_daemon("", "--event-loop", loop, nofile=100) as d:
+        socks: list[socket.socket] = []
+        try:
+            end = time.monotonic() + 3
+            while time.monotonic() < end and len(socks) < 400:
+                s = socket.socket(socket.AF_UNIX)
+                socks.append(s)
+                s.settimeout(2)
+                try:
+                    s.connect(str(d.path))
+                except OSError:  # the backlog is full too
+                    break
+                time.sleep(0.005)
+        finally:
+            for s in socks:
+                s.close()
+        deadline = time.monotonic() + 30
+        while True:  # the loop retries accept about once a second; the backlog drains
+            try:
+                late = Raw(d.path)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        with late:
+            refusal = late.line()
+        assert isinstance(refusal, dict)
+        assert refusal["error"]["message"].startswith("Limit exceeded: fd budget is 0")
+        text = d.log_text()
+        assert text.count("Too many open files") == 1, text[-3000:]
