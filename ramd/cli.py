@@ -67,8 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def build_config(ns: argparse.Namespace) -> Config:
-    config = load_config(ns.config)
+def build_config(ns: argparse.Namespace, *, reload: bool = False) -> Config:
+    """The configuration: the file (read as :func:`~ramd.config.read_config_file` says,
+    ``reload`` on SIGHUP) with the command line's overrides."""
+    config = load_config(ns.config, reload=reload)
     overrides = {
         k: v
         for k, v in {
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(config, reread=lambda: build_config(ns)))
+            runner.run(serve(config, reread=lambda: build_config(ns, reload=True)))
     except ConfigError as e:
         print(f"ramd: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grp
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -209,15 +210,51 @@ def parse_config(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(f"{source}: {_key(err['loc'])}: {msg}") from None
 
 
-def load_config(path: str | os.PathLike[str] | None) -> Config:
-    """Read and validate ``path``; the embedded defaults when ``path`` is None."""
-    if path is None:
-        return Config()
+#: The largest configuration file read (a device or a runaway file must not fill memory).
+MAX_CONFIG_SIZE = 1024 * 1024
+
+
+def read_config_file(path: str | os.PathLike[str], *, reload: bool = False) -> str:
+    """The text of the configuration file ``path``, at most ``MAX_CONFIG_SIZE`` bytes.
+
+    On ``reload`` (SIGHUP, on the event loop's thread) it must be a non-empty regular file,
+    opened without blocking: a FIFO (whose open or read would wait for a writer) or a device
+    is refused, and so is an empty file, which would silently drop every setting (a file
+    being rewritten in place is empty for a moment). ConfigError names what is wrong."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | (os.O_NONBLOCK if reload else 0)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        fd = os.open(path, flags)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        if reload and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        data = bytearray()
+        while chunk := os.read(fd, 64 * 1024):
+            data += chunk
+            if len(data) > MAX_CONFIG_SIZE:
+                raise ConfigError(f"{path}: larger than {MAX_CONFIG_SIZE} bytes")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 ({e.reason})") from None
+    if reload and not text.strip():
+        raise ConfigError(f"{path}: the file is empty")
+    return text
+
+
+def load_config(path: str | os.PathLike[str] | None, *, reload: bool = False) -> Config:
+    """Read (see :func:`read_config_file`) and validate ``path``; the embedded defaults
+    when ``path`` is None."""
+    if path is None:
+        return Config()
+    text = read_config_file(path, reload=reload)
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     return parse_config(data, str(path))

@@ -17,6 +17,7 @@ from ramd.api import dispatch
 from ramd.api.outcome import BadArguments, Failed, Internal, Pending
 from ramd.api.service import Service, Session
 from ramd.config import Config, ConfigError, default_socket_path
+from ramd.fdbudget import raise_nofile_limit
 from ramd.hostlimits import HostLimits, meminfo_total
 from ramd.hostmem.dirlock import MemoryDirInUse
 from ramd.paths import SYSTEM_RUNTIME_DIR
@@ -103,6 +104,7 @@ async def serve(
     heap.keep_large_buffers()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    raise_nofile_limit()
     host = HostLimits()
     memory_hint = datadirs.memory_dir_hint("memory_dir" not in config.model_fields_set)
     ram = datadirs.MemoryDirRAMList(config.memory_dir, memory_hint)
@@ -138,11 +140,14 @@ async def serve(
         )
         log.info("directories: memory-dir %s, state-dir %s", config.memory_dir, config.state_dir)
         log.info(
-            "limits: max-reserved %s, max-used %s (host memory %s, cgroup limits %s)",
+            "limits: max-reserved %s, max-used %s (host memory %s, cgroup limits %s),"
+            " RLIMIT_NOFILE %d (fd budget %d)",
             format_size(service.limits.max_reserved),
             format_size(service.limits.max_used),
             format_size(meminfo_total()),
             ", ".join(f"{c.cgroup} {format_size(c.limit)}" for c in host.cgroup_limits()) or "none",
+            service.fd_budget.limit,
+            service.fd_budget.budget,
         )
         heap.trim()  # what start-up allocated and freed (imports, adoption) goes back
         watchdog = _start_watchdog()
@@ -242,7 +247,10 @@ def reload(server: Server | None, reread: Callable[[], Config] | None) -> None:
     try:
         new = reread()
     except ConfigError as e:
-        log.error("SIGHUP: configuration not reloaded: %s", e)
+        log.error("SIGHUP: configuration not reloaded, the running one is kept: %s", e)
+        return
+    except Exception:
+        log.exception("SIGHUP: configuration not reloaded, the running one is kept")
         return
     old = server.config
     update = {k: getattr(new, k) for k in RELOADABLE}

@@ -29,17 +29,20 @@ class Daemon:
         wrap: Sequence[str] = (),
         socket_path: Path | None = None,
         pass_fds: Sequence[int] = (),
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
     ) -> None:
         """``wrap``: a command that execs the daemon's command line given after it (setpriv,
         prlimit, ...); the daemon keeps its pid. ``socket_path``: where the JSON-RPC socket
         goes, instead of ``tmp/ramd.sock`` (the log and config stay in ``tmp``). ``pass_fds``:
-        fds the daemon (or ``wrap``) inherits."""
+        fds the daemon (or ``wrap``) inherits. ``python`` runs ``-m ramd``; ``env`` adds to
+        the environment."""
         self.dir = tmp
         self.path = socket_path or tmp / "ramd.sock"
         self.qmp_path: Path | None = tmp / "qmp.sock" if qmp else None
         self.log = tmp / "ramd.log"
         self._log_from = 0
-        cmd = [sys.executable, "-m", "ramd", "--socket", str(self.path), "--log-level", "debug"]
+        cmd = [python, "-m", "ramd", "--socket", str(self.path), "--log-level", "debug"]
         if self.qmp_path is not None:
             cmd += ["--qmp-socket", str(self.qmp_path)]
         if config:
@@ -49,7 +52,7 @@ class Daemon:
         cmd += list(args)
         self._logf = open(self.log, "wb")  # noqa: SIM115
         # Images go to the test's directory unless its config names a state-dir.
-        env = {**os.environ, "STATE_DIRECTORY": str(tmp / "state")}
+        env = {**os.environ, "STATE_DIRECTORY": str(tmp / "state"), **(env or {})}
         self.proc = subprocess.Popen(
             [*wrap, *cmd],
             stdout=self._logf,

@@ -144,14 +144,15 @@ _IDLE, _CONTAINER, _STRING, _BARE = range(4)
 def resync_suffix(data: bytes) -> bytes:
     """What completes the JSON text ``data`` leaves open, by the contract's splitting rule
     (count brackets outside strings; a backslash escapes the next byte in a string; a
-    top-level bare token ends at whitespace or a bracket or quote; a control byte inside a
-    string, escaped or not, ends the message as an error)."""
+    top-level bare token ends at whitespace or a bracket or quote; a line break inside a
+    string, escaped or not, ends the message as an error, any other control byte is skipped
+    as if it were allowed)."""
     mode, depth, escape = _IDLE, 0, False
     for c in data:
         if mode == _STRING:
-            if c < 0x20:
+            if c in b"\r\n":
                 mode, depth, escape = _IDLE, 0, False
-            elif escape:
+            elif c < 0x20 or escape:
                 escape = False
             elif c == 0x5C:
                 escape = True

@@ -486,6 +486,19 @@ def test_stray_closer_is_a_parse_error(qmp: Qmp) -> None:
     assert qmp.reply() == {"return": [], "id": 1}
 
 
+@pytest.mark.parametrize("byte", [b"\x00", b"\x01", b"\t", b"\x1f"])
+def test_a_raw_control_byte_in_a_string_costs_only_its_message(qmp: Qmp, byte: bytes) -> None:
+    """No newline between the messages, as ``qemu.qmp`` sends them: the bad message is one
+    parse error and the request right after it is answered (issue 21, point 9)."""
+    bad = b'{"execute":"query-version","arguments":{"x":"a' + byte + b'b}"},"id":0}'
+    qmp.send(bad + b'{"execute":"query-ram-blocks","id":1}')
+    error = qmp.reply()
+    assert error == {"error": generic(error["error"]["desc"])}
+    assert error["error"]["desc"].startswith("JSON parse error, "), error
+    assert qmp.reply() == {"return": [], "id": 1}
+    qmp.expect_silence()
+
+
 def test_too_large_and_too_deep_messages_are_parse_errors(
     start_daemon: Callable[..., Daemon],
 ) -> None:

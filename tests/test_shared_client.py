@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from client_support import WireRecorder
@@ -201,3 +202,27 @@ def test_every_request_of_the_shared_client_validates(reused_shared_daemon: Daem
     methods = {method for method, _ in wire.requests()}
     assert methods == {"ram-block-get-fd", "ram-block-ack", "ram-block-put-fd"}
     assert wire.check() == 3
+
+
+def test_an_idle_mapper_is_never_closed_and_a_shrink_waits_for_it(start_daemon: Any) -> None:
+    """protocol.md §11: a connection that maps a block is exempt from ``idle-timeout``. The
+    SharedBlock sends nothing while its owner does not poll (an idle VM): it stays connected
+    well past the timeout, and a shrink then still waits for its acknowledgement (issue 21,
+    point 3)."""
+    d = start_daemon("[limits]\nidle-timeout = 1\nack-timeout = 60\n")
+    with Raw(d.path) as rpc:
+        rpc.call("ram-block-add", id="m", size=4 * MiB, backend="memfd", **{"max-size": 8 * MiB})
+    with SharedBlock(d.path, "m") as block:
+        with Raw(d.path) as idle:  # opened after the mapper: closed after it would be
+            idle.sock.settimeout(60)
+            with pytest.raises(ConnectionError):
+                idle.line()
+        assert "closing idle connection" in d.log_text()
+        with Raw(d.path) as rpc, Raw(d.path) as resizer:
+            assert rpc.call("query-ram-blocks", id="m")[0]["mappers"] == 1
+            resizer.send(b'{"jsonrpc":"2.0","method":"ram-block-resize",'
+                         b'"params":{"id":"m","size":1048576},"id":1}')  # fmt: skip
+            event = _poll_until(block, "RAM_BLOCK_RESIZED")
+            assert event.params["data"]["ack"] is True
+            assert resizer.reply()["result"]["size"] == MiB
+        assert block.size == MiB

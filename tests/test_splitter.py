@@ -202,6 +202,23 @@ def test_stray_closers() -> None:
     assert s.pending() == 0
 
 
+def test_a_control_byte_in_a_string_costs_exactly_its_message() -> None:
+    """A raw byte that is no line break: the message is skipped to its real end (its
+    brackets and quotes after the byte still count), so nothing after it is lost."""
+    raw = b'{"a":"x\x01}{\\"[","b":["\x1f"]}'
+    for chunks in ([raw + b'{"c":1}'], [raw, b'{"c":1}'], [raw[:8], raw[8:] + b'{"c":1}']):
+        s = JsonSplitter()
+        assert feed_all(s, chunks) == [control_error(0x01), b'{"c":1}']
+        assert s.pending() == 0
+    assert split(b'"a\x02b" {"c":1}') == [control_error(0x02), b'{"c":1}']
+
+
+def test_a_line_break_in_a_string_ends_its_message_there() -> None:
+    """Most likely a missing quote: the next line is a request of its own."""
+    assert split(b'{"a":"x}\n{"c":1}') == [control_error(0x0A), b'{"c":1}']
+    assert split(b'{"a":"x\x01y}\r{"c":1}') == [control_error(0x01), b'{"c":1}']
+
+
 def test_mismatched_brackets_are_the_callers_problem() -> None:
     out = split(b'[1}{"a": 2]')
     assert out == [b"[1}", b'{"a": 2]']
@@ -297,8 +314,10 @@ def reference(data: bytes, max_size: int, max_depth: int) -> tuple[list[Item | s
 
     Returns the items (an over-limit message as the string "limit", since which limit is
     reported first may depend on chunking) and what pending() must be after all of ``data``.
-    A control byte inside a string (escaped or not) ends its message as an error (or as
-    "limit" when the bytes before it were already over a limit); scanning resumes after it.
+    A message's first error is its only item. A control byte inside a string (escaped or not)
+    is an error (or "limit" when the bytes before it were already over a limit); a line break
+    ends the message there and scanning resumes after it, any other control byte is skipped
+    as if it were allowed and the message ends as usual.
     """
     items: list[Item | str] = []
     ws, closers, terminators = b" \t\r\n", b"}]", b' \t\r\n{["}]'
@@ -312,14 +331,22 @@ def reference(data: bytes, max_size: int, max_depth: int) -> tuple[list[Item | s
             items.append(stray_error(c))
             i += 1
             continue
-        start, depth, deepest, in_string, escape, done = i, 0, 0, False, False, False
-        control = -1  # the control byte that ended the message, if any
-        if c in b"{[":
+        start, depth, in_string, escape, done = i, 0, False, False, False
+        error: Item | str | None = None  # the message's first error
+        in_string = c == ord('"')
+        if in_string or c in b"{[":
+            i += 1
+            depth = 0 if in_string else 1
+            if depth > max_depth:
+                error = "limit"
             while i < n and not done:
                 b = data[i]
                 i += 1
                 if in_string and b < 0x20:
-                    control, done = b, True
+                    if error is None:
+                        error = "limit" if i - 1 - start > max_size else control_error(b)
+                    escape = False
+                    done = b in b"\r\n"
                 elif in_string:
                     if escape:
                         escape = False
@@ -327,40 +354,27 @@ def reference(data: bytes, max_size: int, max_depth: int) -> tuple[list[Item | s
                         escape = True
                     elif b == ord('"'):
                         in_string = False
+                        done = depth == 0
                 elif b == ord('"'):
                     in_string = True
                 elif b in b"{[":
                     depth += 1
-                    deepest = max(deepest, depth)
+                    if depth > max_depth and error is None:
+                        error = "limit"
                 elif b in closers:
                     depth -= 1
                     done = depth == 0
-        elif c == ord('"'):
-            i += 1
-            while i < n and not done:
-                b = data[i]
-                i += 1
-                if b < 0x20:
-                    control, done = b, True
-                elif escape:
-                    escape = False
-                elif b == ord("\\"):
-                    escape = True
-                else:
-                    done = b == ord('"')
         else:
             while i < n and data[i] not in terminators:
                 i += 1
             done = i < n
-        over = i - start - (control >= 0) > max_size or deepest > max_depth
+        if error is None and i - start > max_size:
+            error = "limit"
         if not done:
-            if over:
-                items.append("limit")
-            return items, 0 if over else i - start
-        if control >= 0:
-            items.append("limit" if over else control_error(control))
-        else:
-            items.append("limit" if over else data[start:i])
+            if error is not None:
+                items.append(error)
+            return items, 0 if error is not None else i - start
+        items.append(data[start:i] if error is None else error)
     return items, 0
 
 

@@ -144,7 +144,7 @@ async def _settled(
 
 def _done(result: BaseModel | Raw | WithFds) -> Done:
     if isinstance(result, WithFds):
-        return replace(_done(result.result), fds=result.fds)
+        return replace(_done(result.result), fds=result.fds, unsent=result.unsent)
     if isinstance(result, Raw):
         return Done(raw=result.text)
     try:

@@ -5,6 +5,7 @@ as QEMU's). Loop thread.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from ramd.api import models as m
@@ -12,6 +13,7 @@ from ramd.api.limits import limit
 from ramd.api.service import Session
 from ramd.api.table import WithFds, command
 from ramd.errors import RamdError
+from ramd.ramblock import RAMBlock
 
 #: Named fds one connection may hold (``getfd``).
 MAX_NAMED_FDS = 8
@@ -39,7 +41,10 @@ def ram_block_get_fd(session: Session, args: m.GetFdArgs) -> WithFds:
         fd = os.open(f"/proc/self/fd/{block.fd}", flags)
     except OSError as e:
         raise RamdError(f"Cannot open RAM block '{block.id}': {e.strerror}") from None
+    held = block in session.service.ram.holders.blocks_of(session)
     session.service.mappers.hold(block, session, lease=args.lease, readonly=readonly)
+    # if the fd cannot be sent, a connection that did not hold the block does not now
+    unsent = None if held else functools.partial(_unhold, session, block)
     result = m.GetFdResult(
         id=block.id,
         size=block.size,
@@ -47,7 +52,12 @@ def ram_block_get_fd(session: Session, args: m.GetFdArgs) -> WithFds:
         page_size=block.page_size,
         readonly=readonly,
     )
-    return WithFds(result, (fd,))
+    return WithFds(result, (fd,), unsent)
+
+
+def _unhold(session: Session, block: RAMBlock) -> None:
+    """A get-fd whose fd could not be sent: the connection holds the block no more."""
+    session.service.mappers.put(block, session)
 
 
 @command("ram-block-put-fd", m.BlockIdArgs, m.Empty, readonly=True)

@@ -8,6 +8,7 @@ Checked on the loop thread before anything is created or grown: ``max-blocks``,
 
 from __future__ import annotations
 
+from ramd import fdbudget
 from ramd.api import models as m
 from ramd.api.service import Service
 from ramd.errors import RamdError
@@ -29,6 +30,7 @@ def check_add_limits(service: Service, args: m.RamBlockAddArgs) -> None:
     size = _align_up(args.size, page)
     reserve = _align_up(max(args.max_size or size, size), page) + page
     count = len(ram) + ram.pending
+    fdbudget.check_shared_add(service, args.backend)
     if count >= lim.max_blocks:
         raise limit("max-blocks", lim.max_blocks, f"{count} blocks exist or are being created")
     if lim.max_reserved and ram.reserved + reserve > lim.max_reserved:

@@ -7,7 +7,7 @@ the request pipeline awaits a :class:`Pending` in one place. Immutable; loop thr
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,9 @@ class Done:
     #: File descriptors sent with the answer; owned by whoever holds this outcome until the
     #: output takes them (or they are closed, when no answer is sent).
     fds: tuple[int, ...] = ()
+    #: Undoes what the call did for the peer holding ``fds`` when they cannot be sent (the
+    #: call then fails): called once, on the loop thread, at most.
+    unsent: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

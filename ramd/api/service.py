@@ -20,6 +20,7 @@ from ramd.api.events import Broadcaster, Event, EventSink
 from ramd.api.holding import SessionHolders
 from ramd.api.models import EVENT_NAMES
 from ramd.config import DEFAULT_STATE_DIR, Limits
+from ramd.fdbudget import FdBudget, nofile_limit
 from ramd.hostlimits import HostLimits
 from ramd.jobs import JobManager
 from ramd.logs import LogBudget
@@ -59,6 +60,8 @@ class Service:
         self.ram.register_notifier(self.broadcaster)
         self.ram.register_notifier(self.infos)
         self.sessions: set[Session] = set()
+        #: What connections and shared blocks may hold of ``RLIMIT_NOFILE``.
+        self.fd_budget = FdBudget(nofile_limit())
         #: Subscribers disconnected for falling behind (counted by the transport).
         self.dropped_subscribers = 0
         #: Every command's calls and latencies (counted by :mod:`ramd.api.dispatch`).
@@ -148,6 +151,13 @@ class Session:
         #: Closes the connection (set by the connection).
         self.closer: Callable[[], None] = lambda: None
         service.sessions.add(self)
+
+    @property
+    def holding(self) -> bool:
+        """Whether the connection must stay open however long it is silent (protocol.md §11,
+        ``idle-timeout``): it subscribed, or it maps a block (a mapper sends nothing while
+        it only uses the memory, and closing it would release the memory under it)."""
+        return self.subscribed is not None or self.holds_blocks
 
     def subscribe(self, events: Collection[str] | None) -> frozenset[str]:
         """Receive ``events`` (all when None) from now on."""

@@ -60,6 +60,8 @@ class WithFds:
 
     result: BaseModel
     fds: tuple[int, ...]
+    #: Undoes the call if the fds cannot be sent (see :attr:`ramd.api.outcome.Done.unsent`).
+    unsent: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

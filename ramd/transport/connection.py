@@ -8,9 +8,11 @@ Reading: asyncio's transports cannot receive file descriptors (``SCM_RIGHTS``, Q
 ``getfd``), so the transport's own reading is paused for good and the connection reads with
 ``recvmsg_into`` on a duplicate of the socket, registered with the loop's ``add_reader``
 (both event loops support it), into the server's one read buffer (see :func:`read_buffer`;
-each read is copied out before the callback returns). Received fds wait in a small
-bounded queue for the ``getfd`` that names them; extra ones are closed at once. Writing stays
-with the transport (:class:`~ramd.transport.output.Output`).
+each read is copied out before the callback returns). The fds of a read go to the pipeline
+with the messages of that read (:meth:`~ramd.transport.pipeline.Pipeline.push_fds`): only a
+``getfd`` among them keeps one, the others are closed once those messages are answered; the
+kernel closes those beyond ``MAX_RECEIVED_FDS`` (no room for them in the ancillary buffer).
+Writing stays with the transport (:class:`~ramd.transport.output.Output`).
 
 Flow: each read is split into JSON texts queued in the pipeline; reading pauses while the
 pipeline is full. While the connection's task is parked (nothing in
@@ -23,7 +25,8 @@ Refused connections get their refusal, then a half-close, and are read (and the 
 dropped) until the peer closes or ``REFUSAL_LINGER`` passes: closing at once would reset a
 peer that already sent a request, and it would see EPIPE instead of the refusal.
 
-Idle connections (no request for ``idle-timeout``, not subscribed) are closed.
+Idle connections (no request for ``idle-timeout``, neither subscribed nor mapping a block)
+are closed.
 Closing never cancels the command in flight: the task settles it, then exits. A closed
 connection drops its buffers and its session at once (no reference cycle keeps them).
 """
@@ -32,12 +35,13 @@ from __future__ import annotations
 
 import array
 import asyncio
+import fcntl
 import logging
 import mmap
 import os
 import socket
+import termios
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -45,9 +49,9 @@ from ramd import heap
 from ramd.api.events import Event
 from ramd.api.service import Session
 from ramd.transport.dialect import Dialect
-from ramd.transport.output import Output
+from ramd.transport.output import Output, close_fds
 from ramd.transport.peer import peer_credentials
-from ramd.transport.pipeline import Pipeline, State
+from ramd.transport.pipeline import MAX_RECEIVED_FDS, Pipeline, State
 from ramd.transport.splitter import JsonSplitter
 
 if TYPE_CHECKING:
@@ -65,8 +69,6 @@ READ_BUFFER = 256 * 1024
 TRIM_AFTER = 1024 * 1024
 #: Seconds a refused connection is kept half-closed so that the peer reads its refusal.
 REFUSAL_LINGER = 2.0
-#: Received fds kept for ``getfd`` at once; more are closed on arrival.
-MAX_RECEIVED_FDS = 4
 _ANCILLARY = socket.CMSG_SPACE(MAX_RECEIVED_FDS * array.array("i").itemsize)
 
 
@@ -89,7 +91,6 @@ class Connection(asyncio.Protocol):
         )
         self._read_paused = False
         self._sock: socket.socket | None = None
-        self._received_fds: deque[int] = deque()
         self._eof = False
         self._parked = False
         self._refused = False
@@ -115,7 +116,12 @@ class Connection(asyncio.Protocol):
         raw = t.get_extra_info("socket")
         t.pause_reading()
         self._loop.call_soon(_keep_paused, t)
-        self._sock = socket.socket(fileno=os.dup(raw.fileno()))
+        try:
+            self._sock = socket.socket(fileno=os.dup(raw.fileno()))
+        except OSError as e:  # EMFILE: the fd budget should have kept room; never per peer
+            self.server.resource_error("cannot take a connection", e)
+            t.abort()
+            return
         self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._readable)
         cred = peer_credentials(raw)
@@ -135,7 +141,15 @@ class Connection(asyncio.Protocol):
         self.dialect = dialect = self._factory(session)
         self.fields["dialect"] = dialect.name
         limits = self.server.service.limits
-        self.output = Output(t, limits.subscriber_queue, self._drop_slow, self._send_fds)
+        self.output = Output(
+            t,
+            limits.subscriber_queue,
+            self._drop_slow,
+            self._send_fds,
+            self._unread,
+            self.server.fd_flight,
+            self.peer,
+        )
         if refusal is not None:
             self._refuse(refusal)
             return
@@ -165,27 +179,28 @@ class Connection(asyncio.Protocol):
         except OSError:
             self._lost()
             return
+        fds: list[int] = []
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-                self._keep_fds(fds)
+                got = array.array("i")
+                got.frombytes(data[: len(data) - len(data) % got.itemsize])
+                fds += got
         if nbytes == 0:
+            close_fds(fds)
             self._stop_reading()
             self._eof_received()
-        else:
-            self._received(bytes(buffer[:nbytes]))
-
-    def _keep_fds(self, fds: Sequence[int]) -> None:
-        for fd in fds:
-            if self.closed or self._refused or len(self._received_fds) >= MAX_RECEIVED_FDS:
-                os.close(fd)
-            else:
-                self._received_fds.append(fd)
+            return
+        try:
+            data = bytes(buffer[:nbytes])
+        except MemoryError:  # the read is lost: the stream cannot be followed any more
+            close_fds(fds)
+            self._out_of_memory("reading its input")
+            return
+        self._received(data, fds)
 
     def _take_received_fd(self) -> int | None:
-        """The oldest fd received and not yet claimed (by ``getfd``), now the caller's."""
-        return self._received_fds.popleft() if self._received_fds else None
+        """The first fd offered to the message in progress (by ``getfd``), now the caller's."""
+        return self.pipeline.take_fd() if self.pipeline is not None else None
 
     def _send_fds(self, first: bytes, fds: Sequence[int]) -> None:
         """Send ``first`` with ``fds`` attached (the output calls this when nothing else is
@@ -193,6 +208,15 @@ class Connection(asyncio.Protocol):
         assert self._sock is not None
         rights = array.array("i", fds).tobytes()
         self._sock.sendmsg([first], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+
+    def _unread(self) -> int:
+        """Bytes sent that the peer has not read yet (``TIOCOUTQ``, i.e. ``SIOCOUTQ``: on a
+        Unix stream socket, what is still queued at the peer counts until it is read)."""
+        if self._sock is None:
+            return 0
+        count = array.array("i", [0])
+        fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, count)
+        return count[0]
 
     def _stop_reading(self) -> None:
         if self._sock is not None and not self._read_paused:
@@ -209,19 +233,24 @@ class Connection(asyncio.Protocol):
         right after ``connection_made``): the same path as our own reads, in stream order."""
         self._received(data)
 
-    def _received(self, data: bytes) -> None:
+    def _received(self, data: bytes, fds: list[int] | None = None) -> None:
+        """One read's bytes, and the fds that came with them (now owned here)."""
         pipeline, splitter = self.pipeline, self._splitter
         if self.closed or pipeline is None or splitter is None:
+            close_fds(fds or ())
             return  # refused (input dropped) or closing
         self._last_request = time.monotonic()
         self._bytes_in += len(data)
         try:
-            for item in splitter.feed(data):
-                pipeline.push(item)
-        except MemoryError:
-            log.warning("connection %s: out of memory splitting its input", self.peer)
-            self._finish()
+            items = splitter.feed(data)
+        except MemoryError:  # the splitter reports what it cannot store: a last resort
+            close_fds(fds or ())
+            self._out_of_memory("splitting its input")
             return
+        for item in items:
+            pipeline.push(item)
+        if fds:
+            pipeline.push_fds(fds, len(items), splitter.in_message)
         if pipeline.full:
             self._stop_reading()
         if self._parked and not self.server.stopping:
@@ -235,6 +264,13 @@ class Connection(asyncio.Protocol):
                 self._resume_reading()
                 return
         self.wake()
+
+    def _out_of_memory(self, doing: str) -> None:
+        """Input was lost for lack of memory: say so to the peer, then close."""
+        log.warning("connection %s: out of memory %s", self.peer, doing)
+        if self.output is not None and self.dialect is not None:
+            self.output.write(self.dialect.no_memory())
+        self._finish()
 
     def _eof_received(self) -> None:
         self._eof = True
@@ -251,8 +287,6 @@ class Connection(asyncio.Protocol):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        while self._received_fds:
-            os.close(self._received_fds.popleft())
         if self.dialect is not None:
             self.dialect.session.close()
         moved = self._bytes_in
@@ -349,16 +383,15 @@ class Connection(asyncio.Protocol):
             self._timer = self._loop.call_later(delay, self._idle_check)
 
     def _idle_check(self) -> None:
-        """Close the connection if it sent nothing for ``idle-timeout`` and does not
-        receive events; otherwise look again when it could next become idle."""
+        """Close the connection if it sent nothing for ``idle-timeout`` and neither
+        receives events nor maps a block (:attr:`Session.holding`); otherwise look again
+        when it could next become idle."""
         self._timer = None
         timeout = self.server.service.limits.idle_timeout
         if self.closed or self.dialect is None or timeout <= 0:
             return
         idle = time.monotonic() - self._last_request
-        if self.dialect.session.subscribed is not None or (
-            self.pipeline is not None and self.pipeline.busy
-        ):
+        if self.dialect.session.holding or (self.pipeline is not None and self.pipeline.busy):
             self._arm_idle_timer(timeout)
         elif idle >= timeout:
             log.info(

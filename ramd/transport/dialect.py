@@ -46,6 +46,11 @@ class Plan(Protocol):
         """The message's answer."""
         ...
 
+    def fds_failed(self, reason: str) -> Reply:
+        """The message's answer when its fds could not be sent (``reason`` says why): the
+        calls that carried them fail with that text, the others keep their answers."""
+        ...
+
 
 class Dialect(Protocol):
     """Protocol logic of one connection."""

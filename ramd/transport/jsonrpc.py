@@ -9,16 +9,19 @@ no signature binding (pydantic validates the params, -32602 naming fields), batc
 order one call after the other through the request pipeline, and the wording of every
 outcome (-32000 with ``data.class``, -32603 with a generic message, never an exception text).
 
-Batches: at most ``max-batch`` members (more: one -32600); the answer never exceeds
-``max-message-size``: room for a refusal of every member is set aside first (a batch whose
-refusals alone would not fit is refused whole), and a call whose answer does not fit is
-answered by a refusal instead, after which the rest are refused unrun.
+Batches: at most ``max-batch`` members (more: one -32600), and at most ``SCM_MAX_FD`` (253,
+what one ``sendmsg`` can carry) calls whose answers carry an fd (more: one -32600, nothing
+run); the answer never exceeds ``max-message-size``: room for a refusal of every member is
+set aside first (a batch whose refusals alone would not fit is refused whole), and a call
+whose answer does not fit is answered by a refusal instead, after which the rest are refused
+unrun.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ramd.api import dispatch
@@ -30,7 +33,7 @@ from ramd.transport import bulk, jsontext
 from ramd.transport.dialect import Plan, Reply
 from ramd.transport.jsonrpc_core import NOID, Request, Success
 from ramd.transport.jsonrpc_core import call as jsonrpc_call
-from ramd.transport.output import close_fds
+from ramd.transport.output import SCM_MAX_FD, close_fds
 from ramd.transport.splitter import SplitError
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,9 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 COMMAND_FAILED = -32000
+
+#: The commands whose answer carries an fd (``ram-block-get-fd``, protocol.md §8).
+FD_METHODS = frozenset({"ram-block-get-fd"})
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _BY_NAME = "params must be an object (by-name), not an array"
@@ -138,25 +144,35 @@ class _Single:
     """The plan of one request object whose call did not end at once: its outcome is
     pending (work in a thread) or carries fds, which the pipeline sends with the answer."""
 
-    __slots__ = ("_first", "_obj", "answer", "fds")
+    __slots__ = ("_first", "_obj", "_unsent", "answer", "fds")
 
     def __init__(self, obj: dict[str, Any], first: Outcome) -> None:
         self._obj = obj
         self._first: Outcome | None = first
         self.answer: bytes | None = None
         self.fds: list[int] = []
+        self._unsent: list[Callable[[], None]] = []
 
     def step(self) -> Outcome | None:
         first, self._first = self._first, None
         return first
 
     def record(self, outcome: Outcome) -> None:
-        if isinstance(outcome, Done):
-            self.fds.extend(outcome.fds)  # closed by the pipeline if there is no answer
         self.answer = _single_answer(self._obj, outcome)
+        if isinstance(outcome, Done):
+            if self.answer is None:  # a notification: its fds go nowhere
+                unsent(outcome)
+            else:
+                self.fds.extend(outcome.fds)
+                self._unsent.extend(filter(None, [outcome.unsent]))
 
     def finish(self) -> Reply:
         return self.answer
+
+    def fds_failed(self, reason: str) -> Reply:
+        for undo in self._unsent:
+            undo()
+        return _single_answer(self._obj, Failed("GenericError", reason))
 
 
 class _Batch:
@@ -164,6 +180,7 @@ class _Batch:
 
     __slots__ = (
         "_budget",
+        "_fd_parts",
         "_full",
         "_i",
         "_members",
@@ -171,6 +188,7 @@ class _Batch:
         "_reserved",
         "_session",
         "_size",
+        "_unsent",
         "fds",
     )
 
@@ -184,6 +202,8 @@ class _Batch:
         self._i = -1
         self._full = False  # an answer did not fit: the remaining members are refused unrun
         self.fds: list[int] = []
+        self._fd_parts: list[tuple[int, Any]] = []  # (part, request id) of answers with fds
+        self._unsent: list[Callable[[], None]] = []
 
     def step(self) -> Outcome | None:
         while True:
@@ -204,15 +224,18 @@ class _Batch:
         req = self._members[self._i]
         fds = outcome.fds if isinstance(outcome, Done) else ()
         if "id" not in req:
-            close_fds(fds)
+            unsent(outcome)
             return
         text = response(outcome, req["id"])
         if self._size + len(text) + 1 + self._reserved - _refusal_size(req) > self._budget:
             self._full = True
-            close_fds(fds)
+            unsent(outcome)
             self._add(_refusal(req, self._budget, ran=True), req)
         else:
-            self.fds.extend(fds)
+            if isinstance(outcome, Done) and outcome.fds:
+                self.fds.extend(fds)
+                self._fd_parts.append((len(self._parts), req["id"]))
+                self._unsent.extend(filter(None, [outcome.unsent]))
             self._add(text, req)
 
     def _add(self, text: str | None, req: Any) -> None:
@@ -225,6 +248,23 @@ class _Batch:
         if not self._parts:
             return None
         return _line("[" + ",".join(self._parts) + "]")
+
+    def fds_failed(self, reason: str) -> Reply:
+        for undo in self._unsent:
+            undo()
+        for part, req_id in self._fd_parts:
+            self._parts[part] = _error(COMMAND_FAILED, reason, req_id, {"class": "GenericError"})
+        self._fd_parts.clear()
+        return self.finish()
+
+
+def unsent(outcome: Outcome) -> None:
+    """The fds of ``outcome`` go nowhere (no answer carries them): close them and undo what
+    the call did for their holder."""
+    if isinstance(outcome, Done):
+        close_fds(outcome.fds)
+        if outcome.unsent is not None:
+            outcome.unsent()
 
 
 def _immediate(req: Any) -> str | None:
@@ -319,6 +359,15 @@ class JsonRpcDialect:
         limits = self.session.service.limits
         if len(obj) > limits.max_batch:
             why = f"Limit exceeded: max-batch is {limits.max_batch}: {len(obj)} members"
+            return _line(_error(INVALID_REQUEST, "Invalid request", None, why))
+        with_fds = sum(
+            1 for req in obj if _is_request(req) and req["method"] in FD_METHODS and "id" in req
+        )
+        if with_fds > SCM_MAX_FD:
+            why = (
+                f"Limit exceeded: a batch's answer carries at most {SCM_MAX_FD} file descriptors"
+                f" (SCM_MAX_FD): {with_fds} calls of {', '.join(sorted(FD_METHODS))}"
+            )
             return _line(_error(INVALID_REQUEST, "Invalid request", None, why))
         reserved = sum(map(_refusal_size, obj))
         if reserved + 2 > limits.max_message_size:

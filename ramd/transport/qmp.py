@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -179,7 +180,7 @@ class _Command:
     """The plan of one ``execute`` whose call did not end at once: its outcome is pending
     (work in a thread) or carries fds, which the pipeline sends with the answer."""
 
-    __slots__ = ("_first", "_name", "_req_id", "answer", "fds")
+    __slots__ = ("_first", "_name", "_req_id", "_unsent", "answer", "fds")
 
     def __init__(self, name: str, req_id: Any, first: Outcome) -> None:
         self._name = name
@@ -187,6 +188,7 @@ class _Command:
         self._first: Outcome | None = first
         self.answer: bytes | None = None
         self.fds: list[int] = []
+        self._unsent: Callable[[], None] | None = None
 
     def step(self) -> Outcome | None:
         first, self._first = self._first, None
@@ -195,10 +197,16 @@ class _Command:
     def record(self, outcome: Outcome) -> None:
         if isinstance(outcome, Done):
             self.fds.extend(outcome.fds)
+            self._unsent = outcome.unsent
         self.answer = _response(outcome, self._name, self._req_id)
 
     def finish(self) -> Reply:
         return self.answer
+
+    def fds_failed(self, reason: str) -> Reply:
+        if self._unsent is not None:
+            self._unsent()
+        return _response(Failed(GENERIC_ERROR, reason), self._name, self._req_id)
 
 
 class QmpDialect:

@@ -16,12 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from ramd.api.service import Service
 from ramd.config import Config
+from ramd.fdbudget import connection_refusal
 from ramd.logs import LogBudget
 from ramd.transport.admission import Admission, refusal_reason
 from ramd.transport.connection import Connection, DialectFactory, read_buffer
+from ramd.transport.fdflight import FdFlight
 from ramd.transport.peer import PeerCredentials
 from ramd.transport.unixbind import BoundSocket, bind_unix
 
@@ -29,6 +32,9 @@ log = logging.getLogger("ramd.server")
 
 #: At shutdown, seconds between two looks at the connections whose peers read nothing.
 UNREAD_CHECK = 1.0
+#: Seconds between two log lines about ``accept`` failing for lack of fds or memory.
+RESOURCE_LOG_INTERVAL = 10.0
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: Refused connections kept half-open at once (so their peers read the refusal); more are
 #: closed at once.
 MAX_LINGERING = 64
@@ -73,14 +79,19 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._created: list[BoundSocket] = []
         self.admission = Admission(config, service.limits)
+        service.fd_budget.reserve = self.admission.reserve
         self._lingering: set[Connection] = set()
+        #: fds sent to peers that have not read them yet, over every connection.
+        self.fd_flight = FdFlight()
         self._refusal_log: dict[int, LogBudget] = {}
         #: Refused connections by short reason (:func:`~ramd.transport.admission.refusal_reason`).
         self.refused: dict[str, int] = {}
+        self._resource_log = LogBudget(rate=1 / RESOURCE_LOG_INTERVAL, burst=1)
 
     async def start(self) -> None:
         """Bind or adopt every listener and start accepting."""
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
         for lst in self.listeners:
             if lst.fd is not None:
                 sock = adopt_fd(lst.fd)
@@ -94,6 +105,27 @@ class Server:
             self._servers.append(srv)
             log.info("listening (%s) on %s", lst.dialect, lst.path or f"fd {lst.fd}")
 
+    def resource_error(self, what: str, error: OSError) -> None:
+        """Log that the daemon ran out of fds or memory taking connections, at most once per
+        ``RESOURCE_LOG_INTERVAL`` (each try of the loop, each peer would log again)."""
+        if self._resource_log.allow():
+            log.error(
+                "%s: %s%s",
+                what,
+                error,
+                self._resource_log.suppressed_note(),
+                extra={"fields": {"event": "accept-failed", "errno": error.errno}},
+            )
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The event loop's error report: ``accept`` failing for lack of fds or memory (the
+        loop retries it) goes to :meth:`resource_error`, everything else to the default."""
+        error = context.get("exception")
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+            self.resource_error("cannot accept connections", error)
+        else:
+            loop.default_exception_handler(context)
+
     def admit(self, conn: Connection, peer: PeerCredentials) -> tuple[str, str | None]:
         """Access class of a new peer and, if it must be refused, why (the rules and the
         connection slots are those of :class:`~ramd.transport.admission.Admission`)."""
@@ -101,7 +133,12 @@ class Server:
             return "full", "the daemon is shutting down"
         access, refusal = self.admission.admit(conn, peer)
         if refusal is None:
-            self.connections.add(conn)
+            refusal = connection_refusal(self.service, peer.uid == 0)
+            if refusal is None:
+                self.connections.add(conn)
+                self.service.fd_budget.connections += 1
+            else:
+                self.admission.release(conn)
         return access, refusal
 
     def refusal(self, conn: Connection, reason: str) -> None:
@@ -131,6 +168,8 @@ class Server:
         return True
 
     def forget(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.service.fd_budget.connections -= 1
         self.connections.discard(conn)
         self._lingering.discard(conn)
         self.admission.release(conn)

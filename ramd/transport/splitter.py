@@ -11,7 +11,12 @@ framing and lines mean nothing. The splitter finds where each text ends without 
   literal, or garbage) ends at the next whitespace byte or at ``{ [ " } ]``. At the end of
   the data received so far such a token is incomplete (``12`` may become ``123``) and waits;
 * a ``}`` or ``]`` at top level is a stray closer: one error item, and scanning continues
-  after it.
+  after it;
+* a control byte inside a string (JSON forbids them) makes its message one error item: a
+  line break ends the message at once (most likely a missing closing quote: the next lines
+  are requests of their own), any other is skipped over as if it were allowed and the
+  message is delimited as usual (a raw byte in a string costs exactly that message, in a
+  stream without newlines too, as ``qemu.qmp`` sends).
 
 Speed: Python never steps through the bytes one at a time; C code jumps to the next byte that
 matters. Three tiers:
@@ -67,6 +72,11 @@ _BARE_END: Final = re.compile(rb'[ \t\n\r\[\]{}"]')
 # quote cannot swallow every later request).
 _CONTROL: Final = re.compile(rb"[\x00-\x1f]")
 _CONTROL_BYTES: Final = tuple(bytes((c,)) for c in range(0x20))
+# A line break inside a string is most likely a missing closing quote: it ends the message at
+# once, so that the requests on the next lines are not swallowed. Any other control byte makes
+# its message bad, and the message is skipped to its end as if the byte were allowed (so a
+# raw byte in a string costs exactly that message, also in a stream without newlines).
+_LINE_BREAKS: Final = frozenset(b"\r\n")
 # From this many bytes on, one memchr per control byte beats the regular expression (which
 # steps through the bytes one at a time: about 100 MB/s here, against GB/s for memchr).
 _MEMCHR_FROM: Final = 2048
@@ -120,7 +130,7 @@ def _base64_only(data: bytes, start: int, end: int) -> bool:
     try:
         with memoryview(data) as view:
             pybase64.b64decode(view[start:whole], validate=True)
-    except ValueError:  # binascii.Error is one
+    except (ValueError, MemoryError):  # binascii.Error is one; no memory: look byte by byte
         return False
     return True
 
@@ -138,6 +148,13 @@ def _first_control(data: bytes, start: int, end: int) -> int:
         if i >= 0:
             first = end = i  # later bytes need only be looked for before it
     return first
+
+
+def _first_line_break(data: bytes, start: int, end: int) -> int:
+    """Where the first ``\\n`` or ``\\r`` of ``data[start:end]`` is, or -1 (two memchr)."""
+    nl = data.find(b"\n", start, end)
+    cr = data.find(b"\r", start, end if nl < 0 else nl)
+    return nl if cr < 0 else cr
 
 
 def long_string(text: bytes | bytearray, min_length: int) -> tuple[int, int] | None:
@@ -173,8 +190,10 @@ def _no_fast_path(data: bytes, pos: int) -> None:
 class SplitError:
     """A place in the stream where no JSON text could be delimited.
 
-    ``kind`` says which: ``"stray"`` (a closer outside any text), ``"size"`` or ``"depth"`` (a
-    message over a limit, whose text was dropped); ``reason`` is human text for the response.
+    ``kind`` says which: ``"stray"`` (a closer outside any text), ``"control"`` (a control
+    byte in a string), ``"size"`` or ``"depth"`` (a message over a limit, whose text was
+    dropped), ``"memory"`` (no memory to store the message, dropped too); ``reason`` is
+    human text for the response.
     """
 
     kind: str
@@ -193,6 +212,10 @@ def size_error(limit: int) -> SplitError:
     return SplitError("size", f"message exceeds the size limit of {limit} bytes")
 
 
+def memory_error() -> SplitError:
+    return SplitError("memory", "no memory to hold this message")
+
+
 def depth_error(limit: int) -> SplitError:
     return SplitError("depth", f"message nested deeper than {limit}")
 
@@ -205,9 +228,14 @@ class JsonSplitter:
     * Bounded memory: the only data kept between calls is the incomplete message's bytes, at
       most ``max_size`` of them (see :meth:`pending`), plus a few integers. No input makes it
       hold more: the bytes of an oversized or overdeep message are dropped, not stored.
+    * Out of memory: a message whose bytes cannot be stored (the process at its address-space
+      or mapping limit) is one ``memory`` error and is skipped like an oversized one; the
+      splitter never raises for it.
     * Resync: after an error the splitter always recovers. A stray closer costs that one byte.
-      An oversized or overdeep message costs exactly that message (it is still delimited by
-      bracket counting), and the next text after it comes out intact. Any byte sequence is
+      An oversized or overdeep message, or one with a control byte in a string, costs
+      exactly that message (it is still delimited by bracket counting; a line break in a
+      string ends it there), and the next text after it comes out intact. The first error
+      of a message is its only one. Any byte sequence is
       accepted, invalid UTF-8 included; the splitter works on bytes and never raises on input.
     * Order: :meth:`feed` returns messages and errors in stream order, each exactly once,
       independently of how the stream is chunked (except which limit an over-limit message is
@@ -249,6 +277,11 @@ class JsonSplitter:
         """
         return len(self._buf)
 
+    @property
+    def in_message(self) -> bool:
+        """Whether a message has begun and not ended (its bytes so far were fed)."""
+        return self._mode != _IDLE
+
     def feed(self, data: bytes) -> list[bytes | bytearray | SplitError]:
         """Scan the next chunk of the stream and return what it completes, in stream order.
 
@@ -264,7 +297,10 @@ class JsonSplitter:
         if self._mode == _IDLE and self._max_depth >= _FAST_DEPTH:  # nothing buffered
             whole = _FAST_CHUNK.fullmatch(data)
             if whole is not None and whole.end(1) - whole.start(1) <= self._max_size:
-                return [whole.group(1)]
+                try:
+                    return [whole.group(1)]
+                except MemoryError:
+                    return [memory_error()]
         out: list[bytes | bytearray | SplitError] = []
         buf = self._buf
         max_size = self._max_size
@@ -282,8 +318,11 @@ class JsonSplitter:
                 if not discarding:
                     over = len(buf) > max_size
                     out.append(size_error(max_size) if over else control_error(data[0]))
-                mode, depth, discarding = _IDLE, 0, False
-                buf.clear()
+                    buf.clear()
+                if data[0] in _LINE_BREAKS:
+                    mode, depth, discarding = _IDLE, 0, False
+                else:
+                    discarding = True
 
         while pos < n:
             end = -1  # set to the end of the current message when it completes
@@ -341,13 +380,17 @@ class JsonSplitter:
                     m = _STRING_REST.match(data, pos)
                     assert m is not None  # the pattern matches the empty string
                     e = m.end()
-                bad = _first_control(data, pos, e)
-                if bad >= 0:  # the message ends here, as an error; resume after it
-                    if not discarding:
-                        over = len(buf) + bad - start > max_size
-                        out.append(size_error(max_size) if over else control_error(data[bad]))
-                    mode, depth, discarding = _IDLE, 0, False
+                bad = _first_line_break(data, pos, e) if discarding else -1
+                if not discarding and (bad := _first_control(data, pos, e)) >= 0:
+                    # the message is bad: reported now, skipped to its end (or a line break)
+                    over = len(buf) + bad - start > max_size
+                    out.append(size_error(max_size) if over else control_error(data[bad]))
+                    discarding = True
                     buf.clear()
+                    if data[bad] not in _LINE_BREAKS:
+                        bad = _first_line_break(data, bad + 1, e)
+                if bad >= 0:  # a line break: the message ends here; resume after it
+                    mode, depth, discarding = _IDLE, 0, False
                     pos = bad + 1
                     continue
                 if e == n:
@@ -376,12 +419,16 @@ class JsonSplitter:
             elif len(buf) + end - start > max_size:
                 out.append(size_error(max_size))
                 buf.clear()
-            elif buf:  # hand the buffer over (no copy of a large message); a new one follows
-                buf += memoryview(data)[start:end]
-                out.append(buf)
-                self._buf = buf = bytearray()
             else:
-                out.append(data[start:end])
+                try:
+                    if buf:  # hand the buffer over (no copy of a large message)
+                        buf += memoryview(data)[start:end]
+                        out.append(buf)
+                    else:
+                        out.append(data[start:end])
+                except MemoryError:
+                    out.append(memory_error())
+                self._buf = buf = bytearray()  # a new one follows (the old one freed)
 
         if mode != _IDLE and not discarding:  # keep the incomplete message, within the limit
             if len(buf) + n - start > max_size:
@@ -389,7 +436,12 @@ class JsonSplitter:
                 discarding = True
                 buf.clear()
             else:
-                buf += memoryview(data)[start:]
+                try:
+                    buf += memoryview(data)[start:]
+                except MemoryError:
+                    out.append(memory_error())
+                    discarding = True
+                    self._buf = buf = bytearray()
         self._mode = mode
         self._depth = depth
         self._discarding = discarding
