@@ -530,4 +530,4 @@ def quit_daemon(session: Session, args: m.NoArgs) -> m.Empty:
 
 
 # The snapshot and job commands register in the same table (they use the helpers above).
-from ramd.api import snapshots  # noqa: E402, F401
+from ramd.api import images, snapshots  # noqa: E402, F401
