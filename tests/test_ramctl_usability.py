@@ -163,7 +163,7 @@ def test_read_past_the_end_names_the_range_and_leaves_no_file(
     assert p.returncode == 1
     assert p.stderr.decode() == (
         "ramctl: GenericError: Range out of bounds: ram0: offset 0x0 length 0x4100000 "
-        "exceeds size 0x4000000\n"
+        "exceeds size 0x4000000 (offset 0 B length 65 MiB exceeds size 64 MiB)\n"
     )
     assert not out.exists()
     out.write_bytes(b"old contents")

@@ -201,8 +201,10 @@ def run(args: argparse.Namespace) -> int:
         return report(as_json, EXIT_FAILED, type(e).__name__, str(e))
     except UsageError as e:
         return report(as_json, EXIT_USAGE, "UsageError", e.message)
-    except Failure as e:
-        return report(as_json, e.status, e.error_class, e.message, hints=_notes(e))
+    except Failure as e:  # its daemon-like refusals (GenericError, JobFailed) get sizes too
+        local = as_json or e.error_class in _LOCAL_CLASSES
+        desc = e.message if local else with_human_sizes(e.message)
+        return report(as_json, e.status, e.error_class, desc, hints=_notes(e))
 
 
 def _wants_json(argv: Sequence[str]) -> bool:

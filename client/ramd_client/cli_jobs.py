@@ -159,7 +159,7 @@ async def cmd_rm_image(client: AsyncClient, args: argparse.Namespace) -> int:
 async def cmd_jobs(client: AsyncClient, args: argparse.Namespace) -> int:
     if args.action != "list":
         if args.job is None:
-            raise UsageError("", f"ramctl jobs {args.action}: JOB expected (see `ramctl jobs`)")
+            raise UsageError("", f"jobs {args.action}: JOB expected (see `ramctl jobs`)")
         if args.action == "cancel":
             await client.job_cancel(args.job)
             text = f"asked job {args.job} to stop (`ramctl jobs` shows when it concluded)"
@@ -169,7 +169,7 @@ async def cmd_jobs(client: AsyncClient, args: argparse.Namespace) -> int:
         emit_json({"id": args.job, args.action: True}) if args.json else emit(text)
         return EXIT_OK
     if args.job is not None:
-        raise UsageError("", f"ramctl jobs: unexpected {args.job!r} (ACTION: cancel or dismiss)")
+        raise UsageError("", f"jobs: unexpected {args.job!r} (ACTION: cancel or dismiss)")
     jobs = await client.query_jobs()
     if args.json:
         emit_json([j.model_dump(mode="json", by_alias=True) for j in jobs])
