@@ -222,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id", metavar="ID", help=what)
 
     p = command("add", "create a RAM block")
-    block_id(p, "the new block's id (letters, digits, '-', '.', '_')")
+    p.add_argument(
+        "id",
+        metavar="NEW-ID",
+        help="the new block's id (a letter, then letters, digits, '-', '.', '_')",
+    )
     p.add_argument("size", metavar="SIZE", type=size_arg, help="its size in bytes (used part)")
     p.add_argument("--max-size", metavar="S", type=size_arg, help="make it resizable up to S")
     p.add_argument(
