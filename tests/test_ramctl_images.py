@@ -33,14 +33,18 @@ def test_save_reports_and_refuses_to_replace_without_force(
     s = start_daemon().path
     ok(s, "add", "a", "1M", "--max-size", "4M")
     ok(s, "add", "b", "2M")
+    ok(s, "write", "b", "0", input=os.urandom(64 * 1024))
     out = ok(s, "save", "img", "a", "b")
     assert re.fullmatch(
-        r"saved 2 blocks \(a, b\), 3 MiB, to image 'img' in \d+\.\d s "
-        r"\(\d+(\.\d+)? [KM]iB file in the daemon's state-dir\)\n",
+        r"saved 2 blocks \(a, b\), 3 MiB, \d+(\.\d+)? KiB on disk, to image 'img' in the "
+        r"daemon's state-dir in \d+\.\d s\n",
         out,
     ), out
     image = tmp_path / "state" / "img"
     first = image.stat()
+    (entry,) = jok(s, "images")
+    assert entry["disk-size"] == first.st_blocks * 512 >= 64 * 1024  # zero pages are holes
+    assert entry["disk-size"] < MiB and entry["size"] == first.st_size >= 3 * MiB
     p = ramctl(s, "save", "img", "a")
     assert p.returncode == 1 and p.stdout == b""
     err = p.stderr.decode()
@@ -67,8 +71,8 @@ def test_images_are_listed_and_removed_never_through_a_symlink(
     (state / "link").symlink_to(outside)
     assert ok(s, "images", "--name") == "junk\none\ntwo\n"
     table = ok(s, "images").splitlines()
-    assert table[0].split() == ["NAME", "FILE-SIZE", "DATA", "MODIFIED", "BLOCKS", "ERROR"]
-    assert table[2].split()[0] == "one" and table[2].split()[3] == "1"  # 1 MiB of data
+    assert table[0].split() == ["NAME", "DATA", "ON-DISK", "MODIFIED", "BLOCKS", "ERROR"]
+    assert table[2].split()[:3] == ["one", "1", "MiB"]
     assert table[2].split()[-1] == "a"
     assert table[1].startswith("junk") and "Bad image" in table[1]
     listed = jok(s, "images")
@@ -308,3 +312,39 @@ def test_list_and_info_show_backend_persistence_and_mappers(any_daemon: Daemon) 
     assert ok(s, "list", "--name") == "m\n"
     assert ok(s, "commands").splitlines()[:2] == ["ram-block-add", "ram-block-del"]
     assert {"query-images", "image-remove"} <= set(ok(s, "commands").split())
+
+
+def test_holder_fields_are_shown_when_reported_and_absent_otherwise() -> None:
+    """``leases``, ``sealed`` and ``holders`` (protocol.md §12, §14) come with newer daemons
+    and models: shown when the block has them, left out (no column, no line) when not."""
+    from pydantic import BaseModel
+    from ramd_client.cli_output import block_details, block_table
+
+    from ramd.api import models as m
+
+    class Holder(BaseModel):
+        kind: str
+        pid: int
+        uid: int
+
+    class Newer(m.RamBlockInfo):
+        leases: int
+        sealed: bool
+        holders: list[Holder]
+
+    plain = dict(
+        id="vm1", size=MiB, max_size=MiB, resizable=False, page_size=4096, offset=0,
+        backend="memfd", shared=True, persistent=False, prealloc=False, merge=False,
+        dump=True, hugepages=False, hugetlb=False, lock=False, mappers=1,
+    )  # fmt: skip
+    old = m.RamBlockInfo.model_validate(plain)
+    new = Newer.model_validate(
+        {**plain, "leases": 2, "sealed": True, "holders": [{"kind": "lease", "pid": 7, "uid": 0}]}
+    )
+    assert "LEASES" not in block_table([old]) and "leases:" not in block_details(old)
+    header, row = block_table([new]).splitlines()
+    assert header.split()[4:7] == ["BACKEND", "MAPPERS", "LEASES"]
+    assert row.split()[6:9] == ["memfd", "1", "2"] and row.split()[-1] == "sealed"
+    details = block_details(new)
+    assert "\nleases:      2\n" in details and "\nsealed:      yes\n" in details
+    assert "\nholders:     lease pid 7 uid 0\n" in details

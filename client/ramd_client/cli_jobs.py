@@ -35,6 +35,12 @@ def _mtime(entry: m.ImageEntry) -> str:
     return datetime.fromtimestamp(entry.mtime).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _data_text(entry: m.ImageEntry) -> str:
+    """How much the image holds, and takes on disk (zero pages are holes)."""
+    data = "?" if entry.data_bytes is None else format_size(entry.data_bytes)
+    return f"{data}, {format_size(entry.disk_size)} on disk"
+
+
 def _blocks_text(entry: m.ImageEntry) -> str:
     if entry.blocks is None:
         return f"unreadable: {entry.error}"
@@ -78,7 +84,7 @@ async def cmd_save(client: AsyncClient, args: argparse.Namespace) -> int:
         if old is not None:
             raise Failure(
                 EXIT_FAILED,
-                f"image '{args.name}' exists ({_blocks_text(old)}, {format_size(old.size)}, "
+                f"image '{args.name}' exists ({_blocks_text(old)}, {_data_text(old)}, "
                 f"saved {_mtime(old)}): use --force to replace it, or `ramctl rm-image "
                 f"{args.name}`",
                 "ImageExists",
@@ -99,9 +105,8 @@ async def cmd_save(client: AsyncClient, args: argparse.Namespace) -> int:
         emit(f"saved {format_size(job.total_progress)} to image '{args.name}' in {seconds:.1f} s")
     else:
         emit(
-            f"saved {_blocks_text(image)}, {format_size(job.total_progress)}, to image "
-            f"'{args.name}' in {seconds:.1f} s ({format_size(image.size)} file in the "
-            f"daemon's state-dir)"
+            f"saved {_blocks_text(image)}, {_data_text(image)}, to image '{args.name}' "
+            f"in the daemon's state-dir in {seconds:.1f} s"
         )
     return EXIT_OK
 
@@ -133,15 +138,15 @@ async def cmd_images(client: AsyncClient, args: argparse.Namespace) -> int:
         rows = [
             (
                 i.name,
-                format_size(i.size),
                 "-" if i.data_bytes is None else format_size(i.data_bytes),
+                format_size(i.disk_size),
                 _mtime(i),
                 "-" if i.blocks is None else ",".join(i.blocks),
                 i.error or "",
             )
             for i in images
         ]
-        emit(table(("NAME", "FILE-SIZE", "DATA", "MODIFIED", "BLOCKS", "ERROR"), rows))
+        emit(table(("NAME", "DATA", "ON-DISK", "MODIFIED", "BLOCKS", "ERROR"), rows))
     return EXIT_OK
 
 

@@ -57,6 +57,7 @@ def _entry(dir_fd: int, name: str, st: os.stat_result) -> m.ImageEntry:
     return m.ImageEntry(
         name=name,
         size=st.st_size,
+        disk_size=st.st_blocks * 512,
         mtime=st.st_mtime,
         blocks=blocks,
         data_bytes=data_bytes,

@@ -364,6 +364,7 @@ class ImageEntry(Result):
 
     name: str
     size: int = Field(description="bytes of the file (holes included)")
+    disk_size: int = Field(description="bytes it occupies on disk (zero pages are holes)")
     mtime: float = Field(description="last modification, seconds since the Unix epoch")
     blocks: list[str] | None = Field(
         None, description="the ids of the blocks it holds; null if it is no readable image"
