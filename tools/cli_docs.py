@@ -368,7 +368,7 @@ def zsh_completion(prog: Program) -> str:
             "    local -a words",
             "    local sock=${" + prog.name + "_socket:-${opt_args[--socket]}}",
             f'    words=(${{(f)"$({prog.name} ${{sock:+--socket "$sock"}} --timeout 1 "$@" '
-            '2>/dev/null)"}})',
+            '2>/dev/null)"})',
             "    compadd -a words",
             "}",
             "",
