@@ -348,3 +348,15 @@ def test_holder_fields_are_shown_when_reported_and_absent_otherwise() -> None:
     details = block_details(new)
     assert "\nleases:      2\n" in details and "\nsealed:      yes\n" in details
     assert "\nholders:     lease pid 7 uid 0\n" in details
+
+
+def test_ramctl_checks_image_names_by_the_daemons_rule() -> None:
+    """The parser keeps its own copy of the rule (importing the image library would slow
+    every ``ramctl`` start): it must be the daemon's."""
+    from ramd_client.cli_parser import IMAGE_NAME_PATTERN
+
+    from ramd.api.models import FileTarget
+    from ramd.snapshot.files import NAME_PATTERN
+
+    assert f"^{IMAGE_NAME_PATTERN}$" == NAME_PATTERN
+    assert FileTarget.model_json_schema()["properties"]["file"]["pattern"] == NAME_PATTERN
