@@ -71,8 +71,10 @@ def venv_env(**extra: str) -> dict[str, str]:
 
 
 def shown(line: str) -> re.Pattern[str]:
-    """A shown line as a pattern: literal, but ``...`` matches any text."""
-    return re.compile(".*".join(map(re.escape, line.split("..."))))
+    """A shown line as a pattern: literal, but ``...`` matches any text (``,...``: none, or
+    a comma and any text: the fields after the last one shown, if any)."""
+    parts = [".*".join(map(re.escape, part.split("..."))) for part in line.split(",...")]
+    return re.compile("(?:,.*)?".join(parts))
 
 
 def check_shown(expected: list[str], got: list[str], what: str) -> None:

@@ -108,8 +108,9 @@ def _flags(block: m.RamBlockInfo) -> str:
 
 
 def block_table(blocks: Sequence[m.RamBlockInfo]) -> str:
-    """One row per block; a LEASES column when the daemon reports leases."""
-    leases = any(_reported(b, "leases") is not None for b in blocks)
+    """One row per block; a LEASES column when a block has leases (``info`` shows them
+    always)."""
+    leases = any(_reported(b, "leases") for b in blocks)
     headers = ["ID", "SIZE", "MAX-SIZE", "RESIDENT", "BACKEND", "MAPPERS"]
     headers += ["LEASES"] if leases else []
     headers += ["PAGE", "OFFSET", "FLAGS"]
