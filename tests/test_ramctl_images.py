@@ -362,3 +362,25 @@ def test_ramctl_checks_image_names_by_the_daemons_rule() -> None:
 
     assert f"^{IMAGE_NAME_PATTERN}$" == NAME_PATTERN
     assert FileTarget.model_json_schema()["properties"]["file"]["pattern"] == NAME_PATTERN
+
+
+def test_timeout_hints_name_what_goes_on() -> None:
+    """Which commands the timeout message says may still complete, and how to check (the
+    message itself is checked with a real daemon above)."""
+    import argparse
+
+    from ramd_client.cli_errors import timeout_hints
+
+    def hints(command: str, method: str, **kw: str) -> list[str]:
+        return timeout_hints(argparse.Namespace(command=command, **kw), method)
+
+    wait = "wait longer with --timeout SECONDS (0: no limit)"
+    assert hints("add", "ram-block-add", id="vm1") == [
+        "the daemon may still complete ram-block-add: it is not cancelled; "
+        "check with `ramctl info vm1`",
+        wait,
+    ]
+    assert hints("list", "query-ram-blocks") == [wait]  # a query changes nothing
+    # save follows its job with query-jobs: the job goes on whichever call timed out
+    assert hints("save", "query-jobs", name="img")[0].startswith("the save job goes on")
+    assert "`ramctl images`" in hints("rm-image", "image-remove")[0]

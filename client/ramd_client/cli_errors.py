@@ -68,10 +68,15 @@ _CHECKS = {
 
 def timeout_hints(args: argparse.Namespace, method: str) -> list[str]:
     """What to tell the user after ``method`` (the JSON-RPC command) got no answer in time:
-    for a command that changes something, that the daemon may still complete it and how to
-    check; always how to wait longer."""
+    for a command that changes something, or a ``save``/``load`` following its job, that the
+    daemon may still complete it and how to check; always how to wait longer."""
     hints = []
-    if not method.startswith("query-") and method != "subscribe":
+    if args.command in ("save", "load"):
+        hints.append(
+            f"the {args.command} job goes on in the daemon: `ramctl jobs` shows it, "
+            "`ramctl jobs cancel JOB` stops it"
+        )
+    elif not method.startswith("query-") and method != "subscribe":
         check = _CHECKS.get(args.command, "ramctl list").format(id=getattr(args, "id", ""))
         hints.append(
             f"the daemon may still complete {method}: it is not cancelled; check with `{check}`"
