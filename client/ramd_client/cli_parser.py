@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Sizes and offsets take K, M, G, T, P, E suffixes (powers of 1024; 1.5G is fine) "
             "or hex (0x10000). Exit status: 0 ok, 1 refused by the daemon (or a local file "
-            "failed), 2 usage error, 3 cannot reach the daemon, no answer in time, or the "
-            "connection was lost."
+            "failed), 2 usage error, 3 cannot reach the daemon, no answer in time (the command "
+            "may still complete in the daemon), or the connection was lost."
         ),
     )
     _global_options(parser, defaults=True)
