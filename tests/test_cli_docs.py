@@ -4,6 +4,7 @@ completion completes."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -12,6 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from daemon import Daemon, Raw, wait_job
+from ramctl_support import ok
+
+from ramd.config import Config, Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "tools" / "cli_docs.py"
@@ -55,11 +60,27 @@ def test_man_pages_render_without_warnings(page: str) -> None:
     text = re.sub(".\b", "", rendered)  # overstrike bold and underline
     for word in ("NAME", "SYNOPSIS", "OPTIONS", "--socket", "--version"):
         assert word in text
+    for section in ("EXAMPLES", "ENVIRONMENT", "FILES"):
+        assert re.search(rf"^{section}$", text, re.MULTILINE), section
+    assert "RAMD_SOCKET" in text
+
+
+def test_ramd_man_page_lists_every_configuration_key() -> None:
+    text = (ROOT / "man" / "ramd.8").read_text().replace("\\-", "-")
+    section = text.split(".SH CONFIGURATION", 1)[1].split(".SH ", 1)[0]
+    for name, field in Config.model_fields.items():
+        key = field.alias or name
+        if key not in ("limits", "block"):
+            assert f"\\fB{key}\\fR" in section, key
+    for name, field in Limits.model_fields.items():
+        assert f"\\fB[limits] {field.alias or name}\\fR" in section, name
+    assert '(default: "8M")' in section and '(default: "0600")' in section
 
 
 def complete(program: str, words: list[str], cwd: Path = ROOT) -> list[str]:
     """What the bash completion of ``program`` offers for the command line ``words``
-    (the last word is the one being completed)."""
+    (the last word is the one being completed); it must print nothing on stderr. ``ramctl``
+    on ``PATH`` is this interpreter's (as in an activated virtualenv)."""
     script = ROOT / "completions" / "bash" / program
     line = " ".join(shlex.quote(w) for w in [program, *words])
     code = (
@@ -69,13 +90,17 @@ def complete(program: str, words: list[str], cwd: Path = ROOT) -> list[str]:
         f"_{program}\n"
         'printf "%s\\n" "${COMPREPLY[@]}"\n'
     )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAMD_SOCKET", "XDG_RUNTIME_DIR")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     p = subprocess.run(
         ["bash", "--norc", "--noprofile", "-c", code],
         capture_output=True,
         check=True,
         cwd=cwd,
+        env=env,
         timeout=60,
     )
+    assert p.stderr == b""
     return [w for w in p.stdout.decode().split("\n") if w]
 
 
@@ -97,3 +122,37 @@ def test_bash_completion_of_ramd() -> None:
     assert complete("ramd", ["--log-level", "w"]) == ["warning"]
     assert complete("ramd", ["--event-loop", ""]) == ["asyncio", "uvloop"]
     assert complete("ramd", ["--qmp"]) == ["--qmp-socket"]
+
+
+def test_bash_completion_asks_the_daemon_for_ids_images_methods_and_jobs(
+    any_daemon: Daemon, tmp_path: Path
+) -> None:
+    s = str(any_daemon.path)
+    ok(s, "add", "ram0", "1M")
+    ok(s, "add", "rom1", "1M")
+    ok(s, "save", "img-a", "ram0")
+    jid = ok(s, "save", "img-b", "--no-wait").strip()
+    try:
+        assert complete("ramctl", ["--socket", s, "info", ""]) == ["ram0", "rom1"]
+        assert complete("ramctl", ["info", "--socket", s, "r"]) == ["ram0", "rom1"]
+        assert complete("ramctl", ["--socket", s, "resize", "ra"]) == ["ram0"]
+        assert complete("ramctl", ["--socket", s, "resize", "ram0", ""]) == []  # SIZE
+        assert complete("ramctl", ["--socket", s, "add", ""]) == []  # a new id
+        assert complete("ramctl", ["--socket", s, "save", "img-c", "ro"]) == ["rom1"]
+        assert complete("ramctl", ["--socket", s, "save", "img-c", "ram0", "ro"]) == ["rom1"]
+        assert complete("ramctl", ["--socket", s, "load", "img"]) == ["img-a", "img-b"]
+        assert complete("ramctl", ["--socket", s, "rm-image", "img-a", "img-"]) == [
+            "img-a",
+            "img-b",
+        ]
+        assert complete("ramctl", ["--socket", s, "call", "query-ram"]) == ["query-ram-blocks"]
+        assert complete("ramctl", ["--socket", s, "jobs", ""]) == ["list", "cancel", "dismiss"]
+        assert complete("ramctl", ["--socket", s, "jobs", "dismiss", ""]) == [jid]
+        # no daemon there: nothing offered, nothing printed
+        missing = str(tmp_path / "missing.sock")
+        assert complete("ramctl", ["--socket", missing, "info", ""]) == []
+    finally:
+        with Raw(s) as r:  # the pooled daemon must be left as it was found
+            wait_job(r, jid)
+            r.call("job-dismiss", id=jid)
+        ok(s, "rm-image", "img-a", "img-b")

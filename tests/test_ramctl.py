@@ -52,13 +52,18 @@ def test_add_list_info_resize_del_human(any_daemon: Daemon) -> None:
     assert "64 MiB (67108864)" in out and "1.5 GiB (1610612736)" in out
     ok(s, "add", "small", "6K", "--prealloc", "--lock")
     listing = ok(s, "list").splitlines()
-    assert listing[0].split() == ["ID", "SIZE", "MAX-SIZE", "RESIDENT", "PAGE", "OFFSET", "FLAGS"]
+    assert listing[0].split() == [
+        "ID", "SIZE", "MAX-SIZE", "RESIDENT", "BACKEND", "MAPPERS", "PAGE", "OFFSET", "FLAGS"
+    ]  # fmt: skip
     row = listing[1].split()
     assert row[0] == "ram0" and row[1:5] == ["64", "MiB", "1.5", "GiB"]
+    assert row[7:9] == ["anonymous", "0"]
     assert row[-1] == "resizable,merge,nodump"
     assert listing[2].split()[0] == "small" and listing[2].split()[-1] == "prealloc,lock"
     info = ok(s, "info", "small")
-    assert "size:" in info and "8 KiB (8192)" in info and "resizable:  no" in info
+    assert "size:" in info and "8 KiB (8192)" in info and "\nresizable:   no\n" in info
+    assert "\nbackend:     anonymous\n" in info and "\npersistent:  no\n" in info
+    assert "\nmappers:     0\n" in info
     resized = ok(s, "resize", "ram0", "128M")
     assert "128 MiB (134217728)" in resized
     assert ok(s, "del", "small") == "removed small\n"

@@ -69,7 +69,7 @@ async def test_every_request_of_the_client_validates(daemon: Daemon) -> None:
         await c.ram_block_read("ram0", 4096, 4)
         await c.ram_block_discard("ram0", 0, 4096)
         async with c.events(["RAM_BLOCK_REMOVED"], replay=False) as events:
-            await c.ram_block_del("ram1")
+            await c.ram_block_del("ram1", mode="hard")
             assert (await anext(events)).data.id == "ram1"
         save = await c.ram_save("img", blocks=["ram0"])
         await c.query_jobs()
@@ -82,6 +82,9 @@ async def test_every_request_of_the_client_validates(daemon: Daemon) -> None:
             await asyncio.sleep(0.05)
         await c.job_dismiss(save)
         await c.job_dismiss(load)
+        assert [i.name for i in await c.query_images()] == ["img"]
+        await c.image_remove("img")
+        await c.ram_block_resize("ram0", MiB, mode="hard")
         await c.query_stats()
         await c.query_commands()
         await c.query_schema()

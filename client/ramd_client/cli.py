@@ -13,12 +13,16 @@ errors too are one JSON object on stderr: ``{"error": {"class", "desc", "status"
 Exit status: 0 success; 1 the daemon refused (its error class and message on stderr) or a
 local file could not be read or written; 2 usage error; 3 the daemon could not be reached
 (the message names the socket path tried), did not answer within ``--timeout`` seconds, or
-the connection was lost. ``watch`` runs until interrupted and exits 0 on SIGINT.
+the connection was lost. A command that timed out is not cancelled: the daemon may still
+complete it, and the message says so and how to check. ``watch`` runs until interrupted and
+exits 0 on SIGINT. A daemon refusal holding sizes (hex on the wire) is followed by the same
+sizes in powers of 1024, as ramctl takes them (:mod:`ramd_client.cli_errors`); ``--json``
+errors carry the daemon's message unchanged.
 
 Start-up cost: this module imports neither asyncio, nor pydantic, nor the typed client.
-``version`` and ``call`` are one blocking exchange (:mod:`ramd_client.oneshot`); the other
-commands import asyncio and :mod:`ramd_client.cli_commands` (and with it the models) when
-they run.
+``version``, ``call`` and ``commands`` are one blocking exchange
+(:mod:`ramd_client.oneshot`); the other commands import asyncio and
+:mod:`ramd_client.cli_commands` (and with it the models) when they run.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ramd.paths import default_socket
+from ramd_client.cli_errors import timeout_hints, with_human_sizes
 from ramd_client.cli_output import (
     EXIT_CONNECT,
     EXIT_FAILED,
@@ -117,12 +122,19 @@ def _call_params(args: argparse.Namespace) -> Any:
 
 
 def run_raw(args: argparse.Namespace, path: str) -> int:
-    """``version`` and ``call``: one blocking exchange, no asyncio, no models."""
+    """``version``, ``call`` and ``commands``: one blocking exchange, no asyncio, no
+    models."""
     params = _call_params(args) if args.command == "call" else None
     with Exchange(path, args.timeout) as exchange:
         version = exchange.version
         if args.command == "call":
             emit_json(exchange.call(args.method, params))
+        elif args.command == "commands":
+            listed = exchange.call("query-commands", None)
+            if args.json:
+                emit_json(listed)
+            else:
+                emit("\n".join(str(c["name"]) for c in listed))
         elif args.json:
             emit_json(version)
         else:
@@ -173,10 +185,18 @@ def run(args: argparse.Namespace) -> int:
             as_json, EXIT_CONNECT, "ConnectError", str(e), hints=hints, extra={"socket": path}
         )
     except CallTimeout as e:
-        return report(as_json, EXIT_CONNECT, "Timeout", f"{e} (at {path}; see --timeout)")
+        return report(
+            as_json,
+            EXIT_CONNECT,
+            "Timeout",
+            f"{e} (at {path})",
+            hints=timeout_hints(args, e.method),
+            extra={"method": e.method},
+        )
     except RamdError as e:
         extra = {"code": e.code} if e.code != -32000 else {}
-        return report(as_json, EXIT_FAILED, e.error_class, e.desc, hints=_notes(e), extra=extra)
+        desc = e.desc if as_json else with_human_sizes(e.desc)
+        return report(as_json, EXIT_FAILED, e.error_class, desc, hints=_notes(e), extra=extra)
     except ConnectionLost as e:
         return report(
             as_json, EXIT_CONNECT, "ConnectionLost", f"lost the connection to ramd at {path}: {e}"
@@ -185,8 +205,10 @@ def run(args: argparse.Namespace) -> int:
         return report(as_json, EXIT_FAILED, type(e).__name__, str(e))
     except UsageError as e:
         return report(as_json, EXIT_USAGE, "UsageError", e.message)
-    except Failure as e:
-        return report(as_json, e.status, e.error_class, e.message, hints=_notes(e))
+    except Failure as e:  # its daemon-like refusals (GenericError, JobFailed) get sizes too
+        local = as_json or e.error_class in _LOCAL_CLASSES
+        desc = e.message if local else with_human_sizes(e.message)
+        return report(as_json, e.status, e.error_class, desc, hints=_notes(e))
 
 
 def _wants_json(argv: Sequence[str]) -> bool:

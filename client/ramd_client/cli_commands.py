@@ -21,9 +21,11 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import IO, Any
 
+from ramd.api import models as m
 from ramd.api.eventnames import EVENT_NAMES
 from ramd.sizes import format_size
 from ramd_client.cli_holders import holders_text
+from ramd_client.cli_jobs import cmd_images, cmd_jobs, cmd_load, cmd_rm_image, cmd_save
 from ramd_client.cli_output import (
     EXIT_FAILED,
     EXIT_OK,
@@ -35,10 +37,8 @@ from ramd_client.cli_output import (
     emit_json,
     event_line,
     pairs,
-    table,
 )
-from ramd_client.cli_progress import WITH_TOTAL as _BAR_WITH_TOTAL
-from ramd_client.cli_progress import progress_bar
+from ramd_client.cli_progress import progress_bar, waiting
 from ramd_client.cli_shared import CHUNK, cmd_map, read_mapped, write_mapped
 from ramd_client.cli_top import cmd_top
 from ramd_client.client import AsyncClient
@@ -61,8 +61,46 @@ def _show_block(args: argparse.Namespace, block: Any) -> None:
         emit(block_details(block))
 
 
+def _same_settings(block: m.RamBlockInfo, args: argparse.Namespace) -> bool:
+    """Whether ``block`` is what ``ramctl add`` with ``args`` would have created (sizes as the
+    daemon rounds them up to the block's page size)."""
+    page = block.page_size
+
+    def up(n: int) -> int:
+        return -(-n // page) * page
+
+    return (
+        block.size == up(args.size)
+        and (args.max_size is None or block.max_size == up(args.max_size))
+        and block.resizable == (args.max_size is not None)
+        and (block.backend, block.hugetlb, block.prealloc, block.merge, block.dump)
+        == (args.backend, args.hugetlb, args.prealloc, args.merge, not args.no_dump)
+        and (block.hugepages, block.lock) == (args.hugepages, args.lock)
+    )
+
+
+async def _explain_existing(client: AsyncClient, args: argparse.Namespace, e: RamdError) -> None:
+    """Add a note to ``add``'s "already exists" refusal: whether the block there is the one
+    asked for (an earlier ``add`` that timed out completed it) or another one."""
+    try:
+        (block,) = await client.query_ram_blocks(args.id)
+    except RamdError:
+        return  # removed meanwhile: the refusal says enough
+    if _same_settings(block, args):
+        e.add_note(
+            f"{args.id} exists with the size and settings asked ({format_size(block.size)}, "
+            f"{block.backend}): an earlier add, one that timed out perhaps, created it; "
+            f"`ramctl info {args.id}` shows it"
+        )
+    else:
+        e.add_note(
+            f"{args.id} exists with other settings ({format_size(block.size)} of "
+            f"{format_size(block.max_size)}, {block.backend}): `ramctl info {args.id}` shows it"
+        )
+
+
 async def cmd_add(client: AsyncClient, args: argparse.Namespace) -> int:
-    block = await client.ram_block_add(
+    call = client.ram_block_add(
         args.id,
         args.size,
         max_size=args.max_size,
@@ -75,13 +113,24 @@ async def cmd_add(client: AsyncClient, args: argparse.Namespace) -> int:
         lock=args.lock,
         align=args.align,
     )
+    faulting = [w for w, on in (("preallocating", args.prealloc), ("locking", args.lock)) if on]
+    try:
+        if faulting:
+            what = f"add {args.id}: {' and '.join(faulting)} {format_size(args.size)}"
+            block = await waiting(call, what)
+        else:
+            block = await call
+    except RamdError as e:
+        if e.desc == f"RAM block '{args.id}' already exists":
+            await _explain_existing(client, args, e)
+        raise
     _show_block(args, block)
     return EXIT_OK
 
 
 async def cmd_del(client: AsyncClient, args: argparse.Namespace) -> int:
     try:
-        await client.ram_block_del(args.id)
+        await client.ram_block_del(args.id, args.mode)
     except RamdError as e:
         if not (args.if_exists and e.error_class == "DeviceNotFound"):
             raise
@@ -99,7 +148,7 @@ async def cmd_del(client: AsyncClient, args: argparse.Namespace) -> int:
 
 async def cmd_resize(client: AsyncClient, args: argparse.Namespace) -> int:
     try:
-        block = await client.ram_block_resize(args.id, args.size)
+        block = await client.ram_block_resize(args.id, args.size, args.mode)
     except RamdError as e:
         if e.desc.startswith("Size mismatch"):
             e.add_note(
@@ -111,9 +160,12 @@ async def cmd_resize(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_list(client: AsyncClient, args: argparse.Namespace) -> int:
-    blocks = await client.query_ram_blocks(resident=True)
+    blocks = await client.query_ram_blocks(resident=not args.name)
     if args.json:
         emit_json([b.model_dump(mode="json", by_alias=True) for b in blocks])
+    elif args.name:
+        if blocks:
+            emit("\n".join(b.id for b in blocks))
     else:
         emit(block_table(blocks))
     return EXIT_OK
@@ -406,67 +458,11 @@ async def cmd_stats(client: AsyncClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-#: Seconds between two ``query-jobs`` while ``save``/``load`` wait for their job.
-JOB_POLL = 0.2
-
-
-async def _wait_job(client: AsyncClient, args: argparse.Namespace, job_id: str) -> int:
-    """Follow job ``job_id`` until it concludes (a progress bar on a terminal), dismiss it,
-    and exit 0, or exit 1 with its error."""
-    if args.no_wait:
-        emit_json({"job-id": job_id}) if args.json else emit(job_id)
-        return EXIT_OK
-    with progress_bar(None, f"{args.command} {args.name}") as bar:
-        while True:
-            job = next((j for j in await client.query_jobs() if j.id == job_id), None)
-            if job is None:
-                raise Failure(EXIT_FAILED, f"job {job_id} was dismissed by another client")
-            if job.total_progress and bar.total != job.total_progress:
-                bar.total = job.total_progress
-                bar.bar_format = _BAR_WITH_TOTAL
-            bar.update(job.current_progress - bar.n)
-            if job.status == "concluded":
-                break
-            await asyncio.sleep(JOB_POLL)
-    await client.job_dismiss(job_id)
-    if job.error is not None:
-        raise Failure(EXIT_FAILED, f"{job.type} {args.name} ({job_id}): {job.error}", "JobFailed")
-    if args.json:
-        emit_json(job.model_dump(mode="json", by_alias=True))
-    return EXIT_OK
-
-
-async def cmd_save(client: AsyncClient, args: argparse.Namespace) -> int:
-    job_id = await client.ram_save(args.name, blocks=args.blocks or None)
-    return await _wait_job(client, args, job_id)
-
-
-async def cmd_load(client: AsyncClient, args: argparse.Namespace) -> int:
-    return await _wait_job(client, args, await client.ram_load(args.name))
-
-
-async def cmd_jobs(client: AsyncClient, args: argparse.Namespace) -> int:
-    jobs = await client.query_jobs()
-    if args.json:
-        emit_json([j.model_dump(mode="json", by_alias=True) for j in jobs])
-        return EXIT_OK
-    rows = [
-        (
-            j.id,
-            j.type,
-            j.status,
-            f"{format_size(j.current_progress)}/{format_size(j.total_progress)}",
-            j.error or "",
-        )
-        for j in jobs
-    ]
-    emit(table(("ID", "TYPE", "STATUS", "PROGRESS", "ERROR"), rows))
-    return EXIT_OK
-
-
 COMMANDS: dict[str, Handler] = {
     "save": cmd_save,
     "load": cmd_load,
+    "images": cmd_images,
+    "rm-image": cmd_rm_image,
     "jobs": cmd_jobs,
     "add": cmd_add,
     "del": cmd_del,

@@ -81,15 +81,25 @@ def pairs(items: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{(k + ':').ljust(width)}  {v}" for k, v in items)
 
 
+def _reported(block: m.RamBlockInfo, name: str) -> Any:
+    """Field ``name`` of ``block`` when this daemon and client report it, else None: the
+    holder fields (``leases``, ``sealed``, ``holders``, protocol.md §12, §14) are newer than
+    ``mappers``, and an older daemon's or model's block has none."""
+    return getattr(block, name, None)
+
+
 def _flags(block: m.RamBlockInfo) -> str:
     names = [
         name
         for name, on in (
             ("resizable", block.resizable),
+            ("persistent", block.persistent),
+            ("sealed", bool(_reported(block, "sealed"))),
             ("prealloc", block.prealloc),
             ("merge", block.merge),
             ("nodump", not block.dump),
             ("hugepages", block.hugepages),
+            ("hugetlb", block.hugetlb),
             ("lock", block.lock),
         )
         if on
@@ -98,47 +108,84 @@ def _flags(block: m.RamBlockInfo) -> str:
 
 
 def block_table(blocks: Sequence[m.RamBlockInfo]) -> str:
-    headers = ("ID", "SIZE", "MAX-SIZE", "RESIDENT", "PAGE", "OFFSET", "FLAGS")
-    rows = [
-        (
+    """One row per block; a LEASES column when a block has leases (``info`` shows them
+    always)."""
+    leases = any(_reported(b, "leases") for b in blocks)
+    headers = ["ID", "SIZE", "MAX-SIZE", "RESIDENT", "BACKEND", "MAPPERS"]
+    headers += ["LEASES"] if leases else []
+    headers += ["PAGE", "OFFSET", "FLAGS"]
+    rows = []
+    for b in blocks:
+        row = [
             b.id,
             format_size(b.size),
             format_size(b.max_size),
             "-" if b.resident is None else format_size(b.resident),
-            format_size(b.page_size),
-            hex(b.offset),
-            _flags(b),
-        )
-        for b in blocks
-    ]
+            b.backend,
+            str(b.mappers),
+        ]
+        if leases:
+            n = _reported(b, "leases")
+            row.append("-" if n is None else str(n))
+        row += [format_size(b.page_size), hex(b.offset), _flags(b)]
+        rows.append(row)
     return table(headers, rows)
 
 
+def _holders(holders: Sequence[Any]) -> str:
+    """``kind pid/uid`` of each holder (objects or dicts), comma-separated."""
+
+    def field(h: Any, name: str) -> Any:
+        return h.get(name) if isinstance(h, dict) else getattr(h, name, None)
+
+    shown = [f"{field(h, 'kind')} pid {field(h, 'pid')} uid {field(h, 'uid')}" for h in holders]
+    return ", ".join(shown) or "-"
+
+
 def block_details(b: m.RamBlockInfo) -> str:
+    """``key: value`` lines; the holder fields only when the daemon reports them."""
+
     def yes(v: bool) -> str:
         return "yes" if v else "no"
 
     def size(n: int) -> str:
         return f"{format_size(n)} ({n})"
 
-    return pairs(
-        [
-            ("id", b.id),
-            ("size", size(b.size)),
-            ("max-size", size(b.max_size)),
-            ("resizable", yes(b.resizable)),
-            ("page-size", format_size(b.page_size)),
-            ("resident", "-" if b.resident is None else size(b.resident)),
-            ("host", "-" if b.host is None else hex(b.host)),
-            ("offset", hex(b.offset)),
-            ("backend", b.backend),
-            ("prealloc", yes(b.prealloc)),
-            ("merge", yes(b.merge)),
-            ("dump", yes(b.dump)),
-            ("hugepages", yes(b.hugepages)),
-            ("lock", yes(b.lock)),
-        ]
-    )
+    items = [
+        ("id", b.id),
+        ("size", size(b.size)),
+        ("max-size", size(b.max_size)),
+        ("resizable", yes(b.resizable)),
+        ("page-size", format_size(b.page_size)),
+        ("resident", "-" if b.resident is None else size(b.resident)),
+        ("host", "-" if b.host is None else hex(b.host)),
+        ("offset", hex(b.offset)),
+        ("backend", b.backend),
+        ("shared", yes(b.shared)),
+        ("persistent", yes(b.persistent)),
+    ]
+    if b.path is not None:
+        items.append(("path", b.path))
+    items.append(("mappers", str(b.mappers)))
+    for name in ("leases", "sealed", "holders"):
+        value = _reported(b, name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            items.append((name, yes(value)))
+        elif name == "holders":
+            items.append((name, _holders(value)))
+        else:
+            items.append((name, str(value)))
+    items += [
+        ("prealloc", yes(b.prealloc)),
+        ("merge", yes(b.merge)),
+        ("dump", yes(b.dump)),
+        ("hugepages", yes(b.hugepages)),
+        ("hugetlb", yes(b.hugetlb)),
+        ("lock", yes(b.lock)),
+    ]
+    return pairs(items)
 
 
 def event_line(event: Event) -> str:

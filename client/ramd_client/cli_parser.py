@@ -25,6 +25,8 @@ from ramd_client.cli_top import add_parser as add_top_parser
 __all__ = [
     "COMPLETIONS",
     "GLOBAL_OPTIONS",
+    "IMAGE_NAME_PATTERN",
+    "LIVE_COMPLETIONS",
     "PROG",
     "RAW_COMMANDS",
     "UsageError",
@@ -35,7 +37,7 @@ __all__ = [
 PROG = "ramctl"
 
 #: Commands that talk raw JSON-RPC (no pydantic models: the fast path).
-RAW_COMMANDS = frozenset({"version", "call"})
+RAW_COMMANDS = frozenset({"version", "call", "commands"})
 
 #: The option strings of the global options (documented once, not per command).
 GLOBAL_OPTIONS = frozenset({"--socket", "--json", "--timeout"})
@@ -44,6 +46,19 @@ GLOBAL_OPTIONS = frozenset({"--socket", "--json", "--timeout"})
 #: ``choices`` (``watch``'s EVENT: ``nargs="*"`` with ``choices`` refuses an empty list in
 #: Python 3.11, so the names are checked by :func:`event_arg`).
 COMPLETIONS: dict[str, tuple[str, ...]] = {"EVENT": EVENT_NAMES}
+
+#: Arguments the shell completions complete by asking the daemon (quietly, with a short
+#: timeout), by metavar: the ``ramctl`` words whose output is one word per line.
+LIVE_COMPLETIONS: dict[str, tuple[str, ...]] = {
+    "ID": ("list", "--name"),
+    "NAME": ("images", "--name"),
+    "METHOD": ("commands",),
+    "JOB": ("jobs", "--name"),
+}
+
+#: An image name (``ram-save``'s ``{"file": NAME}``, ramd.snapshot.files.NAME_PATTERN).
+IMAGE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+IMAGE_NAME_RULE = "a letter or digit, then up to 63 of A-Z a-z 0-9 . _ - (no paths)"
 
 #: Default seconds for connecting and for each call.
 DEFAULT_TIMEOUT = 10.0
@@ -131,6 +146,16 @@ def timeout_arg(text: str) -> float | None:
     return value or None
 
 
+def image_name_arg(text: str) -> str:
+    """argparse ``type=`` for image names: the daemon's own rule, checked before asking."""
+    if re.fullmatch(IMAGE_NAME_PATTERN, text, re.ASCII) is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid image name {text!r}: images live in the daemon's state-dir, named by "
+            f"{IMAGE_NAME_RULE}"
+        )
+    return text
+
+
 def event_arg(text: str) -> str:
     """argparse ``type=`` for event names."""
     if text not in EVENT_NAMES:
@@ -178,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Sizes and offsets take K, M, G, T, P, E suffixes (powers of 1024; 1.5G is fine) "
             "or hex (0x10000). Exit status: 0 ok, 1 refused by the daemon (or a local file "
-            "failed), 2 usage error, 3 cannot reach the daemon, no answer in time, or the "
-            "connection was lost."
+            "failed), 2 usage error, 3 cannot reach the daemon, no answer in time (the command "
+            "may still complete in the daemon), or the connection was lost."
         ),
     )
     _global_options(parser, defaults=True)
@@ -198,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id", metavar="ID", help=what)
 
     p = command("add", "create a RAM block")
-    block_id(p, "the new block's id (letters, digits, '-', '.', '_')")
+    p.add_argument(
+        "id",
+        metavar="NEW-ID",
+        help="the new block's id (a letter, then letters, digits, '-', '.', '_')",
+    )
     p.add_argument("size", metavar="SIZE", type=size_arg, help="its size in bytes (used part)")
     p.add_argument("--max-size", metavar="S", type=size_arg, help="make it resizable up to S")
     p.add_argument(
@@ -216,15 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock", action="store_true", help="lock in RAM (mlock)")
     p.add_argument("--align", metavar="A", type=size_arg, help="alignment (power of two)")
 
+    def release_mode(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--mode",
+            choices=("safe", "hard"),
+            default="safe",
+            help=f"when a mapper does not acknowledge the {what} in time: safe (the default) "
+            "fails and changes nothing, hard disconnects it and goes on",
+        )
+
     p = command("del", "remove a RAM block")
     block_id(p, "the block to remove")
     p.add_argument("--if-exists", action="store_true", help="succeed when there is no such block")
+    release_mode(p, "removal")
 
     p = command("resize", "grow or shrink a resizable RAM block")
     block_id(p)
     p.add_argument("size", metavar="SIZE", type=size_arg, help="the new size, up to max-size")
+    release_mode(p, "shrink")
 
-    command("list", "list the RAM blocks")
+    p = command("list", "list the RAM blocks")
+    p.add_argument("--name", action="store_true", help="print only the ids, one per line")
 
     p = command("info", "show one RAM block")
     block_id(p)
@@ -273,19 +314,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = command("save", "save RAM blocks to an image in the daemon's state-dir")
-    p.add_argument("name", metavar="NAME", help="the image's name (no paths)")
+    p.add_argument(
+        "name", metavar="NAME", type=image_name_arg, help=f"the image's name: {IMAGE_NAME_RULE}"
+    )
     p.add_argument("blocks", metavar="ID", nargs="*", help="blocks to save (default all)")
+    p.add_argument("--force", action="store_true", help="replace an existing image of that name")
     p.add_argument("--no-wait", action="store_true", help="print the job id, do not wait")
 
     p = command("load", "load an image from the daemon's state-dir (QEMU's incoming rules)")
-    p.add_argument("name", metavar="NAME", help="the image's name")
+    p.add_argument("name", metavar="NAME", type=image_name_arg, help="the image's name")
     p.add_argument("--no-wait", action="store_true", help="print the job id, do not wait")
 
-    command("jobs", "list the daemon's save and load jobs")
+    p = command("images", "list the images in the daemon's state-dir")
+    p.add_argument("--name", action="store_true", help="print only the names, one per line")
+
+    p = command("rm-image", "remove images from the daemon's state-dir")
+    p.add_argument(
+        "names", metavar="NAME", nargs="+", type=image_name_arg, help="the images to remove"
+    )
+
+    p = command("jobs", "list the daemon's save and load jobs, or cancel or dismiss one")
+    p.add_argument(
+        "action",
+        metavar="ACTION",
+        nargs="?",
+        choices=("list", "cancel", "dismiss"),
+        default="list",
+        help="list (the default); cancel JOB: ask it to stop; dismiss JOB: forget a concluded job",
+    )
+    p.add_argument("job", metavar="JOB", nargs="?", help="the job id (cancel, dismiss)")
+    p.add_argument("--name", action="store_true", help="list: print only the ids, one per line")
 
     command("stats", "show the daemon's usage figures and limits")
     add_top_parser(command)
     command("version", "show the daemon's version")
+    command("commands", "list the commands the daemon answers (JSON-RPC methods)")
 
     p = command("exec", "run a program holding leases of RAM blocks (it inherits their fds)")
     p.add_argument(

@@ -150,13 +150,17 @@ class AsyncClient(JsonRpcProtocol):
         )
         return parse_result(m.RamBlockInfo, await self.call("ram-block-add", params))
 
-    async def ram_block_del(self, id: str) -> None:
-        """``ram-block-del``: remove block ``id`` and unmap its memory."""
-        await self.call("ram-block-del", wire_params(m.BlockIdArgs, id=id))
+    async def ram_block_del(self, id: str, mode: m.ReleaseMode = "safe") -> None:
+        """``ram-block-del``: remove block ``id`` and unmap its memory (``mode``: what to do
+        about mappers that do not acknowledge in time, protocol.md §8)."""
+        await self.call("ram-block-del", wire_params(m.RamBlockDelArgs, id=id, mode=mode))
 
-    async def ram_block_resize(self, id: str, size: int) -> m.RamBlockInfo:
-        """``ram-block-resize``: grow or shrink block ``id`` in place. Returns the block."""
-        params = wire_params(m.RamBlockResizeArgs, id=id, size=size)
+    async def ram_block_resize(
+        self, id: str, size: int, mode: m.ReleaseMode = "safe"
+    ) -> m.RamBlockInfo:
+        """``ram-block-resize``: grow or shrink block ``id`` in place (``mode``: as for
+        :meth:`ram_block_del`, for a shrink). Returns the block."""
+        params = wire_params(m.RamBlockResizeArgs, id=id, size=size, mode=mode)
         return parse_result(m.RamBlockInfo, await self.call("ram-block-resize", params))
 
     async def query_ram_blocks(
@@ -225,6 +229,14 @@ class AsyncClient(JsonRpcProtocol):
     async def job_dismiss(self, id: str) -> None:
         """``job-dismiss``: forget the concluded job ``id``."""
         await self.call("job-dismiss", wire_params(m.JobIdArgs, id=id))
+
+    async def query_images(self) -> list[m.ImageEntry]:
+        """``query-images``: the image files of the daemon's ``state-dir``, by name."""
+        return parse_result(m.ImageEntryList, await self.call("query-images")).root
+
+    async def image_remove(self, file: str) -> None:
+        """``image-remove``: remove the image ``file`` from the daemon's ``state-dir``."""
+        await self.call("image-remove", wire_params(m.ImageRemoveArgs, file=file))
 
     async def query_stats(self) -> m.StatsResult:
         """``query-stats``: usage figures of the daemon and its ``limits``."""

@@ -160,11 +160,11 @@ class Client:
             )
         )
 
-    def ram_block_del(self, id: str) -> None:
-        self._call(self._client.ram_block_del(id))
+    def ram_block_del(self, id: str, mode: m.ReleaseMode = "safe") -> None:
+        self._call(self._client.ram_block_del(id, mode))
 
-    def ram_block_resize(self, id: str, size: int) -> m.RamBlockInfo:
-        return self._call(self._client.ram_block_resize(id, size))
+    def ram_block_resize(self, id: str, size: int, mode: m.ReleaseMode = "safe") -> m.RamBlockInfo:
+        return self._call(self._client.ram_block_resize(id, size, mode))
 
     def query_ram_blocks(
         self, id: str | None = None, resident: bool = False
@@ -200,6 +200,12 @@ class Client:
 
     def job_dismiss(self, id: str) -> None:
         self._call(self._client.job_dismiss(id))
+
+    def query_images(self) -> list[m.ImageEntry]:
+        return self._call(self._client.query_images())
+
+    def image_remove(self, file: str) -> None:
+        self._call(self._client.image_remove(file))
 
     def query_stats(self) -> m.StatsResult:
         return self._call(self._client.query_stats())

@@ -7,7 +7,7 @@ Each command module registers its commands in :data:`ramd.api.table.COMMANDS` wi
 
 from __future__ import annotations
 
-from ramd.api import block_commands, fd_commands, session_commands, snapshots
+from ramd.api import block_commands, fd_commands, images, session_commands, snapshots
 from ramd.api.session_commands import version_triple
 from ramd.api.table import COMMANDS, Command, Raw, WithFds
 
@@ -18,6 +18,7 @@ __all__ = [
     "WithFds",
     "block_commands",
     "fd_commands",
+    "images",
     "session_commands",
     "snapshots",
     "version_triple",

@@ -22,7 +22,10 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
     WithJsonSchema,
+    WrapValidator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -186,13 +189,51 @@ class FdTarget(Args):
     fd: FdName
 
 
+_IMAGE_NAME_RULE = "a letter or digit, then up to 63 of A-Z a-z 0-9 . _ - (no paths)"
+_FD_NAME_RULE = "a letter or _, then up to 63 of A-Z a-z 0-9 . _ -"
+
+
+def _location_problem(value: object) -> str:
+    """Why ``value`` is neither ``{"file": NAME}`` nor ``{"fd": FDNAME}``, in one line."""
+    allowed = (
+        f'must be {{"file": NAME}} (an image in the daemon\'s state-dir; NAME: {_IMAGE_NAME_RULE})'
+        ' or {"fd": FDNAME} (a file descriptor passed with getfd)'
+    )
+    if isinstance(value, dict) and len(value) == 1:
+        ((key, name),) = value.items()
+        what = {"file": ("image", _IMAGE_NAME_RULE), "fd": ("fd", _FD_NAME_RULE)}.get(key)
+        if what is not None:
+            shown = repr(name) if isinstance(name, str) else "(not a string)"
+            return f"invalid {what[0]} name {shown}: {what[1]}"
+    return allowed
+
+
+def _one_location(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+    """Validate a ``target``/``source`` union, replacing pydantic's per-member errors (each
+    member's reason, one per line) by one error naming what is allowed."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError(
+            "image_location", "{problem}", {"problem": _location_problem(value)}
+        ) from None
+
+
+#: ``target`` of ``ram-save``, ``source`` of ``ram-load``: a state-dir name or a ``getfd`` fd.
+ImageLocation = Annotated[FileTarget | FdTarget, WrapValidator(_one_location)]
+
+
 class RamSaveArgs(Args):
-    target: FileTarget | FdTarget
+    target: ImageLocation
     blocks: list[BlockId] | None = Field(None, description="block ids; default all")
 
 
 class RamLoadArgs(Args):
-    source: FileTarget | FdTarget
+    source: ImageLocation
+
+
+class ImageRemoveArgs(Args):
+    file: ImageName
 
 
 JobId = Annotated[StrictStr, Field(pattern=ID_PATTERN, description="job id")]
@@ -335,6 +376,29 @@ class JobInfo(Result):
 
 
 JobInfoList = RootModel[list[JobInfo]]
+
+
+class ImageEntry(Result):
+    """One image file of the daemon's ``state-dir`` (``query-images``)."""
+
+    name: str
+    size: int = Field(description="bytes of the file (holes included)")
+    disk_size: int = Field(description="bytes it occupies on disk (zero pages are holes)")
+    mtime: float = Field(description="last modification, seconds since the Unix epoch")
+    blocks: list[str] | None = Field(
+        None, description="the ids of the blocks it holds; null if it is no readable image"
+    )
+    data_bytes: int | None = Field(
+        None, description="the sum of its blocks' sizes; null if it is no readable image"
+    )
+    error: str | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="why its header or table cannot be read; absent for a readable image",
+    )
+
+
+ImageEntryList = RootModel[list[ImageEntry]]
 
 
 class SubscribeResult(Result):

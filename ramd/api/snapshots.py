@@ -72,7 +72,7 @@ def job_manager(service: Service) -> JobManager:
     return service.jobs
 
 
-def _state_dir_fd(service: Service) -> int:
+def state_dir_fd(service: Service) -> int:
     """The state directory's fd, opened (and cleared of dead writers' temporaries) once."""
     if service.state_dir_fd < 0:
         fd = open_state_dir(service.state_dir)
@@ -124,7 +124,7 @@ def ram_save(session: Session, args: m.RamSaveArgs) -> m.JobStarted:
         raise RamdError("Nothing to save: no RAM block")
     blocks = [ram.get(block_id) for block_id in ids]
     target = args.target
-    dir_fd = _state_dir_fd(service) if isinstance(target, m.FileTarget) else -1
+    dir_fd = state_dir_fd(service) if isinstance(target, m.FileTarget) else -1
     fd = _session_fd(session, target.fd) if isinstance(target, m.FdTarget) else -1
     descs = [descriptor(b) for b in blocks]
 
@@ -324,7 +324,7 @@ def ram_load(session: Session, args: m.RamLoadArgs) -> m.JobStarted:
     service = session.service
     source = args.source
     if isinstance(source, m.FileTarget):
-        fd = open_image(_state_dir_fd(service), source.file)
+        fd = open_image(state_dir_fd(service), source.file)
     else:
         fd = _session_fd(session, source.fd)
     state = _Load(service, fd)
