@@ -108,6 +108,9 @@ class RAMBlock:
     lock: bool = False
     #: Connections holding an fd of this block (kept by the API layer's mapper registry).
     mappers: int = 0
+    #: Where the block is attached in a VMM, as ``RamBlockInfo.attachment`` (wire names), or
+    #: None (kept by the API layer's attachment registry, :mod:`ramd.vmm.registry`).
+    attachment: dict[str, object] | None = None
     #: Why the block is pinned (work off the loop thread holds it), or None.
     busy: str | None = None
 

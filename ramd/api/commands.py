@@ -214,6 +214,7 @@ def ram_block_del(session: Session, args: m.RamBlockDelArgs) -> m.Empty | Awaita
     """Remove a RAM block and unmap all of its memory (after every mapper acknowledged)."""
     ram = session.service.ram
     block = ram.changeable(args.id)
+    session.service.attachments.refuse_change(block, "del")
     if session.service.mappers.of(block):
         return _forget_after(block, release.remove(session, block, args.mode))
     ram.remove(args.id)
@@ -232,6 +233,7 @@ def ram_block_resize(session: Session, args: m.RamBlockResizeArgs) -> Raw | Awai
     """Grow or shrink a resizable RAM block in place (no-op at the current size)."""
     service = session.service
     ram = service.ram
+    service.attachments.refuse_change(ram.get(args.id), "resize")
     block, new = ram.check_resize(args.id, args.size)
     grow = new - block.size
     lim = service.limits.max_used
@@ -530,4 +532,4 @@ def quit_daemon(session: Session, args: m.NoArgs) -> m.Empty:
 
 
 # The snapshot and job commands register in the same table (they use the helpers above).
-from ramd.api import snapshots  # noqa: E402, F401
+from ramd.api import attach, snapshots  # noqa: E402, F401

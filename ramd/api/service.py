@@ -23,6 +23,7 @@ from ramd.hostlimits import HostLimits
 from ramd.jobs import JobManager
 from ramd.logs import LogBudget
 from ramd.ramblock import RAMBlock, RAMList
+from ramd.vmm.registry import Attachments
 
 T = TypeVar("T")
 
@@ -49,6 +50,8 @@ class Service:
         self.broadcaster = Broadcaster(self.mappers.of)
         self.ram.register_notifier(self.broadcaster)
         self.ram.register_notifier(self.infos)
+        #: Blocks attached to VMMs (protocol.md §13).
+        self.attachments = Attachments(self.broadcaster.block_event, self.infos.refresh)
         self.sessions: set[Session] = set()
         #: Subscribers disconnected for falling behind (counted by the transport).
         self.dropped_subscribers = 0
