@@ -56,6 +56,9 @@ class Attachment:
     granted: bool
     #: Resolved when the VMM reports ``DEVICE_DELETED`` of the device, while a detach waits.
     deleted: asyncio.Future[None] | None = None
+    #: The VMM reported ``DEVICE_DELETED`` (the guest let go, maybe after a detach timed out,
+    #: or on its own): only the backend and the fd are left to delete.
+    unplugged: bool = False
     detaching: bool = field(default=False)
 
     @property
@@ -292,9 +295,12 @@ class Attachments:
         link = att.link
         att.detaching = True
         att.deleted = asyncio.get_running_loop().create_future()
+        if att.unplugged:
+            att.deleted.set_result(None)
         try:
             try:
-                await link.execute("device_del", {"id": att.device}, step_timeout)
+                if not att.unplugged:
+                    await link.execute("device_del", {"id": att.device}, step_timeout)
             except VmmRefused as e:
                 if "process of unplug" not in e.desc:
                     raise RamdError(
@@ -335,9 +341,11 @@ class Attachments:
             return
         device = data.get("device")
         for att in self._by_block.values():
-            waiter = att.deleted
-            if att.link is link and att.device == device and waiter and not waiter.done():
-                waiter.set_result(None)
+            if att.link is not link or att.device != device:
+                continue
+            att.unplugged = True
+            if att.deleted is not None and not att.deleted.done():
+                att.deleted.set_result(None)
 
     def _vmm_closed(self, link: VmmLink) -> None:
         """The VMM's connection closed: it exited (or dropped ramd); its attachments end."""

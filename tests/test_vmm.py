@@ -1,0 +1,265 @@
+"""Attachments (protocol.md §13) against a real QEMU 7.2 running as another uid.
+
+QEMU has no guest: the test plays the guest's part through QEMU's qtest socket (reading and
+writing guest-physical memory, the ACPI eject of a DIMM), see :mod:`vmm_support`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon import Daemon, Raw
+from vmm_support import DIMM_BASE, QEMU, VMM_UID, Qemu, file_acl
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+
+
+@pytest.fixture
+def vmm_daemon(start_daemon: Callable[..., Daemon]) -> Iterator[Daemon]:
+    """A fresh daemon with a tmpfs memory-dir (``file`` blocks) and a 2 s ack-timeout (the
+    deadline of every step the VMM owes)."""
+    parent = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm"))
+    try:
+        yield start_daemon(f'memory-dir = "{parent}/mem"\n[limits]\nack-timeout = 2\n')
+    finally:
+        shutil.rmtree(parent)
+
+
+@pytest.fixture
+def qemu() -> Iterator[Qemu]:
+    q = Qemu()
+    try:
+        yield q
+    finally:
+        q.stop()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _attach(rpc: Raw, qemu: Qemu, block: str, **kw: Any) -> Any:
+    return rpc.call("ram-block-attach", id=block, qmp=str(qemu.ramd_qmp), **{"as": "pc-dimm"}, **kw)
+
+
+def _events(rpc: Raw, name: str) -> list[dict[str, Any]]:
+    return [e["params"]["data"] for e in rpc.events if e["method"] == name]
+
+
+def _wait_event(rpc: Raw, name: str, timeout: float = 10.0) -> dict[str, Any]:
+    rpc.sock.settimeout(timeout)
+    while not _events(rpc, name):
+        msg = rpc.line()
+        assert isinstance(msg, dict) and "method" in msg, msg
+        rpc.events.append(msg)
+    return _events(rpc, name)[0]
+
+
+@pytest.mark.parametrize("backend", ["file", "memfd"])
+def test_qemu_as_another_uid_reads_and_writes_an_attached_block(
+    vmm_daemon: Daemon, qemu: Qemu, backend: str
+) -> None:
+    assert qemu.uid() == VMM_UID != os.getuid()
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call("subscribe", events=["RAM_BLOCK_ATTACHED"])
+        info = rpc.call("ram-block-add", id="vm1", size=64 * MiB, backend=backend)
+        rpc.call("ram-block-write", id="vm1", offset=4096, data=_b64(b"written by ramd"))
+        info = _attach(rpc, qemu, "vm1")
+        att = info["attachment"]
+        assert att == {
+            "qmp": str(qemu.ramd_qmp),
+            "as": "pc-dimm",
+            "device": "ramd-vm1",
+            "memdev": "/objects/ramd-mem-vm1",
+            "addr": DIMM_BASE,
+            "vmm-pid": qemu.pid,
+        }
+        assert _events(rpc, "RAM_BLOCK_ATTACHED") == [
+            {
+                "seq": 2,
+                "id": "vm1",
+                "device": "ramd-vm1",
+                "as": "pc-dimm",
+                "addr": DIMM_BASE,
+                "vmm-pid": qemu.pid,
+            }
+        ]
+        # QEMU's view: one DIMM of the block's size on the backend ramd named, the fd in a set
+        (dimm,) = qemu.cmd("query-memory-devices")
+        assert dimm["data"]["memdev"] == "/objects/ramd-mem-vm1"
+        assert dimm["data"]["size"] == 64 * MiB
+        assert qemu.fdsets()[0]["fds"][0]["opaque"] == "ramd:vm1"
+        # ramd -> guest: HMP xp reads what ram-block-write wrote
+        assert qemu.xp(att["addr"] + 4096, 15) == b"written by ramd"
+        # guest -> ramd: a guest-physical write (qtest) is what ram-block-read returns
+        qemu.write_phys(att["addr"] + 64 * MiB - 8, b"by guest")
+        got = rpc.call("ram-block-read", id="vm1", offset=64 * MiB - 8, length=8)
+        assert base64.b64decode(got["data"]) == b"by guest"
+        assert rpc.call("query-ram-blocks", id="vm1")[0]["attachment"] == att
+        if backend == "file":  # mode 0600, so QEMU's uid could only open it by the grant
+            path = info["path"]
+            assert os.stat(path).st_mode & 0o777 != 0o777
+            assert file_acl(path) is not None
+
+
+def test_resize_and_del_of_an_attached_block_are_refused(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call(
+            "ram-block-add", id="vm1", size=32 * MiB, **{"max-size": 256 * MiB}, backend="memfd"
+        )
+        _attach(rpc, qemu, "vm1")
+        for size in (16 * MiB, 64 * MiB):
+            err = rpc.error("ram-block-resize", id="vm1", size=size)
+            assert err["message"] == "RAM block 'vm1' is attached as pc-dimm: its size is fixed"
+        for mode in ("safe", "hard"):
+            err = rpc.error("ram-block-del", id="vm1", mode=mode)
+            assert err["message"] == (
+                f"RAM block 'vm1' is attached to VMM {qemu.pid} as ramd-vm1: detach it first"
+            )
+        assert rpc.call("query-ram-blocks", id="vm1")[0]["size"] == 32 * MiB
+        qemu.write_phys(DIMM_BASE + 32 * MiB - 4, b"tail")  # the whole DIMM is still there
+        assert qemu.xp(DIMM_BASE + 32 * MiB - 4, 4) == b"tail"
+        assert qemu.alive() and qemu.cmd("query-status")["status"] == "running"
+
+
+def test_detach_with_no_guest_to_eject_times_out_and_changes_nothing(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        info = rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="file")
+        att = _attach(rpc, qemu, "vm1")["attachment"]
+        err = rpc.error("ram-block-detach", id="vm1", timeout=0.5)
+        assert err["message"] == "Timed out waiting for the VMM to release RAM block 'vm1'"
+        assert rpc.call("query-ram-blocks", id="vm1")[0]["attachment"] == att
+        assert "ramd-mem-vm1" in qemu.objects()
+        assert [f["opaque"] for s in qemu.fdsets() for f in s["fds"]] == ["ramd:vm1"]
+        assert file_acl(info["path"]) is not None
+        assert "RAM block 'vm1' is attached" in rpc.error("ram-block-del", id="vm1")["message"]
+        # the guest lets go later: a repeated detach then completes
+        qemu.eject_dimm(0)
+        rpc.call("subscribe", events=["RAM_BLOCK_DETACHED"])
+        assert rpc.call("ram-block-detach", id="vm1", timeout=5) == {}
+        assert _events(rpc, "RAM_BLOCK_DETACHED") == [
+            {"seq": 3, "id": "vm1", "device": "ramd-vm1", "reason": "detached"}
+        ]
+
+
+def test_detach_after_the_guest_ejects_leaves_nothing_in_qemu(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        info = rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="file")
+        _attach(rpc, qemu, "vm1")
+        # the guest ejects as soon as it is asked (the eject is queued behind device_del)
+        timer = threading.Timer(0.3, qemu.eject_dimm, (0,))
+        timer.start()
+        try:
+            assert rpc.call("ram-block-detach", id="vm1", timeout=10) == {}
+        finally:
+            timer.join()
+        assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+        assert qemu.cmd("query-memory-devices") == []
+        assert "ramd-mem-vm1" not in qemu.objects()
+        assert qemu.fdsets() == []
+        assert file_acl(info["path"]) is None  # access is the daemon's alone again
+        rpc.call("ram-block-resize", id="vm1", size=16 * MiB)
+        assert rpc.call("ram-block-del", id="vm1") == {}
+
+
+def test_killing_qemu_ends_the_attachment(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        info = rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="file")
+        _attach(rpc, qemu, "vm1")
+        rpc.call("subscribe", events=["RAM_BLOCK_DETACHED"])
+        qemu.kill()
+        event = _wait_event(rpc, "RAM_BLOCK_DETACHED")
+        assert event == {"seq": 3, "id": "vm1", "device": "ramd-vm1", "reason": "vmm-exited"}
+        assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+        assert file_acl(info["path"]) is None
+        assert rpc.call("ram-block-del", id="vm1") == {}
+
+
+def test_a_failed_device_add_leaves_nothing_behind(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        info = rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="file")
+        err = _attach_error(rpc, qemu, "vm1", bus="nosuchbus")
+        assert err["message"] == (
+            "VMM refused attaching RAM block 'vm1': Bus 'nosuchbus' not found"
+        )
+        assert err["data"] == {"class": "GenericError"}
+        assert "ramd-mem-vm1" not in qemu.objects()
+        assert qemu.fdsets() == []
+        assert qemu.cmd("query-memory-devices") == []
+        assert file_acl(info["path"]) is None
+        assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+        # a device id QEMU already has fails at device_add too, and is undone as well
+        qemu.cmd("object-add", **{"qom-type": "memory-backend-ram", "id": "m0", "size": 2 * MiB})
+        qemu.cmd("device_add", driver="pc-dimm", id="taken", memdev="m0")
+        err = _attach_error(rpc, qemu, "vm1", device="taken")
+        assert err["message"].startswith("VMM refused attaching RAM block 'vm1': ")
+        assert "ramd-mem-vm1" not in qemu.objects() and qemu.fdsets() == []
+        # and the block can still be attached afterwards
+        assert _attach(rpc, qemu, "vm1")["attachment"]["device"] == "ramd-vm1"
+
+
+def _attach_error(rpc: Raw, qemu: Qemu, block: str, **kw: Any) -> dict[str, Any]:
+    return rpc.error(
+        "ram-block-attach", id=block, qmp=str(qemu.ramd_qmp), **{"as": "pc-dimm"}, **kw
+    )
+
+
+def test_one_vmm_per_block_and_shared_blocks_only(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="memfd")
+        rpc.call("ram-block-add", id="anon", size=16 * MiB)
+        _attach(rpc, qemu, "vm1")
+        err = _attach_error(rpc, qemu, "vm1", device="other")
+        assert err["message"] == (
+            f"RAM block 'vm1' is already attached to VMM {qemu.pid} as ramd-vm1"
+        )
+        err = _attach_error(rpc, qemu, "anon")
+        assert err["message"].startswith("RAM block 'anon' is not shared (backend anonymous)")
+        assert len(qemu.cmd("query-memory-devices")) == 1
+
+
+def test_an_unreachable_or_silent_vmm_is_an_error_and_stalls_nothing(
+    vmm_daemon: Daemon, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nothing.qmp"
+    silent = tmp_path / "silent.qmp"
+    with socket.socket(socket.AF_UNIX) as listener, Raw(vmm_daemon.path) as rpc:
+        listener.bind(str(silent))
+        listener.listen(4)  # accepts at the kernel level, never greets
+        rpc.call("ram-block-add", id="vm1", size=MiB, backend="memfd")
+        err = rpc.error("ram-block-attach", id="vm1", qmp=str(missing), **{"as": "pc-dimm"})
+        assert err["message"] == (
+            f"Cannot connect to VMM QMP socket '{missing}': No such file or directory"
+        )
+        # while the daemon waits for the silent VMM's greeting, others are served
+        other = Raw(vmm_daemon.path)
+        rpc.send(
+            b'{"jsonrpc":"2.0","id":99,"method":"ram-block-attach","params":{"id":"vm1",'
+            b'"qmp":"%s","as":"pc-dimm"}}' % str(silent).encode()
+        )
+        time.sleep(0.2)
+        assert other.call("query-ram-blocks", id="vm1")[0]["id"] == "vm1"
+        busy = other.error("ram-block-resize", id="vm1", size=2 * MiB)
+        assert busy["message"] == "RAM block 'vm1' is busy: it is being attached to a VMM"
+        other.close()
+        err = rpc.reply()["error"]
+        assert err["message"] == (
+            f"Cannot connect to VMM QMP socket '{silent}': Connection timed out"
+        )
+        assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
