@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ramd_client
+from client_support import WireRecorder, arguments_validator
 from daemon import Daemon, Raw
+from ramctl_support import jok, ok, ramctl
 from vmm_support import DIMM_BASE, QEMU, VMM_UID, Qemu, file_acl
 
 MiB = 1 << 20
@@ -263,3 +266,42 @@ def test_an_unreachable_or_silent_vmm_is_an_error_and_stalls_nothing(
             f"Cannot connect to VMM QMP socket '{silent}': Connection timed out"
         )
         assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+
+
+async def test_the_clients_attach_requests_validate(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    """The typed client's attach and detach: their requests, answers and events fit the
+    schema (see tests/test_schemas.py)."""
+    wire = WireRecorder()
+    async with await ramd_client.connect(vmm_daemon.path, trace=wire.trace()) as c:
+        await c.ram_block_add("vm1", 16 * MiB, backend="memfd")
+        async with c.events(["RAM_BLOCK_ATTACHED", "RAM_BLOCK_DETACHED"], replay=False) as ev:
+            info = await c.ram_block_attach("vm1", str(qemu.ramd_qmp), "pc-dimm", device="d1")
+            assert info.attachment is not None and info.attachment.device == "d1"
+            assert (await anext(ev)).data.model_dump(by_alias=True)["vmm-pid"] == qemu.pid
+            with pytest.raises(ramd_client.RamdError, match="Timed out waiting for the VMM"):
+                await c.ram_block_detach("vm1", timeout=0.2)
+            qemu.eject_dimm(0)
+            await c.ram_block_detach("vm1", timeout=5)
+            assert (await anext(ev)).data.model_dump(by_alias=True)["reason"] == "detached"
+    methods = {method for method, _ in wire.requests()}
+    assert {"ram-block-attach", "ram-block-detach"} <= methods
+    for method, params in wire.requests():
+        assert not list(arguments_validator(method).iter_errors(params)), (method, params)
+    wire.check()
+
+
+def test_ramctl_attach_and_detach(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    sock = vmm_daemon.path
+    ok(sock, "add", "vm1", "16M", "--backend", "memfd")
+    out = ok(sock, "attach", "vm1", "--qmp", str(qemu.ramd_qmp), "--as", "pc-dimm")
+    assert out == f"vm1: pc-dimm ramd-vm1 at 0x{DIMM_BASE:x} in VMM pid {qemu.pid}\n"
+    assert jok(sock, "info", "vm1")["attachment"]["vmm-pid"] == qemu.pid
+    p = ramctl(sock, "detach", "vm1", "--timeout", "0.3")
+    assert p.returncode == 1
+    assert b"Timed out waiting for the VMM to release RAM block 'vm1'" in p.stderr
+    qemu.eject_dimm(0)
+    assert ok(sock, "detach", "vm1") == ""
+    assert "attachment" not in jok(sock, "info", "vm1")
+    p = ramctl(sock, "attach", "vm1", "--qmp", str(qemu.ramd_qmp), "--as", "pc-dimm",
+               "--bus", "nosuchbus")  # fmt: skip
+    assert p.returncode == 1 and b"Bus 'nosuchbus' not found" in p.stderr

@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from ramd.api.eventnames import EVENT_NAMES
 from ramd.sizes import format_size
+from ramd_client import cli_vmm
 from ramd_client.cli_output import (
     EXIT_FAILED,
     EXIT_OK,
@@ -475,4 +476,5 @@ COMMANDS: dict[str, Handler] = {
     "discard": cmd_discard,
     "watch": cmd_watch,
     "stats": cmd_stats,
+    **cli_vmm.COMMANDS,
 }

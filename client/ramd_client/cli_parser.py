@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import ramd
 from ramd.api.eventnames import EVENT_NAMES
 from ramd.sizes import SIZE_MAX, parse_size
+from ramd_client import cli_vmm
 
 __all__ = [
     "COMPLETIONS",
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="print the job id, do not wait")
 
     command("jobs", "list the daemon's save and load jobs")
+
+    cli_vmm.add_parsers(command)
 
     command("stats", "show the daemon's usage figures and limits")
     command("version", "show the daemon's version")
