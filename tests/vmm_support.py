@@ -3,10 +3,10 @@
 ``qemu-system-x86_64 -machine pc`` with DIMM slots and the ``qtest`` accelerator: no guest
 code runs, and the test drives the machine the way a guest would through the qtest socket:
 reading and writing guest-physical memory (``read``/``write``), and the ACPI memory hot-plug
-registers a guest's ``_EJ0`` method writes to eject a DIMM (``outl 0xa00 SLOT`` selects the
-slot, ``outb 0xa14 8`` is the eject request: QEMU then unplugs the DIMM and sends
-``DEVICE_DELETED``). Without that eject a ``device_del`` stays pending forever, as with a
-guest that ignores it.
+registers a guest's ACPI methods write to eject a DIMM (``outl 0xa00 SLOT`` selects the
+slot, ``outb 0xa14 4`` acknowledges the remove event, ``outb 0xa14 8`` is the eject request:
+QEMU then unplugs the DIMM and sends ``DEVICE_DELETED``). Without that eject a
+``device_del`` stays pending forever, as with a guest that ignores it.
 
 QEMU gets three sockets: ``ramd.qmp`` for the daemon, ``test.qmp`` for the test (a QMP monitor
 serves one client at a time) and ``qtest.sock``. They are created by QEMU as root before
@@ -113,8 +113,10 @@ class Qemu:
         self.qtest(f"write 0x{addr:x} {len(data)} 0x{data.hex()}")
 
     def eject_dimm(self, slot: int) -> None:
-        """What a guest's ACPI ``_EJ0`` does for the DIMM in ``slot``."""
+        """What a guest's ACPI handler does for the DIMM in ``slot``: acknowledge the remove
+        event (or a later DIMM in that slot would look asked for removal too), then eject."""
         self.qtest(f"outl 0x{MHP_BASE:x} {slot}")
+        self.qtest(f"outb 0x{MHP_BASE + 0x14:x} 4")
         self.qtest(f"outb 0x{MHP_BASE + 0x14:x} 8")
 
     def objects(self) -> set[str]:

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 AttachAs = Literal["pc-dimm", "virtio-mem"]
 Emit = Callable[[str, RAMBlock, dict[str, Any]], None]
 
+#: Seconds an unused link stays open (the VMM's monitor serves one client at a time, so
+#: ramd lets go of its socket soon, but not between a detach and the next attach).
+LINK_LINGER = 10.0
+
 #: How the device of each kind is called in ``device_add``.
 DRIVERS: dict[str, str] = {"pc-dimm": "pc-dimm", "virtio-mem": "virtio-mem-pci"}
 
@@ -143,12 +147,23 @@ class Attachments:
         link.on_close = self._vmm_closed
         self._links[path] = link
 
+    def _in_use(self, link: VmmLink) -> bool:
+        return bool(self._busy.get(link.path)) or any(
+            a.link is link for a in self._by_block.values()
+        )
+
     def _release_link(self, link: VmmLink) -> None:
-        """Close ``link`` if nothing uses it any more."""
-        if self._busy.get(link.path) or any(a.link is link for a in self._by_block.values()):
+        """Close ``link`` once nothing has used it for :data:`LINK_LINGER` seconds (a
+        detach and a new attach soon after reuse the session instead of negotiating a new
+        one); a link in use again by then stays open."""
+        if self._in_use(link):
             return
-        if self._links.get(link.path) is link:
-            del self._links[link.path]
+        asyncio.get_running_loop().call_later(LINK_LINGER, self._close_idle, link)
+
+    def _close_idle(self, link: VmmLink) -> None:
+        if self._in_use(link) or self._links.get(link.path) is not link:
+            return
+        del self._links[link.path]
         task = asyncio.get_running_loop().create_task(link.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
