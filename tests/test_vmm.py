@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -305,3 +306,45 @@ def test_ramctl_attach_and_detach(vmm_daemon: Daemon, qemu: Qemu) -> None:
     p = ramctl(sock, "attach", "vm1", "--qmp", str(qemu.ramd_qmp), "--as", "pc-dimm",
                "--bus", "nosuchbus")  # fmt: skip
     assert p.returncode == 1 and b"Bus 'nosuchbus' not found" in p.stderr
+
+
+def test_a_stalled_vmm_times_out_stalls_nothing_and_is_cleaned_up_later(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    with Raw(vmm_daemon.path) as rpc, Raw(vmm_daemon.path) as other:
+        rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="memfd")
+        rpc.call("ram-block-add", id="vm2", size=16 * MiB, backend="file")
+        _attach(rpc, qemu, "vm1")  # the daemon's QMP session is open now
+        os.kill(qemu.pid, signal.SIGSTOP)
+        try:
+            rpc.send(
+                b'{"jsonrpc":"2.0","id":99,"method":"ram-block-attach","params":{"id":"vm2",'
+                b'"qmp":"%s","as":"pc-dimm"}}' % str(qemu.ramd_qmp).encode()
+            )
+            time.sleep(0.3)
+            assert other.call("query-ram-blocks", id="vm1")[0]["attachment"]["device"]
+            err = rpc.reply()["error"]
+            assert err["message"] == (
+                f"Cannot attach RAM block 'vm2' to the VMM at '{qemu.ramd_qmp}':"
+                " no answer to add-fd within 2 s"
+            )
+            busy = rpc.error(
+                "ram-block-attach", id="vm2", qmp=str(qemu.ramd_qmp), **{"as": "pc-dimm"}
+            )
+            assert busy["message"] == "RAM block 'vm2' is busy: undoing a failed attach in a VMM"
+        finally:
+            os.kill(qemu.pid, signal.SIGCONT)
+        # QEMU runs the late add-fd once it wakes up, and the background undo after it; a
+        # new attach is refused until that is over (this one fails at device_add, undone)
+        deadline = time.monotonic() + 20
+        while True:
+            err = _attach_error(rpc, qemu, "vm2", bus="nosuchbus")
+            if "nosuchbus" in err["message"]:
+                break
+            assert "undoing a failed attach" in err["message"], err
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "ramd-mem-vm2" not in qemu.objects()
+        assert [f["opaque"] for s in qemu.fdsets() for f in s["fds"]] == ["ramd:vm1"]
+        addr = _attach(rpc, qemu, "vm2")["attachment"]["addr"]
+        assert addr == DIMM_BASE + 16 * MiB

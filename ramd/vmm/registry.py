@@ -30,12 +30,17 @@ from typing import Any, Literal
 from ramd.errors import RamdError
 from ramd.ramblock import RAMBlock
 from ramd.vmm import access
-from ramd.vmm.link import VmmError, VmmGone, VmmLink, VmmRefused
+from ramd.vmm.link import VmmError, VmmGone, VmmLink, VmmRefused, VmmTimeout
 
 log = logging.getLogger(__name__)
 
 AttachAs = Literal["pc-dimm", "virtio-mem"]
 Emit = Callable[[str, RAMBlock, dict[str, Any]], None]
+#: One undo step of an attach: given its deadline in seconds.
+Step = Callable[[float], Awaitable[object]]
+
+#: Deadline per undo step of an attach that the VMM did not answer in time (:meth:`_sweep`).
+SWEEP_TIMEOUT = 30.0
 
 #: Seconds an unused link stays open (the VMM's monitor serves one client at a time, so
 #: ramd lets go of its socket soon, but not between a detach and the next attach).
@@ -101,7 +106,9 @@ class Attachments:
         self._opening: dict[str, asyncio.Task[VmmLink]] = {}
         #: Attaches in progress per socket path (their link must stay open).
         self._busy: dict[str, int] = {}
-        #: Links being closed (the tasks are kept until done).
+        #: Blocks whose failed attach is being undone in the background (:meth:`_sweep`).
+        self._sweeping: set[str] = set()
+        #: Links being closed, and background undos (the tasks are kept until done).
         self._closing: set[asyncio.Task[None]] = set()
 
     def of(self, block: RAMBlock) -> Attachment | None:
@@ -193,6 +200,8 @@ class Attachments:
                 f"RAM block '{block.id}' is not shared (backend {block.backend}): only memfd"
                 " and file blocks can be attached"
             )
+        if block.id in self._sweeping:
+            raise RamdError(f"RAM block '{block.id}' is busy: undoing a failed attach in a VMM")
         if kind != "pc-dimm":
             raise RamdError(f"Cannot attach RAM block '{block.id}' as {kind}: not supported yet")
         self._busy[qmp] = self._busy.get(qmp, 0) + 1
@@ -221,49 +230,49 @@ class Attachments:
         bus: str | None,
         timeout: float,
     ) -> Attachment:
-        undo: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        # Each VMM-side undo is registered before its step is sent: a step whose answer
+        # timed out may still happen in the VMM, and its undo is harmless if it did not.
+        undo: list[tuple[str, Step]] = []
+        mem = memdev_id(block)
 
         async def vmm(cmd: str, args: Mapping[str, object] | None = None) -> object:
             return await link.execute(cmd, args, timeout)
 
+        granted = self._grant(block, link.uid)
         try:
-            granted = self._grant(block, link.uid)
-            if granted:
-                undo.append(("revoke access", _sync(lambda: access.revoke(block.fd, link.uid))))
+            undo.append(("remove-fd", lambda t: _remove_fds(link, block, t)))
             link.send_fd(block.fd)
             fdset_id, vmm_fd = _fd_of(await vmm("add-fd", {"opaque": f"ramd:{block.id}"}))
-            undo.append(
-                ("remove-fd", lambda: vmm("remove-fd", {"fdset-id": fdset_id, "fd": vmm_fd}))
-            )
             backend = {
                 "qom-type": "memory-backend-file",
-                "id": memdev_id(block),
+                "id": mem,
                 "mem-path": f"/proc/self/fd/{vmm_fd}",
                 "share": True,
                 "size": block.size,
             }
+            undo.append(("object-del", lambda t: link.execute("object-del", {"id": mem}, t)))
             await vmm("object-add", backend)
-            undo.append(("object-del", lambda: vmm("object-del", {"id": memdev_id(block)})))
-            dev: dict[str, object] = {
-                "driver": DRIVERS[kind],
-                "id": device,
-                "memdev": memdev_id(block),
-            }
+            dev: dict[str, object] = {"driver": DRIVERS[kind], "id": device, "memdev": mem}
             if bus is not None:
                 dev["bus"] = bus
+            undo.append(("device_del", lambda t: link.execute("device_del", {"id": device}, t)))
             await vmm("device_add", dev)
-            undo.append(("device_del", lambda: vmm("device_del", {"id": device})))
-            addr = _addr_of(await vmm("query-memory-devices"), device, memdev_id(block))
-        except VmmRefused as e:
-            await _undo(block, undo)
-            raise RamdError(f"VMM refused attaching RAM block '{block.id}': {e.desc}") from None
-        except (VmmError, OSError) as e:
-            await _undo(block, undo)
-            raise RamdError(
-                f"Cannot attach RAM block '{block.id}' to the VMM at '{link.path}': {e}"
-            ) from None
-        except BaseException:
-            await _undo(block, undo)
+            addr = _addr_of(await vmm("query-memory-devices"), device, mem)
+        except BaseException as e:
+            # access first: a backend the stalled VMM creates later cannot open the file
+            if granted:
+                _revoke(block, link.uid)
+            done = False
+            if isinstance(e, VmmRefused | VmmGone | OSError):
+                done = await _undo(block, undo, timeout)
+            if not done and not isinstance(e, asyncio.CancelledError):
+                self._sweep(block, link, undo)
+            if isinstance(e, VmmRefused):
+                raise RamdError(f"VMM refused attaching RAM block '{block.id}': {e.desc}") from None
+            if isinstance(e, VmmError | OSError):
+                raise RamdError(
+                    f"Cannot attach RAM block '{block.id}' to the VMM at '{link.path}': {e}"
+                ) from None
             raise
         att = Attachment(block, link, kind, device, addr, fdset_id, vmm_fd, granted)
         self._by_block[block] = att
@@ -284,6 +293,34 @@ class Attachments:
             addr,
         )
         return att
+
+    def _sweep(self, block: RAMBlock, link: VmmLink, undo: list[tuple[str, Step]]) -> None:
+        """Undo a failed attach in the background, with :data:`SWEEP_TIMEOUT` per step: the
+        VMM did not answer in time, and may run what it was sent once it wakes up. The
+        block cannot be attached again until this is done."""
+        self._sweeping.add(block.id)
+        self._busy[link.path] = self._busy.get(link.path, 0) + 1
+
+        async def sweep() -> None:
+            try:
+                if not await _undo(block, undo, SWEEP_TIMEOUT):
+                    log.warning(
+                        "RAM block '%s': VMM pid %d did not answer the undo of a failed attach"
+                        " within %g s per step; it may keep an fd or backend of the block",
+                        block.id,
+                        link.pid,
+                        SWEEP_TIMEOUT,
+                    )
+            finally:
+                self._sweeping.discard(block.id)
+                self._busy[link.path] -= 1
+                if not self._busy[link.path]:
+                    del self._busy[link.path]
+                self._release_link(link)
+
+        task = asyncio.get_running_loop().create_task(sweep())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     @staticmethod
     def _grant(block: RAMBlock, uid: int) -> bool:
@@ -377,12 +414,7 @@ class Attachments:
         block = att.block
         del self._by_block[block]
         if att.granted:
-            try:
-                access.revoke(block.fd, att.link.uid)
-            except OSError as e:
-                log.warning(
-                    "RAM block '%s': access of uid %d not revoked: %s", block.id, att.link.uid, e
-                )
+            _revoke(block, att.link.uid)
         block.attachment = None
         self._refresh(block)
         self._emit(
@@ -404,20 +436,46 @@ class Attachments:
         await asyncio.gather(*(link.close() for link in links), *self._closing)
 
 
-def _sync(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
-    async def run() -> None:
-        fn()
+def _revoke(block: RAMBlock, uid: int) -> None:
+    try:
+        access.revoke(block.fd, uid)
+    except OSError as e:
+        log.warning("RAM block '%s': access of uid %d not revoked: %s", block.id, uid, e)
 
-    return run
 
-
-async def _undo(block: RAMBlock, steps: list[tuple[str, Callable[[], Awaitable[object]]]]) -> None:
-    """Run the undo steps in reverse order; a failure is logged and the rest still run."""
+async def _undo(block: RAMBlock, steps: list[tuple[str, Step]], timeout: float) -> bool:
+    """Run the undo steps in reverse order, each within ``timeout``; False if one timed out
+    (the rest are left for a retry). A refusal means there was nothing to undo; a closed
+    connection means the VMM holds nothing any more."""
     for name, step in reversed(steps):
         try:
-            await step()
-        except (VmmError, OSError) as e:
-            log.warning("RAM block '%s': undoing a failed attach: %s failed: %s", block.id, name, e)
+            await step(timeout)
+        except VmmRefused as e:
+            log.debug("RAM block '%s': undo %s: %s", block.id, name, e.desc)
+        except VmmTimeout:
+            return False
+        except VmmError as e:
+            log.info("RAM block '%s': undo %s: %s", block.id, name, e)
+            return True
+    return True
+
+
+async def _remove_fds(link: VmmLink, block: RAMBlock, timeout: float) -> None:
+    """``remove-fd`` of every fd the VMM holds with the block's ``opaque`` (found by
+    ``query-fdsets``, so it works whether or not the ``add-fd`` answer was seen)."""
+    opaque = f"ramd:{block.id}"
+    for fdset in _list(await link.execute("query-fdsets", None, timeout)):
+        for fd in _list(fdset.get("fds")):
+            if fd.get("opaque") == opaque:
+                args = {"fdset-id": fdset.get("fdset-id"), "fd": fd.get("fd")}
+                await link.execute("remove-fd", args, timeout)
+
+
+def _list(value: object) -> list[dict[str, object]]:
+    """The objects of a JSON list (anything else is skipped)."""
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, dict)]
 
 
 def _fd_of(answer: object) -> tuple[int, int]:
