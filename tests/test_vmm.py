@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import ramd_client
 from client_support import WireRecorder, arguments_validator
-from daemon import Daemon, Raw
+from daemon import Daemon, Raw, wait_job
 from ramctl_support import jok, ok, ramctl
 from vmm_support import DIMM_BASE, QEMU, VMM_UID, Qemu, file_acl
 
@@ -348,3 +348,104 @@ def test_a_stalled_vmm_times_out_stalls_nothing_and_is_cleaned_up_later(
         assert [f["opaque"] for s in qemu.fdsets() for f in s["fds"]] == ["ramd:vm1"]
         addr = _attach(rpc, qemu, "vm2")["attachment"]["addr"]
         assert addr == DIMM_BASE + 16 * MiB
+
+
+def test_a_load_that_would_resize_an_attached_dimm_fails_and_changes_nothing(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call(
+            "ram-block-add", id="vm1", size=16 * MiB, **{"max-size": 64 * MiB}, backend="memfd"
+        )
+        rpc.call("ram-block-write", id="vm1", offset=0, data=_b64(b"before"))
+        rpc.call("ram-block-resize", id="vm1", size=32 * MiB)
+        wait_job(rpc, rpc.call("ram-save", target={"file": "img"})["job-id"])
+        rpc.call("ram-block-resize", id="vm1", size=16 * MiB)
+        _attach(rpc, qemu, "vm1")
+        job = wait_job(rpc, rpc.call("ram-load", source={"file": "img"})["job-id"])
+        assert job["error"] == "RAM block 'vm1' is attached as pc-dimm: its size is fixed"
+        assert rpc.call("query-ram-blocks", id="vm1")[0]["size"] == 16 * MiB
+        assert qemu.xp(DIMM_BASE, 6) == b"before"
+
+
+def _fake_vmm(path: Path, script: Callable[[socket.socket], None]) -> threading.Thread:
+    """A hostile "VMM" on ``path``: accepts one connection and runs ``script`` on it."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                script(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+GREETING = (
+    b'{"QMP":{"version":{"qemu":{"major":7,"minor":2,"micro":0},"package":""},'
+    b'"capabilities":[]}}\r\n'
+)
+
+
+def _negotiate(conn: socket.socket) -> None:
+    conn.sendall(GREETING)
+    request = conn.recv(4096)
+    assert b"qmp_capabilities" in request
+    ident = request.split(b'"id": ')[1].split(b"}")[0] if b'"id"' in request else b'""'
+    conn.sendall(b'{"return": {}, "id": %s}\r\n' % ident)
+
+
+def test_a_vmm_sending_too_much_is_cut_off(vmm_daemon: Daemon, tmp_path: Path) -> None:
+    """A greeting longer than the daemon takes from a VMM ends that connection at once; a
+    VMM flooding events while the daemon waits for an answer costs other clients nothing."""
+    huge = tmp_path / "huge.qmp"
+    flood = tmp_path / "flood.qmp"
+    sent = [0]
+    cut_off = threading.Event()
+
+    def greet_forever(conn: socket.socket) -> None:
+        try:
+            conn.sendall(b'{"QMP": "' + b"x" * (4 << 20))  # no end: longer than any message
+        except (BrokenPipeError, ConnectionResetError):
+            cut_off.set()
+
+    def flood_events(conn: socket.socket) -> None:
+        _negotiate(conn)
+        event = (
+            b'{"event": "RTC_CHANGE", "data": {"offset": 0},'
+            b' "timestamp": {"seconds": 1, "microseconds": 0}}\r\n'
+        )
+        batch = event * 1000
+        deadline = time.monotonic() + 3
+        try:
+            while time.monotonic() < deadline:
+                conn.sendall(batch)
+                sent[0] += 1000
+        except OSError:
+            pass
+
+    with Raw(vmm_daemon.path) as rpc, Raw(vmm_daemon.path) as other:
+        rpc.call("ram-block-add", id="vm1", size=MiB, backend="memfd")
+        _fake_vmm(huge, greet_forever)
+        err = rpc.error("ram-block-attach", id="vm1", qmp=str(huge), **{"as": "pc-dimm"})
+        assert err["message"].startswith(f"Cannot connect to VMM QMP socket '{huge}': ")
+        assert cut_off.wait(10)  # the daemon closed the connection before 4 MiB were read
+        thread = _fake_vmm(flood, flood_events)
+        rpc.send(
+            b'{"jsonrpc":"2.0","id":99,"method":"ram-block-attach","params":{"id":"vm1",'
+            b'"qmp":"%s","as":"pc-dimm"}}' % str(flood).encode()
+        )
+        for _ in range(20):  # served throughout the flood
+            assert other.call("query-version")["package"].startswith("ramd ")
+            time.sleep(0.05)
+        err = rpc.reply()["error"]  # the flood never answers add-fd
+        assert err["message"] == (
+            f"Cannot attach RAM block 'vm1' to the VMM at '{flood}': no answer to add-fd within 2 s"
+        )
+        thread.join(10)
+        assert sent[0] > 10_000  # the daemon read (and dropped) what the VMM sent
+        assert vmm_daemon.rss() < 200 * MiB

@@ -14,7 +14,8 @@ The VMM is a peer like any other, so:
   privileges after creating its sockets, so the socket's own credentials would be root's).
 
 Ownership and thread: a link is owned by the attachment registry and used on the loop thread
-only. ``on_close`` runs once, when the connection ends for any reason but :meth:`close`.
+only. ``on_close`` runs once, when the connection ended for any reason but :meth:`close`
+and the VMM process exited (a pidfd taken at connect time says when).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def _strerror(e: BaseException) -> str:
         return os.strerror(e.errno)
     if isinstance(e, EOFError):
         return "the VMM closed the connection"
+    if isinstance(e, ValueError):  # asyncio's readline past the limit
+        return f"the VMM sent a message longer than {READ_LIMIT} bytes"
     return str(e) or type(e).__name__
 
 
@@ -109,10 +112,13 @@ class VmmLink:
     ``pid`` and ``uid``: the VMM process and the uid it runs as (read at connect time).
     """
 
-    def __init__(self, path: str, client: QMPClient, sock: socket.socket, pid: int, uid: int):
+    def __init__(
+        self, path: str, client: QMPClient, sock: socket.socket, pid: int, uid: int, pidfd: int
+    ) -> None:
         self.path = path
         self.pid = pid
         self.uid = uid
+        self._pidfd = pidfd
         self._client = client
         self._sock = sock
         self.on_event: EventHandler = lambda name, data: None
@@ -133,8 +139,13 @@ class VmmLink:
                 await asyncio.get_running_loop().sock_connect(sock, path)
                 raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
                 pid = struct.unpack("3i", raw)[0]
-                uid = proc_uid(pid)
-                await client.connect(sock)
+                pidfd = os.pidfd_open(pid)
+                try:
+                    uid = proc_uid(pid)
+                    await client.connect(sock)
+                except BaseException:
+                    os.close(pidfd)
+                    raise
         except TimeoutError:
             sock.close()
             raise VmmUnreachable(
@@ -152,9 +163,10 @@ class VmmLink:
             ) from None
         # the default listener would keep every event forever: it accepts none from now on
         client.events.event_filter = lambda event: False
-        link = cls(path, client, sock, pid, uid)
+        link = cls(path, client, sock, pid, uid, pidfd)
         client.register_listener(_Router(link._event))
         link._watcher = asyncio.get_running_loop().create_task(link._watch())
+        link._watcher.add_done_callback(lambda task: os.close(pidfd))
         return link
 
     @property
@@ -166,7 +178,8 @@ class VmmLink:
 
     async def _watch(self) -> None:
         """Wait for the session to end; unless :meth:`close` ended it, finish the disconnect
-        (bounded) and call ``on_close``."""
+        (bounded), wait for the VMM process to exit (a VMM whose connection was cut, for
+        sending too much, still maps what it was given) and call ``on_close``."""
         client = self._client
         while client.runstate == Runstate.RUNNING:
             await client.runstate_changed()
@@ -175,7 +188,24 @@ class VmmLink:
         self._closing = True
         await self._disconnect()
         log.info("VMM pid %d at %s: QMP connection closed", self.pid, self.path)
+        await self._exited()
+        log.info("VMM pid %d exited", self.pid)
         self.on_close(self)
+
+    async def _exited(self) -> None:
+        """Return once the VMM process has exited (its pidfd is readable)."""
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        loop.add_reader(self._pidfd, ready)
+        try:
+            await gone
+        finally:
+            loop.remove_reader(self._pidfd)
 
     async def _disconnect(self) -> None:
         """End the session; a VMM that does not read what is left to send cannot hold it:
@@ -191,11 +221,11 @@ class VmmLink:
 
     async def close(self) -> None:
         """Close the session (no ``on_close``)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._closing:
             return
         self._closing = True
-        if self._watcher is not None:
-            self._watcher.cancel()
         await self._disconnect()
 
     def send_fd(self, fd: int) -> None:
