@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import ramd_client
 from client_support import WireRecorder, arguments_validator
+from conftest import LOOPS
 from daemon import Daemon, Raw, wait_job
 from ramctl_support import jok, ok, ramctl
 from vmm_support import DIMM_BASE, QEMU, VMM_UID, Qemu, file_acl
@@ -31,12 +32,17 @@ pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not 
 
 
 @pytest.fixture
-def vmm_daemon(start_daemon: Callable[..., Daemon]) -> Iterator[Daemon]:
+def vmm_daemon(
+    request: pytest.FixtureRequest, start_daemon: Callable[..., Daemon]
+) -> Iterator[Daemon]:
     """A fresh daemon with a tmpfs memory-dir (``file`` blocks) and a 2 s ack-timeout (the
-    deadline of every step the VMM owes)."""
+    deadline of every step the VMM owes); on asyncio, or the loop given as the parameter
+    (``indirect``)."""
+    loop = getattr(request, "param", "asyncio")
     parent = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm"))
     try:
-        yield start_daemon(f'memory-dir = "{parent}/mem"\n[limits]\nack-timeout = 2\n')
+        config = f'memory-dir = "{parent}/mem"\n[limits]\nack-timeout = 2\n'
+        yield start_daemon(config, "--event-loop", loop)
     finally:
         shutil.rmtree(parent)
 
@@ -71,6 +77,7 @@ def _wait_event(rpc: Raw, name: str, timeout: float = 10.0) -> dict[str, Any]:
     return _events(rpc, name)[0]
 
 
+@pytest.mark.parametrize("vmm_daemon", LOOPS, indirect=True)
 @pytest.mark.parametrize("backend", ["file", "memfd"])
 def test_qemu_as_another_uid_reads_and_writes_an_attached_block(
     vmm_daemon: Daemon, qemu: Qemu, backend: str
@@ -182,6 +189,7 @@ def test_detach_after_the_guest_ejects_leaves_nothing_in_qemu(
         assert rpc.call("ram-block-del", id="vm1") == {}
 
 
+@pytest.mark.parametrize("vmm_daemon", LOOPS, indirect=True)
 def test_killing_qemu_ends_the_attachment(vmm_daemon: Daemon, qemu: Qemu) -> None:
     with Raw(vmm_daemon.path) as rpc:
         info = rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="file")

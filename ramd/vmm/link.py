@@ -124,6 +124,8 @@ class VmmLink:
         self.on_event: EventHandler = lambda name, data: None
         self.on_close: Callable[[VmmLink], None] = lambda link: None
         self._closing = False
+        #: Commands run one at a time (see :meth:`add_fd`).
+        self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -228,29 +230,46 @@ class VmmLink:
         self._closing = True
         await self._disconnect()
 
-    def send_fd(self, fd: int) -> None:
-        """Send ``fd`` (not closed here) for the next ``add-fd``/``getfd``."""
+    async def add_fd(self, fd: int, opaque: str, timeout: float) -> object:
+        """Pass ``fd`` (not closed here) and run ``add-fd`` with ``opaque``; its answer.
+
+        The fd goes as ``SCM_RIGHTS`` with one space (whitespace between JSON texts) sent on
+        the link's own socket; commands on a link run one at a time, so no other command's
+        bytes are half-written when it goes, and QEMU takes it for this ``add-fd``."""
         try:
-            self._client.send_fd_scm(fd)
-        except Exception as e:
-            raise VmmGone(f"cannot pass the fd: {_strerror(e)}") from None
+            async with asyncio.timeout(timeout), self._lock:
+                if not self.connected:
+                    raise VmmGone("the QMP connection is closed")
+                fds = struct.pack("i", fd)
+                try:
+                    self._sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                except OSError as e:
+                    raise VmmGone(f"cannot pass the fd: {_strerror(e)}") from None
+                return await self._run("add-fd", {"opaque": opaque})
+        except TimeoutError:
+            raise VmmTimeout(f"no answer to add-fd within {timeout:g} s") from None
 
     async def execute(
         self, cmd: str, arguments: Mapping[str, object] | None, timeout: float
     ) -> object:
-        """Run ``cmd`` and return its ``return`` value within ``timeout`` seconds.
+        """Run ``cmd`` and return its ``return`` value within ``timeout`` seconds (waiting
+        for the link's earlier commands included).
 
         Raises :class:`VmmRefused` (the VMM's error description), :class:`VmmTimeout`, or
         :class:`VmmGone`. On a timeout the VMM may still run the command later: its late
         answer is dropped by ``qemu.qmp`` (unknown id)."""
+        try:
+            async with asyncio.timeout(timeout), self._lock:
+                return await self._run(cmd, arguments)
+        except TimeoutError:
+            raise VmmTimeout(f"no answer to {cmd} within {timeout:g} s") from None
+
+    async def _run(self, cmd: str, arguments: Mapping[str, object] | None) -> object:
         if not self.connected:
             raise VmmGone("the QMP connection is closed")
         try:
-            async with asyncio.timeout(timeout):
-                return await self._client.execute(cmd, arguments)
+            return await self._client.execute(cmd, arguments)
         except ExecuteError as e:
             raise VmmRefused(e.error.error.desc) from None
-        except TimeoutError:
-            raise VmmTimeout(f"no answer to {cmd} within {timeout:g} s") from None
         except (ExecInterruptedError, EOFError, OSError) as e:
             raise VmmGone(f"{cmd}: {_strerror(e)}") from None

@@ -241,8 +241,8 @@ class Attachments:
         granted = self._grant(block, link.uid)
         try:
             undo.append(("remove-fd", lambda t: _remove_fds(link, block, t)))
-            link.send_fd(block.fd)
-            fdset_id, vmm_fd = _fd_of(await vmm("add-fd", {"opaque": f"ramd:{block.id}"}))
+            answer = await link.add_fd(block.fd, f"ramd:{block.id}", timeout)
+            fdset_id, vmm_fd = _fd_of(answer)
             backend = {
                 "qom-type": "memory-backend-file",
                 "id": mem,
