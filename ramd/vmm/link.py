@@ -33,6 +33,8 @@ from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteE
 from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate
 
+from ramd.vmm.errors import VmmGone, VmmRefused, VmmTimeout, VmmUnreachable
+
 log = logging.getLogger(__name__)
 
 #: Longest message accepted from a VMM, in bytes (``query-memory-devices`` with dozens of
@@ -41,30 +43,6 @@ log = logging.getLogger(__name__)
 READ_LIMIT = 256 * 1024
 
 EventHandler = Callable[[str, Mapping[str, object]], None]
-
-
-class VmmError(Exception):
-    """The VMM could not be driven; ``str()`` is a sentence for the client."""
-
-
-class VmmUnreachable(VmmError):
-    """No QMP session with the VMM (connecting failed, or it timed out)."""
-
-
-class VmmRefused(VmmError):
-    """The VMM answered a command with an error; ``desc`` is its description."""
-
-    def __init__(self, desc: str) -> None:
-        super().__init__(desc)
-        self.desc = desc
-
-
-class VmmTimeout(VmmError):
-    """The VMM did not answer within the deadline."""
-
-
-class VmmGone(VmmError):
-    """The connection to the VMM closed before it answered."""
 
 
 class _Router(EventListener):

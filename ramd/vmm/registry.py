@@ -25,12 +25,15 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ramd.errors import RamdError
 from ramd.ramblock import RAMBlock
 from ramd.vmm import access
-from ramd.vmm.link import VmmError, VmmGone, VmmLink, VmmRefused, VmmTimeout
+from ramd.vmm.errors import VmmError, VmmGone, VmmRefused, VmmTimeout
+
+if TYPE_CHECKING:
+    from ramd.vmm.link import VmmLink
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,9 @@ class Attachments:
             return link
         task = self._opening.get(path)
         if task is None:
+            # imported at the first attach only (qemu.qmp maps OpenSSL: see ramd.vmm.errors)
+            from ramd.vmm.link import VmmLink
+
             task = asyncio.get_running_loop().create_task(VmmLink.open(path, timeout))
             self._opening[path] = task
             task.add_done_callback(lambda t: self._opened(path, t))
@@ -365,8 +371,12 @@ class Attachments:
                 raise RamdError(
                     f"Timed out waiting for the VMM to release RAM block '{block.id}'"
                 ) from None
-        except VmmGone:
-            return  # the connection closed: _vmm_closed ended the attachment
+        except VmmGone as e:
+            if self._by_block.get(block) is not att:
+                return  # the VMM exited: _vmm_closed ended the attachment
+            raise RamdError(
+                f"Cannot detach RAM block '{block.id}' from the VMM at '{link.path}': {e}"
+            ) from None
         except VmmError as e:
             raise RamdError(
                 f"Cannot detach RAM block '{block.id}' from the VMM at '{link.path}': {e}"
