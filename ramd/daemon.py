@@ -170,6 +170,7 @@ async def serve(
             abandoned = await service.jobs.shutdown(max(0.0, deadline - loop.time()))
             if abandoned:
                 log.warning("jobs abandoned at exit: %s", ", ".join(abandoned))
+        await service.attachments.close()
         service.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -308,6 +308,7 @@ def test_query_version_commands_schema_stats(fresh_rpc: Raw) -> None:
     assert set(schema["commands"]) == names
     assert set(schema["events"]) == {
         "RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED", "JOB_STATUS_CHANGE",
+        "RAM_BLOCK_ATTACHED", "RAM_BLOCK_DETACHED",
     }  # fmt: skip
     rpc.call("ram-block-add", id="a", size=MiB, **{"max-size": GiB})
     rpc.call("ram-block-write", id="a", offset=0, data=base64.b64encode(b"x").decode())

@@ -76,6 +76,8 @@ def test_own_events_come_before_the_response(daemon: Daemon) -> None:
                 "RAM_BLOCK_RESIZED",
                 "RAM_BLOCK_REMOVED",
                 "JOB_STATUS_CHANGE",
+                "RAM_BLOCK_ATTACHED",
+                "RAM_BLOCK_DETACHED",
             ],
         }
         rpc.send(_req("ram-block-resize", 7, id="a", size=2 * PAGE))

@@ -24,6 +24,7 @@ from typing import IO, Any
 from ramd.api import models as m
 from ramd.api.eventnames import EVENT_NAMES
 from ramd.sizes import format_size
+from ramd_client import cli_vmm
 from ramd_client.cli_holders import holders_text
 from ramd_client.cli_jobs import cmd_images, cmd_jobs, cmd_load, cmd_rm_image, cmd_save
 from ramd_client.cli_output import (
@@ -476,4 +477,5 @@ COMMANDS: dict[str, Handler] = {
     "watch": cmd_watch,
     "stats": cmd_stats,
     "top": cmd_top,
+    **cli_vmm.COMMANDS,
 }

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import ramd
 from ramd.api.eventnames import EVENT_NAMES
 from ramd.sizes import SIZE_MAX, parse_size
+from ramd_client import cli_vmm
 from ramd_client.cli_top import add_parser as add_top_parser
 
 __all__ = [
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("job", metavar="JOB", nargs="?", help="the job id (cancel, dismiss)")
     p.add_argument("--name", action="store_true", help="list: print only the ids, one per line")
+
+    cli_vmm.add_parsers(command)
 
     command("stats", "show the daemon's usage figures and limits")
     add_top_parser(command)

@@ -199,6 +199,35 @@ class AsyncClient(JsonRpcProtocol):
         params = wire_params(m.RamBlockDiscardArgs, id=id, offset=offset, length=length)
         await self.call("ram-block-discard", params)
 
+    async def ram_block_attach(
+        self,
+        id: str,
+        qmp: str,
+        kind: str,
+        device: str | None = None,
+        bus: str | None = None,
+        requested_size: int | None = None,
+    ) -> m.RamBlockInfo:
+        """``ram-block-attach``: plug shared block ``id`` into the running VMM whose QMP
+        socket is ``qmp``, as ``kind`` (``"pc-dimm"``); the result's ``attachment`` says
+        where the guest sees it."""
+        params = wire_params(
+            m.RamBlockAttachArgs,
+            id=id,
+            qmp=qmp,
+            as_=kind,
+            device=device,
+            bus=bus,
+            requested_size=requested_size,
+        )
+        return parse_result(m.RamBlockInfo, await self.call("ram-block-attach", params))
+
+    async def ram_block_detach(self, id: str, timeout: float | None = None) -> None:
+        """``ram-block-detach``: unplug block ``id`` from its VMM, waiting up to ``timeout``
+        seconds (default the daemon's ``ack-timeout``) for the guest to let go."""
+        params = wire_params(m.RamBlockDetachArgs, id=id, timeout=timeout)
+        await self.call("ram-block-detach", params)
+
     async def ram_save(
         self,
         file: str | None = None,

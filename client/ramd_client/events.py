@@ -40,6 +40,8 @@ from ramd.api.models import (
     EVENT_NAMES,
     EventName,
     RamBlockAddedData,
+    RamBlockAttachedData,
+    RamBlockDetachedData,
     RamBlockRemovedData,
     RamBlockResizedData,
 )
@@ -58,7 +60,13 @@ MAX_QUEUE = 1024
 #: Default bound of replayed blocks one subscription may bring.
 MAX_REPLAY = 65536
 
-EventData = RamBlockAddedData | RamBlockResizedData | RamBlockRemovedData
+EventData = (
+    RamBlockAddedData
+    | RamBlockResizedData
+    | RamBlockRemovedData
+    | RamBlockAttachedData
+    | RamBlockDetachedData
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +112,7 @@ class Event:
             raise ProtocolError(f"malformed event {name}: {e}") from None
         if type(seconds) is not int or type(microseconds) is not int:
             raise ProtocolError(f"malformed event {name}: bad timestamp")
-        assert isinstance(data, RamBlockAddedData | RamBlockResizedData | RamBlockRemovedData)
+        assert isinstance(data, EventData)
         return cls(_event_name(name), data, seconds, microseconds)
 
     def to_dict(self) -> dict[str, Any]:

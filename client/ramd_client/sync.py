@@ -180,6 +180,20 @@ class Client:
     def ram_block_discard(self, id: str, offset: int, length: int) -> None:
         self._call(self._client.ram_block_discard(id, offset, length))
 
+    def ram_block_attach(
+        self,
+        id: str,
+        qmp: str,
+        kind: str,
+        device: str | None = None,
+        bus: str | None = None,
+        requested_size: int | None = None,
+    ) -> m.RamBlockInfo:
+        return self._call(self._client.ram_block_attach(id, qmp, kind, device, bus, requested_size))
+
+    def ram_block_detach(self, id: str, timeout: float | None = None) -> None:
+        self._call(self._client.ram_block_detach(id, timeout))
+
     def ram_save(
         self,
         file: str | None = None,

@@ -7,7 +7,14 @@ Each command module registers its commands in :data:`ramd.api.table.COMMANDS` wi
 
 from __future__ import annotations
 
-from ramd.api import block_commands, fd_commands, images, session_commands, snapshots
+from ramd.api import (
+    attach,
+    block_commands,
+    fd_commands,
+    images,
+    session_commands,
+    snapshots,
+)
 from ramd.api.session_commands import version_triple
 from ramd.api.table import COMMANDS, Command, Raw, WithFds
 
@@ -16,6 +23,7 @@ __all__ = [
     "Command",
     "Raw",
     "WithFds",
+    "attach",
     "block_commands",
     "fd_commands",
     "images",

@@ -11,7 +11,12 @@ from typing import Literal
 __all__ = ["EVENT_NAMES", "EventName"]
 
 EventName = Literal[
-    "RAM_BLOCK_ADDED", "RAM_BLOCK_RESIZED", "RAM_BLOCK_REMOVED", "JOB_STATUS_CHANGE"
+    "RAM_BLOCK_ADDED",
+    "RAM_BLOCK_RESIZED",
+    "RAM_BLOCK_REMOVED",
+    "JOB_STATUS_CHANGE",
+    "RAM_BLOCK_ATTACHED",
+    "RAM_BLOCK_DETACHED",
 ]
 #: Every event name, in the order the protocol lists them.
 EVENT_NAMES: tuple[EventName, ...] = (
@@ -19,4 +24,6 @@ EVENT_NAMES: tuple[EventName, ...] = (
     "RAM_BLOCK_RESIZED",
     "RAM_BLOCK_REMOVED",
     "JOB_STATUS_CHANGE",
+    "RAM_BLOCK_ATTACHED",
+    "RAM_BLOCK_DETACHED",
 )

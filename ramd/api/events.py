@@ -175,6 +175,12 @@ class Broadcaster:
         ).model_dump(by_alias=True)
         self._emit("RAM_BLOCK_REMOVED", data, block, ack=True)
 
+    def block_event(self, name: str, block: RAMBlock, data: dict[str, Any]) -> None:
+        """An event of ``block`` that is no change of its memory (``RAM_BLOCK_ATTACHED``,
+        ``RAM_BLOCK_DETACHED``): ``data`` without ``seq``, which is taken here; it reaches
+        subscribers and the block's mappers like any event of the block."""
+        self._emit(name, {"seq": self._next(name), **data}, block)
+
     def job_status(self, job_id: str, status: str) -> None:
         """``JOB_STATUS_CHANGE``: to subscribers only (a job is no block: no mapper gets it)."""
         seq = self._next("JOB_STATUS_CHANGE")

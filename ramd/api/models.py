@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     RootModel,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -282,6 +283,39 @@ class HumanMonitorCommandArgs(Args):
     )
 
 
+AttachAs = Literal["pc-dimm", "virtio-mem"]
+QemuId = Annotated[
+    StrictStr,
+    Field(pattern=r"^[A-Za-z][A-Za-z0-9._-]{0,63}$", description="a QEMU device or bus id"),
+]
+
+
+class RamBlockAttachArgs(Args):
+    id: BlockId
+    qmp: Annotated[
+        StrictStr,
+        Field(
+            pattern=r"^/[^\x00]{0,106}$",
+            description="absolute path of a QMP socket of the VMM (one for ramd alone)",
+        ),
+    ]
+    as_: AttachAs = Field(alias="as", description="the device the block becomes in the VMM")
+    device: QemuId | None = Field(None, description='the device id; default "ramd-ID"')
+    bus: QemuId | None = Field(
+        None, description="passed to device_add (e.g. a pcie-root-port id on q35)"
+    )
+    requested_size: Offset | None = Field(
+        None, description="virtio-mem: bytes the guest is asked to plug; default the block's size"
+    )
+
+
+class RamBlockDetachArgs(Args):
+    id: BlockId
+    timeout: Annotated[StrictInt | StrictFloat, Field(gt=0, le=3600)] | None = Field(
+        None, description="seconds to wait for the VMM to let go; default ack-timeout"
+    )
+
+
 class QmpCapabilitiesArgs(Args):
     """Arguments of the QMP dialect's ``qmp_capabilities``; ramd offers no capability, so
     any name is refused."""
@@ -302,6 +336,20 @@ class HolderInfo(Result):
     kind: Literal["mapper", "lease", "vmm"]
     pid: int
     uid: int
+
+
+class AttachmentInfo(Result):
+    """Where a block is attached (protocol.md §13)."""
+
+    qmp: str = Field(description="the VMM's QMP socket the daemon drives")
+    as_: AttachAs = Field(alias="as")
+    device: str
+    memdev: str = Field(description="QOM path of the memory backend in the VMM")
+    addr: int = Field(description="guest-physical address")
+    vmm_pid: int
+    requested_size: int | None = Field(
+        None, exclude_if=lambda v: v is None, description="virtio-mem only"
+    )
 
 
 class RamBlockInfo(Result):
@@ -330,6 +378,9 @@ class RamBlockInfo(Result):
         None,
         exclude_if=lambda v: v is None,
         description="every holder of the block; full-access peers only",
+    )
+    attachment: AttachmentInfo | None = Field(
+        None, exclude_if=lambda v: v is None, description="the VMM it is attached to, if any"
     )
     resident: int | None = Field(None, description='only with query-ram-blocks "resident": true')
 
@@ -584,9 +635,27 @@ class JobStatusChangeData(Result):
     status: JobStatusName
 
 
+class RamBlockAttachedData(Result):
+    seq: int
+    id: str
+    device: str
+    as_: AttachAs = Field(alias="as")
+    addr: int
+    vmm_pid: int
+
+
+class RamBlockDetachedData(Result):
+    seq: int
+    id: str
+    device: str
+    reason: Literal["detached", "vmm-exited"]
+
+
 EVENT_MODELS: dict[str, type[Result]] = {
     "RAM_BLOCK_ADDED": RamBlockAddedData,
     "RAM_BLOCK_RESIZED": RamBlockResizedData,
     "RAM_BLOCK_REMOVED": RamBlockRemovedData,
     "JOB_STATUS_CHANGE": JobStatusChangeData,
+    "RAM_BLOCK_ATTACHED": RamBlockAttachedData,
+    "RAM_BLOCK_DETACHED": RamBlockDetachedData,
 }

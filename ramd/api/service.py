@@ -27,6 +27,7 @@ from ramd.logs import LogBudget
 from ramd.metrics.counters import CommandStats
 from ramd.ramblock import RAMBlock, RAMList
 from ramd.ramblock.change import Waiting
+from ramd.vmm.registry import Attachments
 
 T = TypeVar("T")
 
@@ -59,6 +60,11 @@ class Service:
         )
         self.ram.register_notifier(self.broadcaster)
         self.ram.register_notifier(self.infos)
+        #: Blocks attached to VMMs (protocol.md §13).
+        self.attachments = Attachments(
+            self.broadcaster.block_event, self.infos.refresh, self.ram.holders
+        )
+        self.ram.guards.append(self.attachments.guard)
         self.sessions: set[Session] = set()
         #: What connections and shared blocks may hold of ``RLIMIT_NOFILE``.
         self.fd_budget = FdBudget(nofile_limit())

@@ -202,6 +202,8 @@ class _Load:
                 check_add_limits(self.service, _add_args(desc))
                 continue
             _, new = ram.check_resize(desc.id, desc.size)
+            if new != block.size:
+                self.service.attachments.refuse_change(block, "resize")
             if new != desc.size:
                 raise RamdError(
                     f"Cannot load RAM block '{desc.id}': size 0x{desc.size:x} is not a"

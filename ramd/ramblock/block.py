@@ -60,6 +60,9 @@ class RAMBlock:
     leases: int = 0
     #: Every holder as ``RamBlockInfo.holders`` shows it (kind, pid, uid).
     holder_list: tuple[dict[str, object], ...] = ()
+    #: Where the block is attached in a VMM, as ``RamBlockInfo.attachment`` (wire names), or
+    #: None (kept by the attachment registry, :mod:`ramd.vmm.registry`).
+    attachment: dict[str, object] | None = None
     #: Who relies on the block staying as it is (work off the loop thread, a pending release).
     pins: Pins = field(init=False)
 

@@ -1,0 +1,510 @@
+"""The attachments of blocks to VMMs, and the steps that make and end them (protocol.md §13).
+
+An attachment puts a shared block into a running VMM over the VMM's own QMP socket: the
+VMM's uid gets access to the block's file, ``add-fd`` passes the fd, ``object-add`` makes a
+``memory-backend-file`` on ``/proc/self/fd/N``, ``device_add`` plugs a ``pc-dimm``, and
+``query-memory-devices`` says where. Each step has its undo, run in reverse order when a later
+step fails, so a failed attach leaves nothing behind in either process. Detaching is
+``device_del``, the VMM's ``DEVICE_DELETED`` (the guest let go), then ``object-del`` and
+``remove-fd``; without ``DEVICE_DELETED`` in time nothing changes. When the VMM's connection
+closes (it exited), its attachments end with reason ``vmm-exited``.
+
+Invariants: a block has at most one attachment; there is at most one :class:`VmmLink` per
+socket path, open while it serves an attachment or an attach in progress. Everything the VMM
+owes is awaited with a deadline, and the undo steps never raise.
+
+Ownership and thread: owned by the :class:`~ramd.api.service.Service`; loop thread only.
+The block commands consult :meth:`Attachments.refuse_change` before they change a block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ramd.errors import RamdError
+from ramd.ramblock import RAMBlock
+from ramd.ramblock.holders import Holder, Holders
+from ramd.vmm.errors import VmmError, VmmGone, VmmRefused, VmmTimeout
+
+if TYPE_CHECKING:
+    from ramd.vmm.link import VmmLink
+
+log = logging.getLogger(__name__)
+
+AttachAs = Literal["pc-dimm", "virtio-mem"]
+Emit = Callable[[str, RAMBlock, dict[str, Any]], None]
+#: One undo step of an attach: given its deadline in seconds.
+Step = Callable[[float], Awaitable[object]]
+
+#: Deadline per undo step of an attach that the VMM did not answer in time (:meth:`_sweep`).
+SWEEP_TIMEOUT = 30.0
+
+#: Seconds an unused link stays open (the VMM's monitor serves one client at a time, so
+#: ramd lets go of its socket soon, but not between a detach and the next attach).
+LINK_LINGER = 10.0
+
+#: How the device of each kind is called in ``device_add``.
+DRIVERS: dict[str, str] = {"pc-dimm": "pc-dimm", "virtio-mem": "virtio-mem-pci"}
+
+
+@dataclass(eq=False)
+class Attachment:
+    """One block in one VMM. ``fdset_id``/``vmm_fd``: what ``add-fd`` returned; ``holder``:
+    the VMM as a holder of the block (kind ``vmm``: a lease; its uid may open the file while
+    it holds, :mod:`ramd.ramblock.holders`), dropped when the attachment ends."""
+
+    block: RAMBlock
+    link: VmmLink
+    kind: AttachAs
+    device: str
+    addr: int
+    fdset_id: int
+    vmm_fd: int
+    holder: Holder
+    #: Resolved when the VMM reports ``DEVICE_DELETED`` of the device, while a detach waits.
+    deleted: asyncio.Future[None] | None = None
+    #: The VMM reported ``DEVICE_DELETED`` (the guest let go, maybe after a detach timed out,
+    #: or on its own): only the backend and the fd are left to delete.
+    unplugged: bool = False
+    detaching: bool = field(default=False)
+
+    @property
+    def memdev_id(self) -> str:
+        return memdev_id(self.block)
+
+    def info(self) -> dict[str, object]:
+        """``RamBlockInfo.attachment`` (wire names)."""
+        return {
+            "qmp": self.link.path,
+            "as": self.kind,
+            "device": self.device,
+            "memdev": f"/objects/{self.memdev_id}",
+            "addr": self.addr,
+            "vmm-pid": self.link.pid,
+        }
+
+
+def memdev_id(block: RAMBlock) -> str:
+    return f"ramd-mem-{block.id}"
+
+
+class Attachments:
+    """Every attachment, by block, and the VMM links they use.
+
+    ``emit(name, block, data)`` sends a block event (``seq`` is added by the broadcaster);
+    ``refresh(block)`` re-encodes the block's ``RamBlockInfo`` after ``block.attachment``
+    changed; ``holders``: the RAM list's holders, where each attachment is a ``vmm`` holder.
+    """
+
+    def __init__(self, emit: Emit, refresh: Callable[[RAMBlock], None], holders: Holders) -> None:
+        self._emit = emit
+        self._refresh = refresh
+        self._holders = holders
+        self._by_block: dict[RAMBlock, Attachment] = {}
+        self._links: dict[str, VmmLink] = {}
+        self._opening: dict[str, asyncio.Task[VmmLink]] = {}
+        #: Attaches in progress per socket path (their link must stay open).
+        self._busy: dict[str, int] = {}
+        #: Blocks whose failed attach is being undone in the background (:meth:`_sweep`).
+        self._sweeping: set[str] = set()
+        #: Links being closed, and background undos (the tasks are kept until done).
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def of(self, block: RAMBlock) -> Attachment | None:
+        return self._by_block.get(block)
+
+    # -- checks for the block commands ---------------------------------------------------
+
+    def guard(self, block: RAMBlock, new_size: int | None) -> None:
+        """A guard of the RAM list (:attr:`ramd.ramblock.RAMList.guards`): a removal
+        (``new_size`` None) or a resize of an attached block is refused as
+        :meth:`refuse_change` says."""
+        self.refuse_change(block, "del" if new_size is None else "resize")
+
+    def refuse_change(self, block: RAMBlock, what: Literal["resize", "del"]) -> None:
+        """Raise the protocol's refusal if ``block`` is attached and ``what`` may not happen
+        to it: a removal (detach first), or a resize of a ``pc-dimm`` (its size is fixed)."""
+        att = self._by_block.get(block)
+        if att is None:
+            return
+        if what == "del":
+            raise RamdError(
+                f"RAM block '{block.id}' is attached to VMM {att.link.pid} as {att.device}:"
+                " detach it first"
+            )
+        if att.kind == "pc-dimm":
+            raise RamdError(f"RAM block '{block.id}' is attached as pc-dimm: its size is fixed")
+
+    # -- links ----------------------------------------------------------------------------
+
+    async def _link(self, path: str, timeout: float) -> VmmLink:
+        """The open link to ``path``, connecting one if needed (concurrent attaches to the
+        same socket share one connection attempt)."""
+        link = self._links.get(path)
+        if link is not None and link.connected:
+            return link
+        task = self._opening.get(path)
+        if task is None:
+            # imported at the first attach only (qemu.qmp maps OpenSSL: see ramd.vmm.errors)
+            from ramd.vmm.link import VmmLink
+
+            task = asyncio.get_running_loop().create_task(VmmLink.open(path, timeout))
+            self._opening[path] = task
+            task.add_done_callback(lambda t: self._opened(path, t))
+        return await asyncio.shield(task)
+
+    def _opened(self, path: str, task: asyncio.Task[VmmLink]) -> None:
+        self._opening.pop(path, None)
+        if task.cancelled() or task.exception() is not None:
+            return
+        link = task.result()
+        link.on_event = lambda name, data: self._vmm_event(link, name, data)
+        link.on_close = self._vmm_closed
+        self._links[path] = link
+
+    def _in_use(self, link: VmmLink) -> bool:
+        return bool(self._busy.get(link.path)) or any(
+            a.link is link for a in self._by_block.values()
+        )
+
+    def _release_link(self, link: VmmLink) -> None:
+        """Close ``link`` once nothing has used it for :data:`LINK_LINGER` seconds (a
+        detach and a new attach soon after reuse the session instead of negotiating a new
+        one); a link in use again by then stays open."""
+        if self._in_use(link):
+            return
+        asyncio.get_running_loop().call_later(LINK_LINGER, self._close_idle, link)
+
+    def _close_idle(self, link: VmmLink) -> None:
+        if self._in_use(link) or self._links.get(link.path) is not link:
+            return
+        del self._links[link.path]
+        task = asyncio.get_running_loop().create_task(link.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    # -- attach ---------------------------------------------------------------------------
+
+    async def attach(
+        self,
+        block: RAMBlock,
+        qmp: str,
+        kind: AttachAs,
+        device: str | None,
+        bus: str | None,
+        timeout: float,
+    ) -> Attachment:
+        """Attach ``block`` to the VMM at ``qmp`` as ``kind``; every step the VMM answers
+        within ``timeout`` seconds, or the attach is undone. The caller keeps the block from
+        changing meanwhile (pinned). Raises :class:`RamdError`."""
+        existing = self._by_block.get(block)
+        if existing is not None:
+            raise RamdError(
+                f"RAM block '{block.id}' is already attached to VMM {existing.link.pid} as"
+                f" {existing.device}"
+            )
+        if not block.shared:
+            raise RamdError(
+                f"RAM block '{block.id}' is not shared (backend {block.backend}): only memfd"
+                " and file blocks can be attached"
+            )
+        if block.id in self._sweeping:
+            raise RamdError(f"RAM block '{block.id}' is busy: undoing a failed attach in a VMM")
+        if kind != "pc-dimm":
+            raise RamdError(f"Cannot attach RAM block '{block.id}' as {kind}: not supported yet")
+        self._busy[qmp] = self._busy.get(qmp, 0) + 1
+        try:
+            try:
+                link = await self._link(qmp, timeout)
+            except VmmError as e:
+                raise RamdError(str(e)) from None
+            return await self._attach_steps(
+                block, link, kind, device or f"ramd-{block.id}", bus, timeout
+            )
+        finally:
+            self._busy[qmp] -= 1
+            if not self._busy[qmp]:
+                del self._busy[qmp]
+            link_now = self._links.get(qmp)
+            if link_now is not None:
+                self._release_link(link_now)
+
+    async def _attach_steps(
+        self,
+        block: RAMBlock,
+        link: VmmLink,
+        kind: AttachAs,
+        device: str,
+        bus: str | None,
+        timeout: float,
+    ) -> Attachment:
+        # Each VMM-side undo is registered before its step is sent: a step whose answer
+        # timed out may still happen in the VMM, and its undo is harmless if it did not.
+        undo: list[tuple[str, Step]] = []
+        mem = memdev_id(block)
+
+        async def vmm(cmd: str, args: Mapping[str, object] | None = None) -> object:
+            return await link.execute(cmd, args, timeout)
+
+        holder = self._hold(block, link)
+        try:
+            undo.append(("remove-fd", lambda t: _remove_fds(link, block, t)))
+            answer = await link.add_fd(block.fd, f"ramd:{block.id}", timeout)
+            fdset_id, vmm_fd = _fd_of(answer)
+            backend = {
+                "qom-type": "memory-backend-file",
+                "id": mem,
+                "mem-path": f"/proc/self/fd/{vmm_fd}",
+                "share": True,
+                "size": block.size,
+            }
+            undo.append(("object-del", lambda t: link.execute("object-del", {"id": mem}, t)))
+            await vmm("object-add", backend)
+            dev: dict[str, object] = {"driver": DRIVERS[kind], "id": device, "memdev": mem}
+            if bus is not None:
+                dev["bus"] = bus
+            undo.append(("device_del", lambda t: link.execute("device_del", {"id": device}, t)))
+            await vmm("device_add", dev)
+            addr = _addr_of(await vmm("query-memory-devices"), device, mem)
+        except BaseException as e:
+            # access first: a backend the stalled VMM creates later cannot open the file
+            self._holders.remove(block, holder.owner)
+            done = False
+            if isinstance(e, VmmRefused | VmmGone | OSError):
+                done = await _undo(block, undo, timeout)
+            if not done and not isinstance(e, asyncio.CancelledError):
+                self._sweep(block, link, undo)
+            if isinstance(e, VmmRefused):
+                raise RamdError(f"VMM refused attaching RAM block '{block.id}': {e.desc}") from None
+            if isinstance(e, VmmError | OSError):
+                raise RamdError(
+                    f"Cannot attach RAM block '{block.id}' to the VMM at '{link.path}': {e}"
+                ) from None
+            raise
+        att = Attachment(block, link, kind, device, addr, fdset_id, vmm_fd, holder)
+        self._by_block[block] = att
+        block.attachment = att.info()
+        self._refresh(block)
+        self._emit(
+            "RAM_BLOCK_ATTACHED",
+            block,
+            {"id": block.id, "device": device, "as": kind, "addr": addr, "vmm-pid": link.pid},
+        )
+        log.info(
+            "RAM block '%s' attached to VMM pid %d (uid %d) as %s %s at 0x%x",
+            block.id,
+            link.pid,
+            link.uid,
+            kind,
+            device,
+            addr,
+        )
+        return att
+
+    def _sweep(self, block: RAMBlock, link: VmmLink, undo: list[tuple[str, Step]]) -> None:
+        """Undo a failed attach in the background, with :data:`SWEEP_TIMEOUT` per step: the
+        VMM did not answer in time, and may run what it was sent once it wakes up. The
+        block cannot be attached again until this is done."""
+        self._sweeping.add(block.id)
+        self._busy[link.path] = self._busy.get(link.path, 0) + 1
+
+        async def sweep() -> None:
+            try:
+                if not await _undo(block, undo, SWEEP_TIMEOUT):
+                    log.warning(
+                        "RAM block '%s': VMM pid %d did not answer the undo of a failed attach"
+                        " within %g s per step; it may keep an fd or backend of the block",
+                        block.id,
+                        link.pid,
+                        SWEEP_TIMEOUT,
+                    )
+            finally:
+                self._sweeping.discard(block.id)
+                self._busy[link.path] -= 1
+                if not self._busy[link.path]:
+                    del self._busy[link.path]
+                self._release_link(link)
+
+        task = asyncio.get_running_loop().create_task(sweep())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _hold(self, block: RAMBlock, link: VmmLink) -> Holder:
+        """The VMM holds ``block`` from now on (a lease of kind ``vmm``; its uid may open
+        the block's file read-write)."""
+        holder = Holder("vmm", object(), link.pid, link.uid, False, lambda: None)
+        try:
+            return self._holders.add(block, holder)
+        except OSError as e:
+            self._holders.remove(block, holder.owner)
+            raise RamdError(
+                f"Cannot give uid {link.uid} access to RAM block '{block.id}':"
+                f" {os.strerror(e.errno or 0)}"
+            ) from None
+
+    # -- detach ---------------------------------------------------------------------------
+
+    async def detach(self, block: RAMBlock, timeout: float, step_timeout: float) -> None:
+        """Unplug the block's device, wait up to ``timeout`` seconds for ``DEVICE_DELETED``,
+        then delete the backend and the fd in the VMM and end the attachment. Without the
+        event in time: the protocol's timeout error, nothing changed (the VMM keeps its
+        pending unplug request, and the detach may be repeated)."""
+        att = self._by_block.get(block)
+        if att is None:
+            raise RamdError(f"RAM block '{block.id}' is not attached")
+        if att.detaching:
+            raise RamdError(f"RAM block '{block.id}' is busy: it is being detached")
+        link = att.link
+        att.detaching = True
+        att.deleted = asyncio.get_running_loop().create_future()
+        if att.unplugged:
+            att.deleted.set_result(None)
+        try:
+            try:
+                if not att.unplugged:
+                    await link.execute("device_del", {"id": att.device}, step_timeout)
+            except VmmRefused as e:
+                if "process of unplug" not in e.desc:
+                    raise RamdError(
+                        f"VMM refused detaching RAM block '{block.id}': {e.desc}"
+                    ) from None
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(att.deleted)
+            except TimeoutError:
+                raise RamdError(
+                    f"Timed out waiting for the VMM to release RAM block '{block.id}'"
+                ) from None
+        except VmmGone as e:
+            if self._by_block.get(block) is not att:
+                return  # the VMM exited: _vmm_closed ended the attachment
+            raise RamdError(
+                f"Cannot detach RAM block '{block.id}' from the VMM at '{link.path}': {e}"
+            ) from None
+        except VmmError as e:
+            raise RamdError(
+                f"Cannot detach RAM block '{block.id}' from the VMM at '{link.path}': {e}"
+            ) from None
+        finally:
+            att.detaching = False
+            att.deleted = None
+        if self._by_block.get(block) is not att:
+            return  # ended meanwhile (the VMM exited)
+        for cmd, args in (
+            ("object-del", {"id": att.memdev_id}),
+            ("remove-fd", {"fdset-id": att.fdset_id, "fd": att.vmm_fd}),
+        ):
+            try:
+                await link.execute(cmd, args, step_timeout)
+            except VmmError as e:
+                log.warning("RAM block '%s': detach: %s failed: %s", block.id, cmd, e)
+        self._end(att, "detached")
+
+    # -- the VMM's side -------------------------------------------------------------------
+
+    def _vmm_event(self, link: VmmLink, name: str, data: Mapping[str, object]) -> None:
+        if name != "DEVICE_DELETED":
+            return
+        device = data.get("device")
+        for att in self._by_block.values():
+            if att.link is not link or att.device != device:
+                continue
+            att.unplugged = True
+            if att.deleted is not None and not att.deleted.done():
+                att.deleted.set_result(None)
+
+    def _vmm_closed(self, link: VmmLink) -> None:
+        """The VMM's connection closed: it exited (or dropped ramd); its attachments end."""
+        if self._links.get(link.path) is link:
+            del self._links[link.path]
+        for att in [a for a in self._by_block.values() if a.link is link]:
+            if att.deleted is not None and not att.deleted.done():
+                att.deleted.set_exception(VmmGone("the VMM closed the connection"))
+            self._end(att, "vmm-exited")
+
+    def _end(self, att: Attachment, reason: str) -> None:
+        """The attachment is over: the file's access is the daemon's alone again, the block
+        info and the subscribers learn it."""
+        block = att.block
+        del self._by_block[block]
+        self._holders.remove(block, att.holder.owner)
+        block.attachment = None
+        self._refresh(block)
+        self._emit(
+            "RAM_BLOCK_DETACHED", block, {"id": block.id, "device": att.device, "reason": reason}
+        )
+        log.info("RAM block '%s' detached from VMM pid %d: %s", block.id, att.link.pid, reason)
+        self._release_link(att.link)
+
+    async def close(self) -> None:
+        """At shutdown: close every link (the VMMs keep what they map) and take back the
+        access given to their uids."""
+        for att in list(self._by_block.values()):
+            self._holders.remove(att.block, att.holder.owner)
+        self._by_block.clear()
+        links = list(self._links.values())
+        self._links.clear()
+        await asyncio.gather(*(link.close() for link in links), *self._closing)
+
+
+async def _undo(block: RAMBlock, steps: list[tuple[str, Step]], timeout: float) -> bool:
+    """Run the undo steps in reverse order, each within ``timeout``; False if one timed out
+    (the rest are left for a retry). A refusal means there was nothing to undo; a closed
+    connection means the VMM holds nothing any more."""
+    for name, step in reversed(steps):
+        try:
+            await step(timeout)
+        except VmmRefused as e:
+            log.debug("RAM block '%s': undo %s: %s", block.id, name, e.desc)
+        except VmmTimeout:
+            return False
+        except VmmError as e:
+            log.info("RAM block '%s': undo %s: %s", block.id, name, e)
+            return True
+    return True
+
+
+async def _remove_fds(link: VmmLink, block: RAMBlock, timeout: float) -> None:
+    """``remove-fd`` of every fd the VMM holds with the block's ``opaque`` (found by
+    ``query-fdsets``, so it works whether or not the ``add-fd`` answer was seen)."""
+    opaque = f"ramd:{block.id}"
+    for fdset in _list(await link.execute("query-fdsets", None, timeout)):
+        for fd in _list(fdset.get("fds")):
+            if fd.get("opaque") == opaque:
+                args = {"fdset-id": fdset.get("fdset-id"), "fd": fd.get("fd")}
+                await link.execute("remove-fd", args, timeout)
+
+
+def _list(value: object) -> list[dict[str, object]]:
+    """The objects of a JSON list (anything else is skipped)."""
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, dict)]
+
+
+def _fd_of(answer: object) -> tuple[int, int]:
+    """``fdset-id`` and ``fd`` of an ``add-fd`` answer."""
+    if isinstance(answer, dict):
+        fdset, fd = answer.get("fdset-id"), answer.get("fd")
+        if type(fdset) is int and type(fd) is int:
+            return fdset, fd
+    raise VmmGone("add-fd answered no fd")
+
+
+def _addr_of(answer: object, device: str, memdev: str) -> int:
+    """The guest-physical address of ``device`` in a ``query-memory-devices`` answer."""
+    if isinstance(answer, list):
+        for entry in answer:
+            data = entry.get("data") if isinstance(entry, dict) else None
+            if not isinstance(data, dict):
+                continue
+            if data.get("id") == device and data.get("memdev") == f"/objects/{memdev}":
+                addr = data.get("addr", data.get("memaddr"))
+                if type(addr) is int:
+                    return addr
+    raise VmmGone(f"query-memory-devices does not list {device}")

@@ -1,0 +1,464 @@
+"""Attachments (protocol.md §13) against a real QEMU 7.2 running as another uid.
+
+QEMU has no guest: the test plays the guest's part through QEMU's qtest socket (reading and
+writing guest-physical memory, the ACPI eject of a DIMM), see :mod:`vmm_support`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ramd_client
+from client_support import WireRecorder, arguments_validator
+from conftest import LOOPS
+from daemon import Daemon, Raw, wait_job
+from ramctl_support import jok, ok, ramctl
+from vmm_support import DIMM_BASE, QEMU, VMM_UID, Qemu, file_acl
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+
+
+@pytest.fixture
+def vmm_daemon(
+    request: pytest.FixtureRequest, start_daemon: Callable[..., Daemon]
+) -> Iterator[Daemon]:
+    """A fresh daemon with a tmpfs memory-dir (``file`` blocks) and a 2 s ack-timeout (the
+    deadline of every step the VMM owes); on asyncio, or the loop given as the parameter
+    (``indirect``)."""
+    loop = getattr(request, "param", "asyncio")
+    parent = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm"))
+    try:
+        config = f'memory-dir = "{parent}/mem"\n[limits]\nack-timeout = 2\n'
+        yield start_daemon(config, "--event-loop", loop)
+    finally:
+        shutil.rmtree(parent)
+
+
+@pytest.fixture
+def qemu() -> Iterator[Qemu]:
+    q = Qemu()
+    try:
+        yield q
+    finally:
+        q.stop()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _attach(rpc: Raw, qemu: Qemu, block: str, **kw: Any) -> Any:
+    return rpc.call("ram-block-attach", id=block, qmp=str(qemu.ramd_qmp), **{"as": "pc-dimm"}, **kw)
+
+
+def _events(rpc: Raw, name: str) -> list[dict[str, Any]]:
+    return [e["params"]["data"] for e in rpc.events if e["method"] == name]
+
+
+def _wait_event(rpc: Raw, name: str, timeout: float = 10.0) -> dict[str, Any]:
+    rpc.sock.settimeout(timeout)
+    while not _events(rpc, name):
+        msg = rpc.line()
+        assert isinstance(msg, dict) and "method" in msg, msg
+        rpc.events.append(msg)
+    return _events(rpc, name)[0]
+
+
+@pytest.mark.parametrize("vmm_daemon", LOOPS, indirect=True)
+@pytest.mark.parametrize("backend", ["file", "memfd"])
+def test_qemu_as_another_uid_reads_and_writes_an_attached_block(
+    vmm_daemon: Daemon, qemu: Qemu, backend: str
+) -> None:
+    assert qemu.uid() == VMM_UID != os.getuid()
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call("subscribe", events=["RAM_BLOCK_ATTACHED"])
+        info = rpc.call("ram-block-add", id="vm1", size=64 * MiB, backend=backend)
+        rpc.call("ram-block-write", id="vm1", offset=4096, data=_b64(b"written by ramd"))
+        info = _attach(rpc, qemu, "vm1")
+        att = info["attachment"]
+        assert att == {
+            "qmp": str(qemu.ramd_qmp),
+            "as": "pc-dimm",
+            "device": "ramd-vm1",
+            "memdev": "/objects/ramd-mem-vm1",
+            "addr": DIMM_BASE,
+            "vmm-pid": qemu.pid,
+        }
+        assert _events(rpc, "RAM_BLOCK_ATTACHED") == [
+            {
+                "seq": 2,
+                "id": "vm1",
+                "device": "ramd-vm1",
+                "as": "pc-dimm",
+                "addr": DIMM_BASE,
+                "vmm-pid": qemu.pid,
+            }
+        ]
+        # QEMU's view: one DIMM of the block's size on the backend ramd named, the fd in a set
+        (dimm,) = qemu.cmd("query-memory-devices")
+        assert dimm["data"]["memdev"] == "/objects/ramd-mem-vm1"
+        assert dimm["data"]["size"] == 64 * MiB
+        assert qemu.fdsets()[0]["fds"][0]["opaque"] == "ramd:vm1"
+        # ramd -> guest: HMP xp reads what ram-block-write wrote
+        assert qemu.xp(att["addr"] + 4096, 15) == b"written by ramd"
+        # guest -> ramd: a guest-physical write (qtest) is what ram-block-read returns
+        qemu.write_phys(att["addr"] + 64 * MiB - 8, b"by guest")
+        got = rpc.call("ram-block-read", id="vm1", offset=64 * MiB - 8, length=8)
+        assert base64.b64decode(got["data"]) == b"by guest"
+        assert rpc.call("query-ram-blocks", id="vm1")[0]["attachment"] == att
+        if backend == "file":  # mode 0600, so QEMU's uid could only open it by the grant
+            path = info["path"]
+            assert os.stat(path).st_mode & 0o777 != 0o777
+            assert file_acl(path) is not None
+
+
+def test_resize_and_del_of_an_attached_block_are_refused(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call(
+            "ram-block-add", id="vm1", size=32 * MiB, **{"max-size": 256 * MiB}, backend="memfd"
+        )
+        _attach(rpc, qemu, "vm1")
+        for size in (16 * MiB, 64 * MiB):
+            err = rpc.error("ram-block-resize", id="vm1", size=size)
+            assert err["message"] == "RAM block 'vm1' is attached as pc-dimm: its size is fixed"
+        for mode in ("safe", "hard"):
+            err = rpc.error("ram-block-del", id="vm1", mode=mode)
+            assert err["message"] == (
+                f"RAM block 'vm1' is attached to VMM {qemu.pid} as ramd-vm1: detach it first"
+            )
+        info = rpc.call("query-ram-blocks", id="vm1")[0]
+        assert info["size"] == 32 * MiB
+        # the attachment is a lease of kind vmm (protocol §12)
+        assert info["leases"] == 1 and [(h["kind"], h["pid"]) for h in info["holders"]] == [
+            ("vmm", qemu.pid)
+        ]
+        qemu.write_phys(DIMM_BASE + 32 * MiB - 4, b"tail")  # the whole DIMM is still there
+        assert qemu.xp(DIMM_BASE + 32 * MiB - 4, 4) == b"tail"
+        assert qemu.alive() and qemu.cmd("query-status")["status"] == "running"
+
+
+def test_detach_with_no_guest_to_eject_times_out_and_changes_nothing(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        info = rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="file")
+        att = _attach(rpc, qemu, "vm1")["attachment"]
+        err = rpc.error("ram-block-detach", id="vm1", timeout=0.5)
+        assert err["message"] == "Timed out waiting for the VMM to release RAM block 'vm1'"
+        assert rpc.call("query-ram-blocks", id="vm1")[0]["attachment"] == att
+        assert "ramd-mem-vm1" in qemu.objects()
+        assert [f["opaque"] for s in qemu.fdsets() for f in s["fds"]] == ["ramd:vm1"]
+        assert file_acl(info["path"]) is not None
+        assert "RAM block 'vm1' is attached" in rpc.error("ram-block-del", id="vm1")["message"]
+        # the guest lets go later: a repeated detach then completes
+        qemu.eject_dimm(0)
+        rpc.call("subscribe", events=["RAM_BLOCK_DETACHED"])
+        assert rpc.call("ram-block-detach", id="vm1", timeout=5) == {}
+        assert _events(rpc, "RAM_BLOCK_DETACHED") == [
+            {"seq": 3, "id": "vm1", "device": "ramd-vm1", "reason": "detached"}
+        ]
+
+
+def test_detach_after_the_guest_ejects_leaves_nothing_in_qemu(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        info = rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="file")
+        _attach(rpc, qemu, "vm1")
+        # the guest ejects as soon as it is asked (the eject is queued behind device_del)
+        timer = threading.Timer(0.3, qemu.eject_dimm, (0,))
+        timer.start()
+        try:
+            assert rpc.call("ram-block-detach", id="vm1", timeout=10) == {}
+        finally:
+            timer.join()
+        assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+        assert qemu.cmd("query-memory-devices") == []
+        assert "ramd-mem-vm1" not in qemu.objects()
+        assert qemu.fdsets() == []
+        assert file_acl(info["path"]) is None  # access is the daemon's alone again
+        rpc.call("ram-block-resize", id="vm1", size=16 * MiB)
+        assert rpc.call("ram-block-del", id="vm1") == {}
+
+
+@pytest.mark.parametrize("vmm_daemon", LOOPS, indirect=True)
+def test_killing_qemu_ends_the_attachment(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        info = rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="file")
+        _attach(rpc, qemu, "vm1")
+        rpc.call("subscribe", events=["RAM_BLOCK_DETACHED"])
+        qemu.kill()
+        event = _wait_event(rpc, "RAM_BLOCK_DETACHED")
+        assert event == {"seq": 3, "id": "vm1", "device": "ramd-vm1", "reason": "vmm-exited"}
+        assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+        assert file_acl(info["path"]) is None
+        assert rpc.call("ram-block-del", id="vm1") == {}
+
+
+def test_a_failed_device_add_leaves_nothing_behind(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        info = rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="file")
+        err = _attach_error(rpc, qemu, "vm1", bus="nosuchbus")
+        assert err["message"] == (
+            "VMM refused attaching RAM block 'vm1': Bus 'nosuchbus' not found"
+        )
+        assert err["data"] == {"class": "GenericError"}
+        assert "ramd-mem-vm1" not in qemu.objects()
+        assert qemu.fdsets() == []
+        assert qemu.cmd("query-memory-devices") == []
+        assert file_acl(info["path"]) is None
+        assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+        # a device id QEMU already has fails at device_add too, and is undone as well
+        qemu.cmd("object-add", **{"qom-type": "memory-backend-ram", "id": "m0", "size": 2 * MiB})
+        qemu.cmd("device_add", driver="pc-dimm", id="taken", memdev="m0")
+        err = _attach_error(rpc, qemu, "vm1", device="taken")
+        assert err["message"].startswith("VMM refused attaching RAM block 'vm1': ")
+        assert "ramd-mem-vm1" not in qemu.objects() and qemu.fdsets() == []
+        # and the block can still be attached afterwards
+        assert _attach(rpc, qemu, "vm1")["attachment"]["device"] == "ramd-vm1"
+
+
+def _attach_error(rpc: Raw, qemu: Qemu, block: str, **kw: Any) -> dict[str, Any]:
+    return rpc.error(
+        "ram-block-attach", id=block, qmp=str(qemu.ramd_qmp), **{"as": "pc-dimm"}, **kw
+    )
+
+
+def test_one_vmm_per_block_and_shared_blocks_only(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="memfd")
+        rpc.call("ram-block-add", id="anon", size=16 * MiB)
+        _attach(rpc, qemu, "vm1")
+        err = _attach_error(rpc, qemu, "vm1", device="other")
+        assert err["message"] == (
+            f"RAM block 'vm1' is already attached to VMM {qemu.pid} as ramd-vm1"
+        )
+        err = _attach_error(rpc, qemu, "anon")
+        assert err["message"].startswith("RAM block 'anon' is not shared (backend anonymous)")
+        assert len(qemu.cmd("query-memory-devices")) == 1
+
+
+def test_an_unreachable_or_silent_vmm_is_an_error_and_stalls_nothing(
+    vmm_daemon: Daemon, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nothing.qmp"
+    silent = tmp_path / "silent.qmp"
+    with socket.socket(socket.AF_UNIX) as listener, Raw(vmm_daemon.path) as rpc:
+        listener.bind(str(silent))
+        listener.listen(4)  # accepts at the kernel level, never greets
+        rpc.call("ram-block-add", id="vm1", size=MiB, backend="memfd")
+        err = rpc.error("ram-block-attach", id="vm1", qmp=str(missing), **{"as": "pc-dimm"})
+        assert err["message"] == (
+            f"Cannot connect to VMM QMP socket '{missing}': No such file or directory"
+        )
+        # while the daemon waits for the silent VMM's greeting, others are served
+        other = Raw(vmm_daemon.path)
+        rpc.send(
+            b'{"jsonrpc":"2.0","id":99,"method":"ram-block-attach","params":{"id":"vm1",'
+            b'"qmp":"%s","as":"pc-dimm"}}' % str(silent).encode()
+        )
+        time.sleep(0.2)
+        assert other.call("query-ram-blocks", id="vm1")[0]["id"] == "vm1"
+        busy = other.error("ram-block-resize", id="vm1", size=2 * MiB)
+        assert busy["message"] == "RAM block 'vm1' is busy: it is being attached to a VMM"
+        other.close()
+        err = rpc.reply()["error"]
+        assert err["message"] == (
+            f"Cannot connect to VMM QMP socket '{silent}': Connection timed out"
+        )
+        assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+
+
+async def test_the_clients_attach_requests_validate(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    """The typed client's attach and detach: their requests, answers and events fit the
+    schema (see tests/test_schemas.py)."""
+    wire = WireRecorder()
+    async with await ramd_client.connect(vmm_daemon.path, trace=wire.trace()) as c:
+        await c.ram_block_add("vm1", 16 * MiB, backend="memfd")
+        async with c.events(["RAM_BLOCK_ATTACHED", "RAM_BLOCK_DETACHED"], replay=False) as ev:
+            info = await c.ram_block_attach("vm1", str(qemu.ramd_qmp), "pc-dimm", device="d1")
+            assert info.attachment is not None and info.attachment.device == "d1"
+            assert (await anext(ev)).data.model_dump(by_alias=True)["vmm-pid"] == qemu.pid
+            with pytest.raises(ramd_client.RamdError, match="Timed out waiting for the VMM"):
+                await c.ram_block_detach("vm1", timeout=0.2)
+            qemu.eject_dimm(0)
+            await c.ram_block_detach("vm1", timeout=5)
+            assert (await anext(ev)).data.model_dump(by_alias=True)["reason"] == "detached"
+    methods = {method for method, _ in wire.requests()}
+    assert {"ram-block-attach", "ram-block-detach"} <= methods
+    for method, params in wire.requests():
+        assert not list(arguments_validator(method).iter_errors(params)), (method, params)
+    wire.check()
+
+
+def test_ramctl_attach_and_detach(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    sock = vmm_daemon.path
+    ok(sock, "add", "vm1", "16M", "--backend", "memfd")
+    out = ok(sock, "attach", "vm1", "--qmp", str(qemu.ramd_qmp), "--as", "pc-dimm")
+    assert out == f"vm1: pc-dimm ramd-vm1 at 0x{DIMM_BASE:x} in VMM pid {qemu.pid}\n"
+    assert jok(sock, "info", "vm1")["attachment"]["vmm-pid"] == qemu.pid
+    p = ramctl(sock, "detach", "vm1", "--timeout", "0.3")
+    assert p.returncode == 1
+    assert b"Timed out waiting for the VMM to release RAM block 'vm1'" in p.stderr
+    qemu.eject_dimm(0)
+    assert ok(sock, "detach", "vm1") == ""
+    assert "attachment" not in jok(sock, "info", "vm1")
+    p = ramctl(sock, "attach", "vm1", "--qmp", str(qemu.ramd_qmp), "--as", "pc-dimm",
+               "--bus", "nosuchbus")  # fmt: skip
+    assert p.returncode == 1 and b"Bus 'nosuchbus' not found" in p.stderr
+
+
+def test_a_stalled_vmm_times_out_stalls_nothing_and_is_cleaned_up_later(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    with Raw(vmm_daemon.path) as rpc, Raw(vmm_daemon.path) as other:
+        rpc.call("ram-block-add", id="vm1", size=16 * MiB, backend="memfd")
+        rpc.call("ram-block-add", id="vm2", size=16 * MiB, backend="file")
+        _attach(rpc, qemu, "vm1")  # the daemon's QMP session is open now
+        os.kill(qemu.pid, signal.SIGSTOP)
+        try:
+            rpc.send(
+                b'{"jsonrpc":"2.0","id":99,"method":"ram-block-attach","params":{"id":"vm2",'
+                b'"qmp":"%s","as":"pc-dimm"}}' % str(qemu.ramd_qmp).encode()
+            )
+            time.sleep(0.3)
+            assert other.call("query-ram-blocks", id="vm1")[0]["attachment"]["device"]
+            err = rpc.reply()["error"]
+            assert err["message"] == (
+                f"Cannot attach RAM block 'vm2' to the VMM at '{qemu.ramd_qmp}':"
+                " no answer to add-fd within 2 s"
+            )
+            busy = rpc.error(
+                "ram-block-attach", id="vm2", qmp=str(qemu.ramd_qmp), **{"as": "pc-dimm"}
+            )
+            assert busy["message"] == "RAM block 'vm2' is busy: undoing a failed attach in a VMM"
+        finally:
+            os.kill(qemu.pid, signal.SIGCONT)
+        # QEMU runs the late add-fd once it wakes up, and the background undo after it; a
+        # new attach is refused until that is over (this one fails at device_add, undone)
+        deadline = time.monotonic() + 20
+        while True:
+            err = _attach_error(rpc, qemu, "vm2", bus="nosuchbus")
+            if "nosuchbus" in err["message"]:
+                break
+            assert "undoing a failed attach" in err["message"], err
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "ramd-mem-vm2" not in qemu.objects()
+        assert [f["opaque"] for s in qemu.fdsets() for f in s["fds"]] == ["ramd:vm1"]
+        addr = _attach(rpc, qemu, "vm2")["attachment"]["addr"]
+        assert addr == DIMM_BASE + 16 * MiB
+
+
+def test_a_load_that_would_resize_an_attached_dimm_fails_and_changes_nothing(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call(
+            "ram-block-add", id="vm1", size=16 * MiB, **{"max-size": 64 * MiB}, backend="memfd"
+        )
+        rpc.call("ram-block-write", id="vm1", offset=0, data=_b64(b"before"))
+        rpc.call("ram-block-resize", id="vm1", size=32 * MiB)
+        wait_job(rpc, rpc.call("ram-save", target={"file": "img"})["job-id"])
+        rpc.call("ram-block-resize", id="vm1", size=16 * MiB)
+        _attach(rpc, qemu, "vm1")
+        job = wait_job(rpc, rpc.call("ram-load", source={"file": "img"})["job-id"])
+        assert job["error"] == "RAM block 'vm1' is attached as pc-dimm: its size is fixed"
+        assert rpc.call("query-ram-blocks", id="vm1")[0]["size"] == 16 * MiB
+        assert qemu.xp(DIMM_BASE, 6) == b"before"
+
+
+def _fake_vmm(path: Path, script: Callable[[socket.socket], None]) -> threading.Thread:
+    """A hostile "VMM" on ``path``: accepts one connection and runs ``script`` on it."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                script(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+GREETING = (
+    b'{"QMP":{"version":{"qemu":{"major":7,"minor":2,"micro":0},"package":""},'
+    b'"capabilities":[]}}\r\n'
+)
+
+
+def _negotiate(conn: socket.socket) -> None:
+    conn.sendall(GREETING)
+    request = conn.recv(4096)
+    assert b"qmp_capabilities" in request
+    ident = request.split(b'"id": ')[1].split(b"}")[0] if b'"id"' in request else b'""'
+    conn.sendall(b'{"return": {}, "id": %s}\r\n' % ident)
+
+
+def test_a_vmm_sending_too_much_is_cut_off(vmm_daemon: Daemon, tmp_path: Path) -> None:
+    """A greeting longer than the daemon takes from a VMM ends that connection at once; a
+    VMM flooding events while the daemon waits for an answer costs other clients nothing."""
+    huge = tmp_path / "huge.qmp"
+    flood = tmp_path / "flood.qmp"
+    sent = [0]
+    cut_off = threading.Event()
+
+    def greet_forever(conn: socket.socket) -> None:
+        try:
+            conn.sendall(b'{"QMP": "' + b"x" * (4 << 20))  # no end: longer than any message
+        except (BrokenPipeError, ConnectionResetError):
+            cut_off.set()
+
+    def flood_events(conn: socket.socket) -> None:
+        _negotiate(conn)
+        event = (
+            b'{"event": "RTC_CHANGE", "data": {"offset": 0},'
+            b' "timestamp": {"seconds": 1, "microseconds": 0}}\r\n'
+        )
+        batch = event * 1000
+        deadline = time.monotonic() + 3
+        try:
+            while time.monotonic() < deadline:
+                conn.sendall(batch)
+                sent[0] += 1000
+        except OSError:
+            pass
+
+    with Raw(vmm_daemon.path) as rpc, Raw(vmm_daemon.path) as other:
+        rpc.call("ram-block-add", id="vm1", size=MiB, backend="memfd")
+        _fake_vmm(huge, greet_forever)
+        err = rpc.error("ram-block-attach", id="vm1", qmp=str(huge), **{"as": "pc-dimm"})
+        assert err["message"].startswith(f"Cannot connect to VMM QMP socket '{huge}': ")
+        assert cut_off.wait(10)  # the daemon closed the connection before 4 MiB were read
+        thread = _fake_vmm(flood, flood_events)
+        rpc.send(
+            b'{"jsonrpc":"2.0","id":99,"method":"ram-block-attach","params":{"id":"vm1",'
+            b'"qmp":"%s","as":"pc-dimm"}}' % str(flood).encode()
+        )
+        for _ in range(20):  # served throughout the flood
+            assert other.call("query-version")["package"].startswith("ramd ")
+            time.sleep(0.05)
+        err = rpc.reply()["error"]  # the flood never answers add-fd
+        assert err["message"] == (
+            f"Cannot attach RAM block 'vm1' to the VMM at '{flood}': no answer to add-fd within 2 s"
+        )
+        thread.join(10)
+        assert sent[0] > 10_000  # the daemon read (and dropped) what the VMM sent
+        assert vmm_daemon.rss() < 200 * MiB
