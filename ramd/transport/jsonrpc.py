@@ -2,10 +2,10 @@
 
 Each request object, alone or in a batch, is dispatched by jsonrpcserver
 (:mod:`ramd.transport.jsonrpc_core`: method lookup, call, response object). What this module
-does around it: parsing each message (-32700), refusing an empty or too large batch (-32600),
-running a batch's calls in order, one per pipeline step (so a long batch yields to other
-clients, and a call whose outcome is pending holds the next one back until it settled), and
-the answer's text.
+does around it: parsing each message with ramd's strict parser (-32700), refusing an empty
+or too large batch (-32600), running a batch's calls in order, one per pipeline step (so a
+long batch yields to other clients, and a call whose outcome is pending holds the next one
+back until it settled), and the answer's text.
 
 Batches: at most ``max-batch`` members (more: one -32600); the answer never exceeds
 ``max-message-size``: room for a refusal of every member is set aside first (a batch whose
@@ -15,7 +15,6 @@ answered by a refusal instead, after which the rest are refused unrun.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ramd.api.commands import COMMANDS
@@ -38,8 +37,6 @@ from ramd.transport.jsonrpc_core import (
 )
 from ramd.transport.output import close_fds
 from ramd.transport.splitter import SplitError
-
-log = logging.getLogger(__name__)
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
