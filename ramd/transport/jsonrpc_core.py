@@ -23,6 +23,12 @@ pending outcome, and :func:`settled` then runs the same request object through j
 with a table whose methods return the final outcome's result (nothing runs twice), so that
 answer is jsonrpcserver's too.
 
+Cost: jsonrpcserver's pipeline (its Either values, signature binding, response tuples) is
+about 12 µs of CPU per call on the bench machine (``bench/steps.py``: the dialect's answer to
+``query-version`` went from 6.5 to 19 µs), within the budget of 0.4x QEMU's QMP server per call
+(``bench/run``). The methods state their signature, which it would otherwise work out anew for
+every call.
+
 Thread and ownership: loop thread only. A :class:`Call` and a :class:`MethodTable` belong to
 one connection, whose pipeline runs one dispatch at a time.
 """
