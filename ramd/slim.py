@@ -1,27 +1,26 @@
 """The daemon process's entry point: keep out what it imports but never uses, then run it.
 
-OpenSSL: ``asyncio`` imports ``ssl`` when it can, and ``hashlib``/``hmac`` (imported by
-pydantic, through ``secrets``) import ``_hashlib``; together they map ``libssl`` and
-``libcrypto``: 4.6 MiB of the idle daemon's RSS on the asyncio loop. ramd serves Unix sockets
-only and hashes nothing through OpenSSL. Python supports builds without either module, so
-while those three are first imported, ``ssl`` and ``_hashlib`` are made unimportable: asyncio
-then offers no TLS, and hashlib and hmac use their built-in implementations of the same
-algorithms. Both modules are importable again afterwards (uvloop imports ``ssl`` itself, and
-pays for it).
+OpenSSL: ``asyncio`` imports ``ssl`` when it can, ``http.client`` too (imported by
+jsonrpcserver for its development server, which ramd does not run), and ``hashlib``/``hmac``
+(imported by pydantic, through ``secrets``) import ``_hashlib``; together they map ``libssl``
+and ``libcrypto``: 4.6 MiB of the idle daemon's RSS on the asyncio loop. ramd serves Unix
+sockets only and hashes nothing through OpenSSL. Python supports builds without either module,
+so while those standard modules are first imported, ``ssl`` and ``_hashlib`` are made
+unimportable: asyncio then offers no TLS, ``http.client`` no HTTPS, and hashlib and hmac use
+their built-in implementations of the same algorithms. Both modules are importable again
+afterwards (uvloop imports ``ssl`` itself, and pays for it).
 
-Compression: ``argparse`` imports ``shutil`` (for the terminal's width), which imports
-``zlib``, ``bz2`` and ``lzma`` to offer compressed archives, mapping three libraries (about
-0.4 MiB). The daemon makes no archive; ``shutil`` is first imported while those are made
-unimportable in the same way, and then offers no compressed formats.
+Compression: ``shutil`` (imported by ``argparse``, for the terminal's width) and ``zipfile``
+(imported by ``importlib.resources``, for packages run from a zip archive) import ``zlib``,
+``bz2`` and ``lzma``, mapping three libraries (about 0.4 MiB). The daemon makes no archive and
+is not run from one; both are first imported while those are made unimportable in the same
+way, and then offer no compressed formats.
 
-pydantic's plugins: pydantic looks for plugins (the ``pydantic`` entry point group) when it
-builds its first model, which imports ``importlib.metadata`` (with ``email``, ``zipfile``,
-``csv``) and reads the metadata of every installed distribution: 2.4 MiB of RSS and tens of
-ms of start-up. The daemon runs no pydantic plugin, so it registers a plugin loader that finds
-none; pydantic then builds exactly the validators it builds when no plugin is installed.
+Only standard modules are imported here, and only standard modules are kept out: no
+third-party package is replaced or reached into.
 
 Invariant: :func:`keep_out` runs before anything in the process has imported asyncio, hashlib,
-hmac, shutil or pydantic's plugin loader; a module already imported is left as it is. Processes that
+hmac, shutil, http.client or zipfile; a module already imported is left as it is. Processes that
 import ``ramd.cli`` directly (tests, tools) are unaffected.
 """
 
@@ -32,26 +31,16 @@ import importlib
 import logging
 import os
 import sys
-import types
 
 #: Imported while ``ssl``, ``_hashlib`` and the compression modules are unimportable; they
 #: keep the choice they made.
-_KEPT_OUT_USERS = ("asyncio", "hashlib", "hmac", "shutil")
+_KEPT_OUT_USERS = ("asyncio", "hashlib", "hmac", "shutil", "http.client", "zipfile")
 _KEPT_OUT = ("ssl", "_hashlib", "zlib", "_bz2", "_lzma")
-_PLUGIN_LOADER = "pydantic.plugin._loader"
-#: The module of pydantic that imports the loader.
-_PLUGIN_USER = "pydantic.plugin._schema_validator"
-
-
-def _no_plugins() -> tuple[()]:
-    """pydantic's ``get_plugins``: the daemon runs none."""
-    return ()
 
 
 def keep_out() -> None:
-    """Import asyncio, hashlib and hmac without OpenSSL, and shutil without compression, and
-    give pydantic a plugin loader that loads none. Call first thing in the process (see the
-    module's invariant)."""
+    """Import asyncio, hashlib, hmac and http.client without OpenSSL, and shutil and zipfile
+    without compression. Call first thing in the process (see the module's invariant)."""
     blocked = [name for name in _KEPT_OUT if name not in sys.modules]
     for name in blocked:
         sys.modules[name] = None  # type: ignore[assignment]
@@ -61,17 +50,6 @@ def keep_out() -> None:
     finally:
         for name in blocked:
             del sys.modules[name]
-    if _PLUGIN_LOADER not in sys.modules:
-        loader = types.ModuleType(_PLUGIN_LOADER, "ramd: no pydantic plugins in the daemon")
-        loader.get_plugins = _no_plugins  # type: ignore[attr-defined]
-        sys.modules[_PLUGIN_LOADER] = loader
-        try:
-            importlib.import_module(_PLUGIN_USER)
-        except ImportError:
-            # A pydantic that wants more of its loader: give it the real one (the daemon
-            # then pays for the scan; tests/test_slim.py says so).
-            del sys.modules[_PLUGIN_LOADER]
-            sys.modules.pop(_PLUGIN_USER, None)
 
 
 def main() -> int:

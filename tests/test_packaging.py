@@ -4,6 +4,7 @@ and ``ramctl``. Slow (a wheel build and a venv): about a minute."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shutil
 import signal
@@ -16,6 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 import ramd
 
@@ -86,24 +90,56 @@ def test_wheel_metadata(wheel: Path) -> None:
     assert wheel.name.startswith(f"ramd-{ramd.__version__}-")
     assert f"\nVersion: {ramd.__version__}\n" in metadata
     assert "\nLicense-Expression: GPL-2.0-or-later\n" in metadata
-    assert re.search(r"^Requires-Dist: pydantic<3,>=2\.11$", metadata, re.MULTILINE)
+    assert re.search(r"^Requires-Dist: pydantic<3,>=2\.12$", metadata, re.MULTILINE)
     assert "GNU GENERAL PUBLIC LICENSE" in license_text and "Version 2, June 1991" in license_text
     assert (ROOT / "LICENSE").read_text() == license_text
 
 
-def test_ci_pins_every_test_tool() -> None:
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"
-    ]["test"]
-    pins = {
-        line.split("==")[0].lower()
-        for line in (ROOT / ".ci" / "constraints.txt").read_text().splitlines()
-        if line and not line.startswith("#")
-    }
-    for requirement in extras:
-        name = re.match(r"[A-Za-z0-9_.-]+", requirement)
-        assert name is not None and name.group(0).lower() in pins, requirement
-    assert "-c .ci/constraints.txt" in (ROOT / ".ci" / "run").read_text()
+def _name(requirement: str) -> str:
+    """A requirement's distribution name, normalized (PEP 503)."""
+    return canonicalize_name(Requirement(requirement).name)
+
+
+def _pins(name: str) -> dict[str, Version]:
+    """The versions a constraints file of .ci/ pins, with those of the files it includes."""
+    pins: dict[str, Version] = {}
+    for line in (ROOT / ".ci" / name).read_text().splitlines():
+        if line.startswith("-c "):
+            pins.update(_pins(line.removeprefix("-c ").strip()))
+        elif line and not line.startswith("#"):
+            dist, version = line.split("==")
+            pins[canonicalize_name(dist)] = Version(version)
+    return pins
+
+
+def _runtime_closure(names: list[str]) -> set[str]:
+    """These distributions and everything they require on this platform, as installed."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            for requirement in map(Requirement, importlib.metadata.requires(name) or ()):
+                if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                    todo.append(canonicalize_name(requirement.name))
+    return seen
+
+
+def test_ci_pins_every_dependency_and_runs_on_the_declared_minimums() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    runtime = [*project["dependencies"], *extras["fast"]]
+    pinned, minimum = _pins("constraints.txt"), _pins("constraints-min.txt")
+    for name in _runtime_closure([_name(r) for r in runtime]) | {_name(r) for r in extras["test"]}:
+        assert name in pinned and name in minimum, name
+    for requirement in map(Requirement, runtime):
+        (lower,) = (spec.version for spec in requirement.specifier if spec.operator == ">=")
+        name = canonicalize_name(requirement.name)
+        assert minimum[name] == Version(lower), requirement
+        assert pinned[name] in requirement.specifier, requirement
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ".ci/constraints.txt" in ci and ".ci/constraints-min.txt" in ci
 
 
 @pytest.fixture(scope="module")

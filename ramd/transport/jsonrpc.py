@@ -1,155 +1,80 @@
-"""The JSON-RPC 2.0 dialect, on ``jsonrpcserver`` behind this one adapter.
+"""The JSON-RPC 2.0 dialect: messages, batches and events; each call through jsonrpcserver.
 
-What we take from jsonrpcserver: its request type and its method call (``call``: the method
-of the name, with the connection's session as context, its Result), with the command table as
-its methods. What we do ourselves, because its defaults do not fit (see design.md) or cost
-more than they give: JSON parsing (the splitter hands us one text), a cheap structural
-validator in place of its jsonschema pass (same -32600 semantics), method lookup (-32601) and
-no signature binding (pydantic validates the params, -32602 naming fields), batches run in
-order one call after the other through the request pipeline, and the wording of every
-outcome (-32000 with ``data.class``, -32603 with a generic message, never an exception text).
+Each request object, alone or in a batch, is dispatched by jsonrpcserver
+(:mod:`ramd.transport.jsonrpc_core`: method lookup, call, response object). What this module
+does around it: parsing each message with ramd's strict parser (-32700), refusing an empty
+or too large batch (-32600), running a batch's calls in order, one per pipeline step (so a
+long batch yields to other clients, and a call whose outcome is pending holds the next one
+back until it settled), and the answer's text.
 
 Batches: at most ``max-batch`` members (more: one -32600), and at most ``SCM_MAX_FD`` (253,
 what one ``sendmsg`` can carry) calls whose answers carry an fd (more: one -32600, nothing
 run); the answer never exceeds ``max-message-size``: room for a refusal of every member is
 set aside first (a batch whose refusals alone would not fit is refused whole), and a call
 whose answer does not fit is answered by a refusal instead, after which the rest are refused
-unrun.
+unrun. When the fds of an answer cannot be sent, the calls that carried them are answered
+with an error instead and what they did for their holder is undone (:meth:`fds_failed`).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Callable
 from typing import Any
 
-from ramd.api import dispatch
 from ramd.api.commands import COMMANDS
 from ramd.api.events import Event
-from ramd.api.outcome import BadArguments, Done, Failed, Internal, NotFound, Outcome, Pending
+from ramd.api.outcome import Done, Outcome, Pending
 from ramd.api.service import Session
 from ramd.transport import bulk, jsontext
 from ramd.transport.dialect import Plan, Reply
-from ramd.transport.jsonrpc_core import NOID, Request, Success
-from ramd.transport.jsonrpc_core import call as jsonrpc_call
+from ramd.transport.jsonrpc_core import (
+    COMMAND_FAILED,
+    Call,
+    MethodTable,
+    Response,
+    encode,
+    is_request,
+    run,
+    settled,
+    text,
+    valid_id,
+)
 from ramd.transport.output import SCM_MAX_FD, close_fds
 from ramd.transport.splitter import SplitError
 
-log = logging.getLogger(__name__)
-
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-COMMAND_FAILED = -32000
 
 #: The commands whose answer carries an fd (``ram-block-get-fd``, protocol.md §8).
 FD_METHODS = frozenset({"ram-block-get-fd"})
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_BY_NAME = "params must be an object (by-name), not an array"
 
-
-def _valid_id(value: Any) -> bool:
-    return value is None or type(value) in (str, int, float)
-
-
-def _is_request(obj: Any) -> bool:
-    """Structural check of one request object (replaces jsonrpcserver's jsonschema pass)."""
-    return (
-        type(obj) is dict
-        and obj.get("jsonrpc") == "2.0"
-        and type(obj.get("method")) is str
-        and isinstance(obj.get("params", {}), dict | list)
-        and _valid_id(obj.get("id"))
-        and obj.keys() <= {"jsonrpc", "method", "params", "id"}
-    )
-
-
-def _error(code: int, message: str, req_id: Any, data: Any = None) -> str:
+def _error(code: int, message: str, req_id: Any, data: Any = None) -> bytes:
     err: dict[str, Any] = {"code": code, "message": message}
     if data is not None:
         err["data"] = data
-    return _dumps({"jsonrpc": "2.0", "error": err, "id": req_id})
+    return text({"jsonrpc": "2.0", "error": err, "id": req_id})
 
 
-def _line(text: str) -> bytes:
-    # A lone surrogate (from a "\ud800" escape in the request) can only sit inside a JSON
-    # string; backslashreplace writes it back as that same escape instead of raising.
-    return (text + "\n").encode("utf-8", "backslashreplace")
-
-
-def response(outcome: Outcome, req_id: Any) -> str:
-    """The response object of one call, as JSON text."""
-    if isinstance(outcome, Done):
-        if outcome.raw is not None:
-            return f'{{"jsonrpc":"2.0","result":{outcome.raw.decode()},"id":{_dumps(req_id)}}}'
-        return _dumps({"jsonrpc": "2.0", "result": outcome.value, "id": req_id})
-    if isinstance(outcome, Failed):
-        return _error(COMMAND_FAILED, outcome.desc, req_id, {"class": outcome.error_class})
-    if isinstance(outcome, BadArguments):
-        return _error(INVALID_PARAMS, outcome.message(), req_id)
-    if isinstance(outcome, NotFound):
-        return _error(METHOD_NOT_FOUND, "Method not found", req_id, outcome.name)
-    assert isinstance(outcome, Internal)
-    return _error(INTERNAL_ERROR, "Internal error", req_id)
-
-
-def _method(name: str) -> Any:
-    """The jsonrpcserver method for command ``name``: its Result carries the outcome.
-
-    ``session`` is positional-only, so a client parameter of that name lands in ``params``
-    (and is refused by name like any other unknown member)."""
-
-    def method(session: Session, /, **params: Any) -> Any:
-        return Success(dispatch.call(session, name, params))
-
-    return method
-
-
-_METHODS = {name: _method(name) for name in COMMANDS}
-
-
-def run_call(session: Session, obj: dict[str, Any]) -> Outcome:
-    """Run one valid request object through jsonrpcserver; its outcome."""
-    method = _METHODS.get(obj["method"])
-    if method is None:
-        return dispatch.not_found(session, obj["method"])
-    result = jsonrpc_call(Request(obj["method"], obj.get("params", {}), NOID), session, method)
-    outcome = getattr(getattr(result, "_value", None), "result", None)
-    if isinstance(outcome, _OUTCOMES):
-        return outcome
-    return Internal()  # jsonrpcserver caught an exception: a bug, logged by it
-
-
-_OUTCOMES = (Done, Failed, BadArguments, NotFound, Internal, Pending)
-
-
-def _single_answer(obj: dict[str, Any], outcome: Outcome) -> bytes | None:
-    """The answer to one request object (None for a notification)."""
-    if "id" not in obj:
-        return None
-    req_id = obj["id"]
-    if isinstance(outcome, Done) and outcome.raw is not None:
-        if type(req_id) is int:  # the usual id: no encoder needed
-            return b'{"jsonrpc":"2.0","result":%s,"id":%d}\n' % (outcome.raw, req_id)
-        wire_id = _dumps(req_id).encode("utf-8", "backslashreplace")
-        return b'{"jsonrpc":"2.0","result":%s,"id":%s}\n' % (outcome.raw, wire_id)
-    return _line(response(outcome, req_id))
+def _runs_nothing(req: Any) -> bool:
+    """A batch member whose dispatch runs no command (invalid, or positional params)."""
+    return not is_request(req) or (type(req.get("params")) is list and req["method"] in COMMANDS)
 
 
 class _Single:
     """The plan of one request object whose call did not end at once: its outcome is
     pending (work in a thread) or carries fds, which the pipeline sends with the answer."""
 
-    __slots__ = ("_first", "_obj", "_unsent", "answer", "fds")
+    __slots__ = ("_first", "_obj", "_response", "_session", "_settle", "_unsent", "fds")
 
-    def __init__(self, obj: dict[str, Any], first: Outcome) -> None:
+    def __init__(
+        self, session: Session, obj: dict[str, Any], first: Outcome, response: Response | None
+    ) -> None:
+        self._session = session
         self._obj = obj
         self._first: Outcome | None = first
-        self.answer: bytes | None = None
+        self._settle = isinstance(first, Pending)
+        self._response = response
         self.fds: list[int] = []
         self._unsent: list[Callable[[], None]] = []
 
@@ -158,21 +83,23 @@ class _Single:
         return first
 
     def record(self, outcome: Outcome) -> None:
-        self.answer = _single_answer(self._obj, outcome)
+        if self._settle:
+            self._response = settled(self._session, self._obj, outcome)
         if isinstance(outcome, Done):
-            if self.answer is None:  # a notification: its fds go nowhere
+            if self._response is None:  # a notification: its fds go nowhere
                 unsent(outcome)
             else:
                 self.fds.extend(outcome.fds)
                 self._unsent.extend(filter(None, [outcome.unsent]))
 
     def finish(self) -> Reply:
-        return self.answer
+        return None if self._response is None else encode(self._response) + b"\n"
 
     def fds_failed(self, reason: str) -> Reply:
         for undo in self._unsent:
             undo()
-        return _single_answer(self._obj, Failed("GenericError", reason))
+        req_id = self._obj.get("id")
+        return _error(COMMAND_FAILED, reason, req_id, {"class": "GenericError"}) + b"\n"
 
 
 class _Batch:
@@ -180,74 +107,93 @@ class _Batch:
 
     __slots__ = (
         "_budget",
+        "_call",
         "_fd_parts",
         "_full",
         "_i",
         "_members",
+        "_methods",
         "_parts",
         "_reserved",
-        "_session",
+        "_response",
+        "_settle",
         "_size",
         "_unsent",
         "fds",
     )
 
-    def __init__(self, session: Session, members: list[Any], budget: int, reserved: int):
-        self._session = session
+    def __init__(
+        self, call: Call, methods: MethodTable, members: list[Any], budget: int, reserved: int
+    ) -> None:
+        self._call = call
+        self._methods = methods
         self._members = members
         self._budget = budget
         self._reserved = reserved  # bytes set aside for refusals of members not yet answered
-        self._parts: list[str] = []
+        self._parts: list[bytes] = []
         self._size = 2  # the brackets
         self._i = -1
         self._full = False  # an answer did not fit: the remaining members are refused unrun
+        self._response: Response | None = None  # of the call the last step ran
+        self._settle = False  # that call's outcome is pending: its response comes later
         self.fds: list[int] = []
         self._fd_parts: list[tuple[int, Any]] = []  # (part, request id) of answers with fds
         self._unsent: list[Callable[[], None]] = []
 
     def step(self) -> Outcome | None:
+        call = self._call
         while True:
             self._i += 1
             if self._i >= len(self._members):
                 return None
             req = self._members[self._i]
-            immediate = _immediate(req)
-            if immediate is not None:
-                self._add(immediate, req)
-                continue
-            if self._full:
+            if self._full and not _runs_nothing(req):
                 self._add(_refusal(req, self._budget, ran=False), req)
                 continue
-            return run_call(self._session, req)
+            response = run(call, self._methods, req)
+            outcome = call.outcome
+            if outcome is None:  # no command ran
+                self._answer(req, response, None)
+                continue
+            self._response = response
+            self._settle = isinstance(outcome, Pending)
+            return outcome
 
     def record(self, outcome: Outcome) -> None:
         req = self._members[self._i]
-        fds = outcome.fds if isinstance(outcome, Done) else ()
-        if "id" not in req:
+        if self._settle:
+            self._response = settled(self._call.session, req, outcome)
+        self._answer(req, self._response, outcome)
+
+    def _answer(self, req: Any, response: Response | None, outcome: Outcome | None) -> None:
+        """Add a member's response if it fits (else a refusal); take its fds, or close them
+        and undo what they were for when no answer carries them."""
+        if response is None:
             unsent(outcome)
+            self._add(None, req)
             return
-        text = response(outcome, req["id"])
-        if self._size + len(text) + 1 + self._reserved - _refusal_size(req) > self._budget:
+        answer = encode(response)
+        if self._size + len(answer) + 1 + self._reserved - _refusal_size(req) > self._budget:
             self._full = True
             unsent(outcome)
             self._add(_refusal(req, self._budget, ran=True), req)
-        else:
-            if isinstance(outcome, Done) and outcome.fds:
-                self.fds.extend(fds)
-                self._fd_parts.append((len(self._parts), req["id"]))
-                self._unsent.extend(filter(None, [outcome.unsent]))
-            self._add(text, req)
+            return
+        if isinstance(outcome, Done) and outcome.fds:
+            self.fds.extend(outcome.fds)
+            self._fd_parts.append((len(self._parts), req.get("id")))
+            self._unsent.extend(filter(None, [outcome.unsent]))
+        self._add(answer, req)
 
-    def _add(self, text: str | None, req: Any) -> None:
+    def _add(self, answer: bytes | None, req: Any) -> None:
         self._reserved -= _refusal_size(req)
-        if text:
-            self._parts.append(text)
-            self._size += len(text) + 1
+        if answer:
+            self._parts.append(answer)
+            self._size += len(answer) + 1
 
     def finish(self) -> Reply:
         if not self._parts:
             return None
-        return _line("[" + ",".join(self._parts) + "]")
+        return b"[" + b",".join(self._parts) + b"]\n"
 
     def fds_failed(self, reason: str) -> Reply:
         for undo in self._unsent:
@@ -258,23 +204,13 @@ class _Batch:
         return self.finish()
 
 
-def unsent(outcome: Outcome) -> None:
+def unsent(outcome: Outcome | None) -> None:
     """The fds of ``outcome`` go nowhere (no answer carries them): close them and undo what
     the call did for their holder."""
     if isinstance(outcome, Done):
         close_fds(outcome.fds)
         if outcome.unsent is not None:
             outcome.unsent()
-
-
-def _immediate(req: Any) -> str | None:
-    """The answer of a batch member that runs nothing (invalid, or positional params), or
-    None for a member to run. A notification that runs nothing gets no answer either."""
-    if not _is_request(req):
-        return _error(INVALID_REQUEST, "Invalid request", None, "not a JSON-RPC 2.0 request")
-    if type(req.get("params")) is list and req["method"] in _METHODS:
-        return _error(INVALID_PARAMS, "Invalid params", req["id"], _BY_NAME) if "id" in req else ""
-    return None
 
 
 _REFUSAL = (
@@ -284,21 +220,22 @@ _RAN = "ran but its answer was dropped"
 _NOT_RUN = "was not run"
 
 
-def _refusal(req: Any, budget: int, *, ran: bool) -> str | None:
+def _refusal(req: Any, budget: int, *, ran: bool) -> bytes | None:
     if type(req) is dict and "id" not in req:
         return None
-    req_id = req.get("id") if type(req) is dict and _valid_id(req.get("id")) else None
+    req_id = req.get("id") if type(req) is dict and valid_id(req.get("id")) else None
     desc = _REFUSAL.format(budget=budget, what=_RAN if ran else _NOT_RUN)
     return _error(COMMAND_FAILED, desc, req_id, {"class": "GenericError"})
 
 
 def _refusal_size(req: Any) -> int:
     """Bytes (+1 for the comma) that the longest refusal of this member takes: an upper
-    bound of what any immediate answer or refusal of it adds to the batch."""
-    if type(req) is dict and "id" not in req and _is_request(req):
+    bound of what the answer of a member that runs nothing, or a refusal, adds to the
+    batch."""
+    if type(req) is dict and "id" not in req and is_request(req):
         return 0
-    req_id = req.get("id") if type(req) is dict and _valid_id(req.get("id")) else None
-    return _REFUSAL_BASE + len(_dumps(req_id)) + 1
+    req_id = req.get("id") if type(req) is dict and valid_id(req.get("id")) else None
+    return _REFUSAL_BASE + len(text(req_id)) + 1
 
 
 _REFUSAL_BASE = (
@@ -316,19 +253,21 @@ class JsonRpcDialect:
     def __init__(self, session: Session) -> None:
         self.session = session
         self._event_key = "jsonrpc-ro" if session.readonly else "jsonrpc"
+        self._call = Call(session)
+        self._methods = MethodTable(session)
 
     def greeting(self) -> bytes | None:
         return None
 
     def split_error(self, error: SplitError) -> bytes:
-        return _line(_error(PARSE_ERROR, "Parse error", None, error.reason))
+        return _error(PARSE_ERROR, "Parse error", None, error.reason) + b"\n"
 
     def refusal(self, desc: str) -> bytes:
-        return _line(_error(COMMAND_FAILED, desc, None, {"class": "GenericError"}))
+        return _error(COMMAND_FAILED, desc, None, {"class": "GenericError"}) + b"\n"
 
     def no_memory(self) -> bytes:
         desc = "Cannot allocate memory for this request"
-        return _line(_error(COMMAND_FAILED, desc, None, {"class": "GenericError"}))
+        return _error(COMMAND_FAILED, desc, None, {"class": "GenericError"}) + b"\n"
 
     def encode_event(self, event: Event) -> bytes | None:
         key = self._event_key
@@ -336,7 +275,7 @@ class JsonRpcDialect:
         if wire is None:
             data = event.data if not self.session.readonly else event.public_data()
             params = {"data": data, "timestamp": event.timestamp}
-            wire = _line(_dumps({"jsonrpc": "2.0", "method": event.name, "params": params}))
+            wire = text({"jsonrpc": "2.0", "method": event.name, "params": params}) + b"\n"
             event.encoded[key] = wire
         return wire
 
@@ -345,35 +284,34 @@ class JsonRpcDialect:
             small = len(message) < bulk.BULK_FROM
             obj = jsontext.loads(message) if small else bulk.loads(message)
         except ValueError as e:
-            return _line(_error(PARSE_ERROR, "Parse error", None, str(e)))
+            return _error(PARSE_ERROR, "Parse error", None, str(e)) + b"\n"
         if type(obj) is not list:
-            immediate = _immediate(obj)
-            if immediate is not None:
-                return _line(immediate) if immediate else None
-            outcome = run_call(self.session, obj)
+            call = self._call
+            response = run(call, self._methods, obj)
+            outcome = call.outcome
             if isinstance(outcome, Pending) or (isinstance(outcome, Done) and outcome.fds):
-                return _Single(obj, outcome)
-            return _single_answer(obj, outcome)
+                return _Single(self.session, obj, outcome, response)
+            return None if response is None else encode(response) + b"\n"
         if not obj:
-            return _line(_error(INVALID_REQUEST, "Invalid request", None, "empty batch"))
+            return _error(INVALID_REQUEST, "Invalid request", None, "empty batch") + b"\n"
         limits = self.session.service.limits
         if len(obj) > limits.max_batch:
             why = f"Limit exceeded: max-batch is {limits.max_batch}: {len(obj)} members"
-            return _line(_error(INVALID_REQUEST, "Invalid request", None, why))
+            return _error(INVALID_REQUEST, "Invalid request", None, why) + b"\n"
         with_fds = sum(
-            1 for req in obj if _is_request(req) and req["method"] in FD_METHODS and "id" in req
+            1 for req in obj if is_request(req) and req["method"] in FD_METHODS and "id" in req
         )
         if with_fds > SCM_MAX_FD:
             why = (
                 f"Limit exceeded: a batch's answer carries at most {SCM_MAX_FD} file descriptors"
                 f" (SCM_MAX_FD): {with_fds} calls of {', '.join(sorted(FD_METHODS))}"
             )
-            return _line(_error(INVALID_REQUEST, "Invalid request", None, why))
+            return _error(INVALID_REQUEST, "Invalid request", None, why) + b"\n"
         reserved = sum(map(_refusal_size, obj))
         if reserved + 2 > limits.max_message_size:
             why = (
                 f"Limit exceeded: max-message-size is {limits.max_message_size}: the answer"
                 " to this batch could not fit"
             )
-            return _line(_error(INVALID_REQUEST, "Invalid request", None, why))
-        return _Batch(self.session, obj, limits.max_message_size, reserved)
+            return _error(INVALID_REQUEST, "Invalid request", None, why) + b"\n"
+        return _Batch(self._call, self._methods, obj, limits.max_message_size, reserved)
