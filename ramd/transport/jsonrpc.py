@@ -146,6 +146,10 @@ class _Single:
         self.answer: bytes | None = None
         self.fds: list[int] = []
 
+    @property
+    def done(self) -> bool:
+        return self._first is None
+
     def step(self) -> Outcome | None:
         first, self._first = self._first, None
         return first
@@ -184,6 +188,10 @@ class _Batch:
         self._i = -1
         self._full = False  # an answer did not fit: the remaining members are refused unrun
         self.fds: list[int] = []
+
+    @property
+    def done(self) -> bool:
+        return self._i + 1 >= len(self._members)
 
     def step(self) -> Outcome | None:
         while True:

@@ -188,6 +188,10 @@ class _Command:
         self.answer: bytes | None = None
         self.fds: list[int] = []
 
+    @property
+    def done(self) -> bool:
+        return self._first is None
+
     def step(self) -> Outcome | None:
         first, self._first = self._first, None
         return first
