@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from servers import stop, wait_socket  # noqa: E402
-from shared_load import run_load, table  # noqa: E402
+from shared_load_run import run_load, table  # noqa: E402
 
 
 def main() -> int:

@@ -47,6 +47,7 @@ import struct
 import sys
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,8 @@ class Conn:
         self.next_id = 1
         self.outstanding: dict[int, tuple[str, float]] = {}
         self.closed = False
+        #: messages read and not yet handled, in stream order
+        self.inbox: deque[dict[str, Any]] = deque()
 
     def send(self, method: str, params: dict[str, Any]) -> int:
         req_id = self.next_id
@@ -98,8 +101,8 @@ class Conn:
         self.sock.sendall(json.dumps(msg).encode())
         return req_id
 
-    def read(self) -> list[dict[str, Any]]:
-        """The messages completed by one read (fds received go to ``self.fds``)."""
+    def read(self) -> None:
+        """Queue the messages completed by one read (fds received go to ``self.fds``)."""
         data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 8))
         for level, kind, raw in anc:
             if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
@@ -108,10 +111,10 @@ class Conn:
                 self.fds.extend(fds)
         if not data:
             self.closed = True
-            return []
+            return
         self.buf += data
         *lines, self.buf = self.buf.split(b"\n")
-        return [json.loads(line) for line in lines]
+        self.inbox.extend(json.loads(line) for line in lines)
 
 
 @dataclass
@@ -224,16 +227,29 @@ class Client:
 
     # -- wire ----------------------------------------------------------------------------
 
-    def pump(self, timeout: float) -> None:
-        """Read what arrives within ``timeout`` seconds: answers are stored, events handled."""
+    def pump(self, timeout: float, awaited: tuple[Conn, int] | None = None) -> None:
+        """Handle what has arrived, reading what arrives within ``timeout`` seconds if
+        nothing was queued: answers are stored, events handled, in stream order. Stops
+        right after the ``awaited`` answer: the messages behind it (events of a block its
+        ``ram-block-get-fd`` just made this client map) wait until the caller applied it."""
+        if self._dispatch(awaited):
+            return
         conns = [c for c in (self.cmd, self.mapper) if not c.closed]
         if not conns:
             raise ConnectionError("both connections closed")
         ready, _, _ = select.select([c.sock for c in conns], [], [], timeout)
         for conn in conns:
-            if conn.sock not in ready:
-                continue
-            for msg in conn.read():
+            if conn.sock in ready:
+                conn.read()
+                if conn.closed:
+                    self.counts["disconnected"] += 1
+        self._dispatch(awaited)
+
+    def _dispatch(self, awaited: tuple[Conn, int] | None) -> bool:
+        """Handle the queued messages; True once the ``awaited`` answer was stored."""
+        for conn in (self.cmd, self.mapper):
+            while conn.inbox:
+                msg = conn.inbox.popleft()
                 if "id" not in msg and "method" in msg:
                     if conn is not self.mapper:
                         self.note_unexpected(f"event on the command connection: {msg}")
@@ -248,10 +264,11 @@ class Client:
                 self.counts["answered"] += 1
                 if method == "ram-block-ack":  # nobody waits for these
                     self.classify(method, msg)
-                else:
-                    self.answers[req_id] = msg
-            if conn.closed:
-                self.counts["disconnected"] += 1
+                    continue
+                self.answers[req_id] = msg
+                if awaited == (conn, req_id):
+                    return True
+        return False
 
     def call(self, conn: Conn, method: str, **params: Any) -> dict[str, Any]:
         """Send one request and wait for its answer, handling events meanwhile; the answer,
@@ -263,7 +280,7 @@ class Client:
         while req_id not in self.answers:
             if conn.closed or time.monotonic() > deadline:
                 raise LostAnswer(method)
-            self.pump(1.0)
+            self.pump(1.0, (conn, req_id))
         resp = self.answers.pop(req_id)
         self.trace("answer", req_id, resp)
         self.classify(method, resp)

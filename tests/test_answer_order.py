@@ -1,8 +1,10 @@
 """An answer is written in the loop turn its last call ran in, so that no event of another
-connection overtakes it. Issue 21's load test found it: with the pipeline's budget spent
-right after a ``ram-block-get-fd`` ran (a loaded machine), its answer waited for the next
-turn while another client's shrink sent the new mapper the event first; the mapper, told
-the old size afterwards, died of SIGBUS.
+connection overtakes it. Before, with the pipeline's budget spent right after a call ran (a
+loaded machine), the answer waited for a later turn, and any event that another client's
+command sent meanwhile went first: a new mapper could see the shrink of a block before the
+``ram-block-get-fd`` answer that made it a mapper (and gave the old size). Found by reading
+the pipeline while chasing SIGBUS in issue 21's load test (that SIGBUS was the load client's
+own bug); not observed end to end.
 
 The pipeline runs here with its budget spent (``budget=0``), in the daemon's own classes: a
 service, a JSON-RPC dialect per session, and an output on a real socket pair."""
