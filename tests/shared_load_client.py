@@ -14,7 +14,9 @@ never wait behind a request that itself waits for acknowledgements: ``mapper`` o
 ``ram-block-get-fd``, ``ram-block-put-fd`` and ``ram-block-ack`` (answered at once), and
 receives the events of the blocks it maps (no ``subscribe``); ``cmd`` sends everything else.
 One thread: every wait for an answer is a ``select`` on both sockets, so events are handled
-(and acknowledged) while any answer is awaited.
+(and acknowledged) while any answer is awaited. Messages are handled in stream order and
+the awaited answer is applied before anything behind it: the events that follow a
+``ram-block-get-fd`` answer are those of the block it made this client map.
 
 Ownership of the bytes, so that every verification is exact. A page is cut into slots of
 ``SLOT`` bytes; client ``INDEX`` owns slot ``INDEX`` (written only through its mappings) and
