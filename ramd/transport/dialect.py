@@ -34,6 +34,11 @@ class Plan(Protocol):
 
     fds: list[int]
 
+    @property
+    def done(self) -> bool:
+        """Every call has run: :meth:`step` would return None."""
+        ...
+
     def step(self) -> Outcome | None:
         """Run the next call; None when every call has run."""
         ...

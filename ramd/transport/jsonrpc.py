@@ -78,6 +78,10 @@ class _Single:
         self.fds: list[int] = []
         self._unsent: list[Callable[[], None]] = []
 
+    @property
+    def done(self) -> bool:
+        return self._first is None
+
     def step(self) -> Outcome | None:
         first, self._first = self._first, None
         return first
@@ -139,6 +143,10 @@ class _Batch:
         self.fds: list[int] = []
         self._fd_parts: list[tuple[int, Any]] = []  # (part, request id) of answers with fds
         self._unsent: list[Callable[[], None]] = []
+
+    @property
+    def done(self) -> bool:
+        return self._i + 1 >= len(self._members)
 
     def step(self) -> Outcome | None:
         call = self._call

@@ -151,8 +151,10 @@ class Pipeline:
         With ``start`` False, only the message in progress is finished (shutdown).
 
         The output is checked before each message starts, so at most one answer waits in
-        it. The clock is read once per turn, after each call and after each message that
-        others wait behind."""
+        it. A message's answer is written as soon as its last call ran, before anything
+        else can run on the loop, so that no event of another connection goes before an
+        answer that predates it. The clock is read once per turn, after each call and after
+        each message that others wait behind."""
         if self.pending is not None:
             return State.PENDING
         deadline = time.perf_counter() + budget
@@ -186,14 +188,19 @@ class Pipeline:
                         return State.YIELD
                     continue
                 self._plan = plan = answer
-            elif output.backed_up:
+            elif output.backed_up and not plan.done:
+                # a plan whose calls all ran is answered now, even behind a backed-up
+                # output: events queued meanwhile must not go before its answer
                 return State.OUTPUT
             while (outcome := plan.step()) is not None:
                 if isinstance(outcome, Pending):
                     self.pending = outcome
                     return State.PENDING
                 plan.record(outcome)
-                if time.perf_counter() > deadline:
+                # never between the last call and the answer: events of other
+                # connections would overtake it (a get-fd answer behind the shrink it
+                # predates, its size then larger than the file)
+                if not plan.done and time.perf_counter() > deadline:
                     return State.YIELD
             self._plan = None
             self._answered()

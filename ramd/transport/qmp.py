@@ -190,6 +190,10 @@ class _Command:
         self.fds: list[int] = []
         self._unsent: Callable[[], None] | None = None
 
+    @property
+    def done(self) -> bool:
+        return self._first is None
+
     def step(self) -> Outcome | None:
         first, self._first = self._first, None
         return first
