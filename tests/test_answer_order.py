@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import array
 import asyncio
+import fcntl
 import json
 import os
 import socket
+import termios
 from collections.abc import Sequence
 from typing import Any
 
 from ramd.api.events import Event
 from ramd.api.service import Service, Session
+from ramd.transport.fdflight import FdFlight
 from ramd.transport.jsonrpc import JsonRpcDialect
 from ramd.transport.output import Output
 from ramd.transport.pipeline import Pipeline, State
@@ -73,7 +76,13 @@ async def _scenario() -> tuple[State, list[dict[str, Any]], list[int]]:
 
     sink = _Sink()
     mapper = JsonRpcDialect(Session(service, sink))
-    sink.output = output = Output(transport, 1024, lambda: None, send_fds)
+
+    def unread() -> int:
+        count = array.array("i", [0])
+        fcntl.ioctl(ours.fileno(), termios.TIOCOUTQ, count)
+        return count[0]
+
+    sink.output = output = Output(transport, 1024, lambda: None, send_fds, unread, FdFlight())
     sink.dialect = mapper
     other = JsonRpcDialect(Session(service, _Sink()))
     pipeline = Pipeline(mapper, output)
