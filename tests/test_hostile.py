@@ -7,6 +7,7 @@ far above what the machine's noise can reach.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import signal
@@ -111,7 +112,13 @@ def test_a_burst_of_listings_of_16384_blocks_does_not_stall_other_clients(
         with capsys.disabled():
             print(f"\nquery-version during 300 listings of 16384 blocks: worst {worst * 1e3:.1f} ms"
                   f" (quiet {quiet * 1e3:.2f} ms)")  # fmt: skip
-        assert worst < 1.0
+        # the other client's 20 answers came while the flood was still being answered
+        flood.sock.setblocking(False)
+        answered = 0
+        with contextlib.suppress(BlockingIOError):
+            while chunk := flood.sock.recv(1 << 20):
+                answered += chunk.count(b"\n")
+        assert answered < 300, answered
         flood.sock.close()
     assert d.alive()
 
@@ -265,9 +272,7 @@ def test_a_peer_that_reads_nothing_cannot_hold_the_exit(start_daemon: Any) -> No
         _send(greedy, [_req("subscribe", i) for i in range(100)])
         time.sleep(1)
         assert d.alive()
-        t0 = time.monotonic()
-        assert d.stop(signal.SIGTERM, timeout=30) == 0
-        assert time.monotonic() - t0 < 30
+        assert d.stop(signal.SIGTERM, timeout=30) == 0  # raises if it took longer
     assert "at shutdown: its peer reads nothing" in d.log_text()
     assert "abandoned the command in flight" not in d.log_text()
 

@@ -224,13 +224,11 @@ def silent_socket(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_socket_that_never_answers_times_out(silent_socket: Path) -> None:
-    start = time.monotonic()
     p = ramctl(silent_socket, "--timeout", "1", "list")
     assert p.returncode == 3
     assert p.stderr.decode() == (
         f"ramctl: cannot connect to ramd at {silent_socket}: no answer within 1 s\n"
     )
-    assert time.monotonic() - start < 50  # the subprocess deadline is 60 s
     # The default timeout (10 s) applies without the option: ramctl never waits forever.
     p = ramctl(silent_socket, "version", timeout=120)
     assert p.returncode == 3 and b"no answer within 10 s" in p.stderr
