@@ -17,10 +17,10 @@ from typing import Any
 
 from ramd.api import dispatch
 from ramd.api.service import Service, Session
-from ramd.transport import jsontext
-from ramd.transport.jsonrpc import JsonRpcDialect
-from ramd.transport.qmp import QmpDialect
-from ramd.transport.splitter import JsonSplitter
+from ramd.transport.protocol import jsontext
+from ramd.transport.protocol.jsonrpc import JsonRpcDialect
+from ramd.transport.protocol.qmp import QmpDialect
+from ramd.transport.protocol.splitter import JsonSplitter
 
 REQUESTS = {
     "qmp": b'{"execute":"query-version","id":7}',

@@ -2,6 +2,6 @@
 
 import sys
 
-from ramd.slim import main
+from ramd.process.slim import main
 
 sys.exit(main())

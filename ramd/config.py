@@ -29,8 +29,8 @@ from pydantic import (
     field_validator,
 )
 
-from ramd import paths
 from ramd.metrics.address import MetricsAddress, parse_metrics_address
+from ramd.process import paths
 from ramd.sizes import parse_size
 
 U64_MAX = 2**64 - 1
@@ -119,13 +119,13 @@ DEFAULT_STATE_DIR = paths.SYSTEM_STATE_DIR
 
 
 def default_memory_dir() -> Path:
-    """:func:`ramd.paths.default_memory_dir`: ``$XDG_RUNTIME_DIR/ramd/memory``, else
+    """:func:`ramd.process.paths.default_memory_dir`: ``$XDG_RUNTIME_DIR/ramd/memory``, else
     ``/run/ramd/memory``."""
     return Path(paths.default_memory_dir())
 
 
 def default_state_dir() -> Path:
-    """:func:`ramd.paths.default_state_dir`: ``$STATE_DIRECTORY``, else ``/var/lib/ramd``
+    """:func:`ramd.process.paths.default_state_dir`: ``$STATE_DIRECTORY``, else ``/var/lib/ramd``
     for root, else the user's ``$XDG_STATE_HOME/ramd`` or ``~/.local/state/ramd``."""
     return Path(paths.default_state_dir())
 
@@ -261,6 +261,6 @@ def load_config(path: str | os.PathLike[str] | None, *, reload: bool = False) ->
 
 
 def default_socket_path() -> Path:
-    """Protocol rule (:func:`ramd.paths.default_socket`): ``$RAMD_SOCKET``, else
+    """Protocol rule (:func:`ramd.process.paths.default_socket`): ``$RAMD_SOCKET``, else
     ``$XDG_RUNTIME_DIR/ramd/ramd.sock``, else ``/run/ramd/ramd.sock``."""
     return Path(paths.default_socket())

@@ -1,7 +1,7 @@
 """Start and stop the daemon in this process N times, on the given socket paths in turn.
 
 Usage: ``python start_stop_loop.py N CONFIG_TOML PATH...``. Each start runs
-:func:`ramd.daemon.serve` with its stop event already set: the daemon binds, becomes ready,
+:func:`ramd.process.daemon.serve` with its stop event already set: the daemon binds, becomes ready,
 then shuts down at once (removing its socket), or refuses to start. Prints one JSON list of
 ``[outcome, path, message]`` (outcome: ``served``, ``refused``, ``running`` or ``oserror``).
 In-process, so 200 starts take seconds, not the minutes of 200 interpreters.
@@ -15,9 +15,9 @@ import sys
 import tomllib
 
 from ramd.config import parse_config
-from ramd.daemon import CannotStart, serve
 from ramd.fsdir import UnsafeDirectory
-from ramd.transport.unixbind import AlreadyRunning
+from ramd.process.daemon import CannotStart, serve
+from ramd.transport.sockets.unixbind import AlreadyRunning
 
 
 async def _once(config_data: dict[str, object]) -> None:

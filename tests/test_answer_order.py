@@ -23,10 +23,10 @@ from typing import Any
 
 from ramd.api.events import Event
 from ramd.api.service import Service, Session
-from ramd.transport.fdflight import FdFlight
-from ramd.transport.jsonrpc import JsonRpcDialect
-from ramd.transport.output import Output
-from ramd.transport.pipeline import Pipeline, State
+from ramd.transport.protocol.jsonrpc import JsonRpcDialect
+from ramd.transport.sockets.fdflight import FdFlight
+from ramd.transport.sockets.output import Output
+from ramd.transport.sockets.pipeline import Pipeline, State
 
 PAGE = 4096
 

@@ -1,5 +1,6 @@
 """Bulk data through JSON: the daemon's parse of large ``ram-block-write`` requests
-(:mod:`ramd.transport.bulk`), the splitter's scans of long strings, and the client's request
+(:mod:`ramd.transport.protocol.bulk`), the splitter's scans of long strings, and the client's
+request
 encoding with spliced base64 must mean exactly what the plain paths mean."""
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pydantic import ValidationError
 from ramd_client.message import Spliced, encode_request, plain, request, request_parts
 
 from ramd.api.models import DecodedBase64, RamBlockWriteArgs
-from ramd.transport import bulk, jsontext
-from ramd.transport.splitter import JsonSplitter, control_error, long_string
+from ramd.transport.protocol import bulk, jsontext
+from ramd.transport.protocol.splitter import JsonSplitter, control_error, long_string
 
 KiB = 1024
 BIG = base64.b64encode(os.urandom(96 * KiB))  # 128 KiB of base64: over bulk.BULK_FROM

@@ -225,7 +225,10 @@ def test_daemon_fixture_runs_the_requested_event_loop(daemon: Daemon) -> None:
 
 
 def test_uvloop_missing_is_a_usage_error(tmp_path: Path) -> None:
-    code = "import sys; sys.modules['uvloop'] = None; from ramd.cli import main; sys.exit(main())"
+    code = (
+        "import sys; sys.modules['uvloop'] = None; from ramd.process.cli import main; "
+        "sys.exit(main())"
+    )
     res = subprocess.run(
         [sys.executable, "-c", code, "--socket", str(tmp_path / "s"), "--event-loop", "uvloop"],
         capture_output=True,

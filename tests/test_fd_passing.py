@@ -370,10 +370,10 @@ def test_read_only_peers_holding_connections_and_fds_cannot_lock_out_root() -> N
 
 
 def test_the_budget_of_a_connection_counts_every_fd_it_may_hold() -> None:
-    from ramd import fdbudget
     from ramd.api.fd_commands import MAX_NAMED_FDS
-    from ramd.transport.pipeline import MAX_RECEIVED_FDS
-    from ramd.transport.server import MAX_LINGERING
+    from ramd.process import fdbudget
+    from ramd.transport.sockets.pipeline import MAX_RECEIVED_FDS
+    from ramd.transport.sockets.server import MAX_LINGERING
 
     assert fdbudget.PER_CONNECTION == 2 + MAX_RECEIVED_FDS + MAX_NAMED_FDS + 1
     assert fdbudget.LINGERING_FDS == 2 * MAX_LINGERING

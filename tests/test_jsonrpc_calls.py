@@ -1,4 +1,4 @@
-"""Each JSON-RPC call goes through jsonrpcserver (ramd/transport/jsonrpc_core.py): the wire
+"""Each JSON-RPC call goes through jsonrpcserver (ramd/transport/protocol/jsonrpc_core.py): the wire
 forms it builds, the refusals ramd logs, and calls whose outcome is pending (a shrink that
 waits for a mapper's acknowledgement) holding back what follows them, in a batch or on the
 connection. Real daemon, real sockets."""

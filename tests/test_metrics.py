@@ -23,8 +23,8 @@ from ramd_client.shared import get_fd
 
 from ramd.config import Limits, parse_config
 from ramd.metrics.http import MAX_SCRAPES
-from ramd.transport.admission import Admission, refusal_reason
-from ramd.transport.peer import PeerCredentials
+from ramd.transport.sockets.admission import Admission, refusal_reason
+from ramd.transport.sockets.peer import PeerCredentials
 
 MiB = 1024 * 1024
 

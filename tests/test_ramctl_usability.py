@@ -30,7 +30,7 @@ from daemon import Daemon, Raw
 from ramctl_support import RAMCTL, Watch, jok, ok, ramctl
 from ramd_client.cli_parser import build_parser as ramctl_parser
 
-from ramd.cli import build_parser as ramd_parser
+from ramd.process.cli import build_parser as ramd_parser
 
 MiB = 1 << 20
 

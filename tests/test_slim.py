@@ -1,4 +1,4 @@
-"""The daemon process keeps out what it never uses (ramd/slim.py): OpenSSL on the asyncio
+"""The daemon process keeps out what it never uses (ramd/process/slim.py): OpenSSL on the asyncio
 loop, and compression, by standard means only: every module of a third-party package it imports
 is that package's own, and works as its documentation says. Proven on a real daemon through
 /proc/PID/maps, and on the entry's imports in a fresh interpreter."""
@@ -36,9 +36,9 @@ def test_uvloop_daemon_serves_with_ssl_imported_late(start_daemon: Callable[...,
 
 ENTRY = """
 import sys
-from ramd import slim
+from ramd.process import slim
 slim.keep_out()
-import ramd.cli, ramd.daemon
+import ramd.process.cli, ramd.process.daemon
 import hashlib, hmac
 assert hashlib.sha256(b"ramd").hexdigest().startswith("e169c653")
 assert hmac.new(b"k", b"m", "sha256").digest()

@@ -1,4 +1,4 @@
-"""Tests of ramd.transport.splitter: JSON texts delimited in a chunked byte stream."""
+"""Tests of ramd.transport.protocol.splitter: JSON texts delimited in a chunked byte stream."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ramd.transport.splitter import (
+from ramd.transport.protocol.splitter import (
     JsonSplitter,
     SplitError,
     control_error,

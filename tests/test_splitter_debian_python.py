@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 SCRIPT = """
-from ramd.transport.splitter import JsonSplitter
+from ramd.transport.protocol.splitter import JsonSplitter
 s = JsonSplitter(1 << 20, 64)
 for n in (100, 256, 257, 500, 5000):
     for esc in ("", '\\\\"'):

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import ramd
-from ramd import systemd
+from ramd.process import systemd
 
 PROJECT_ROOT = Path(ramd.__file__).resolve().parents[1]
 LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
@@ -152,7 +152,7 @@ def test_listen_fds_refuses_malformed_numbers_and_still_unsets(
 
 REPORTER = """
 import fcntl, json, os, socket, sys
-from ramd.systemd import listen_fds
+from ramd.process.systemd import listen_fds
 unset = sys.argv[1] == "unset"
 try:
     pairs = listen_fds(unset_environment=unset)

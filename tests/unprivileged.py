@@ -55,7 +55,12 @@ def _check() -> None:
     if shutil.which("setpriv") is None or shutil.which("prlimit") is None:
         pytest.skip("needs setpriv and prlimit")
     probe = subprocess.run(
-        [*_wrap(1024), SYSTEM_PYTHON, "-c", "import sys, ramd.daemon; print(sys.version_info[:2])"],
+        [
+            *_wrap(1024),
+            SYSTEM_PYTHON,
+            "-c",
+            "import sys, ramd.process.daemon; print(sys.version_info[:2])",
+        ],
         env={**os.environ, "PYTHONPATH": _pythonpath()},
         capture_output=True,
         text=True,

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ramd.paths import default_socket
+from ramd.process.paths import default_socket
 from ramd_client.cli_errors import timeout_hints, with_human_sizes
 from ramd_client.cli_output import (
     EXIT_CONNECT,

@@ -26,7 +26,7 @@ import pybase64
 from pydantic import BaseModel, ValidationError
 
 from ramd.api import models as m
-from ramd.paths import default_socket
+from ramd.process.paths import default_socket
 from ramd_client.error import (
     ConnectError,
     ConnectionLost,
@@ -393,7 +393,7 @@ async def connect(
 ) -> AsyncClient:
     """Connect to the daemon's JSON-RPC socket and return an :class:`AsyncClient`.
 
-    ``path`` defaults to the protocol's rule (:func:`ramd.paths.default_socket`:
+    ``path`` defaults to the protocol's rule (:func:`ramd.process.paths.default_socket`:
     ``$RAMD_SOCKET``, else ``$XDG_RUNTIME_DIR/ramd/ramd.sock``, else
     ``/run/ramd/ramd.sock``). The daemon's version is read at once (``client.version``), so
     a socket that is not ramd's JSON-RPC one, or a daemon that refuses the connection, fails

@@ -7,10 +7,11 @@ all three; :func:`read_range` and :func:`write_range` keep ``window`` chunk requ
 flight on one connection, so the memory held is about ``window`` chunks whatever the length.
 
 Memory: the first transfer fixes glibc's ``malloc`` thresholds for the whole process as the
-daemon does (:func:`ramd.heap.keep_large_buffers`: buffers up to 32 MiB come from the heap and
+daemon does (:func:`ramd.process.heap.keep_large_buffers`: buffers up to 32 MiB come from the heap
+and
 are reused, instead of being mapped afresh, and faulted in page by page, for every chunk), and
 each transfer hands the heap's free pages back to the kernel when it ends
-(:func:`ramd.heap.trim`).
+(:func:`ramd.process.heap.trim`).
 
 All functions run on the caller side.
 """
@@ -29,7 +30,7 @@ from collections.abc import (
     Mapping,
 )
 
-from ramd import heap
+from ramd.process import heap
 from ramd_client.client import AsyncClient
 
 __all__ = ["WINDOW", "chunk_size", "read_range", "write_range"]

@@ -10,12 +10,12 @@ from collections.abc import Awaitable
 
 import pybase64
 
-from ramd import fdstore
 from ramd.api import models as m
 from ramd.api.blockinfo import json_list, with_resident
 from ramd.api.limits import check_grow, check_io, create_block
 from ramd.api.service import Session
 from ramd.api.table import Raw, block_info, command
+from ramd.process import fdstore
 from ramd.ramblock import RAMBlock, change
 from ramd.ramblock.change import LOCK_INLINE_MAX
 

@@ -8,11 +8,11 @@ Checked on the loop thread before anything is created or grown: ``max-blocks``,
 
 from __future__ import annotations
 
-from ramd import fdbudget
 from ramd.api import models as m
 from ramd.api.service import Service
 from ramd.errors import RamdError
 from ramd.hostmem.libc import host_page_size
+from ramd.process import fdbudget
 from ramd.ramblock import RAMBlock
 
 

@@ -66,7 +66,7 @@ def _power_of_two(value: int) -> int:
 
 class DecodedBase64:
     """A JSON string of base64 text that the transport decoded (and validated) as it parsed
-    the request, ``data`` the bytes it stands for (see ramd.transport.bulk). JSON itself
+    the request, ``data`` the bytes it stands for (see ramd.transport.protocol.bulk). JSON itself
     never yields one."""
 
     __slots__ = ("data",)

@@ -14,17 +14,17 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from ramd import fdstore
 from ramd.api.blockinfo import BlockInfoCache
 from ramd.api.events import Broadcaster, Event, EventSink
 from ramd.api.holding import SessionHolders
 from ramd.api.models import EVENT_NAMES
 from ramd.config import DEFAULT_STATE_DIR, Limits
-from ramd.fdbudget import FdBudget, nofile_limit
 from ramd.hostlimits import HostLimits
 from ramd.jobs import JobManager
 from ramd.logs import LogBudget
 from ramd.metrics.counters import CommandStats
+from ramd.process import fdstore
+from ramd.process.fdbudget import FdBudget, nofile_limit
 from ramd.ramblock import RAMBlock, RAMList
 from ramd.ramblock.change import Waiting
 from ramd.vmm.registry import Attachments

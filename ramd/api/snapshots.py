@@ -36,13 +36,13 @@ import os
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
-from ramd import fdstore
 from ramd.api import models as m
 from ramd.api.limits import check_add_limits, check_grow, create_block, limit
 from ramd.api.service import Service, Session
 from ramd.api.table import command
 from ramd.errors import DeviceNotFound, RamdError
 from ramd.jobs import Job, JobContext, JobManager
+from ramd.process import fdstore
 from ramd.ramblock import RAMBlock, access, change
 from ramd.ramblock.pins import Pin
 from ramd.snapshot import (

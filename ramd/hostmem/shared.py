@@ -165,7 +165,7 @@ class FileMemory(FdMemory):
     name only once its metadata is in place: :meth:`keep` writes ``NAME.meta``, then renames
     the file to ``NAME`` (``RENAME_NOREPLACE``: never over an existing entry). A crash
     before that leaves only names the daemon removes at its next start
-    (:func:`ramd.adoption.adopt_memory_dir`), or at worst a ``NAME.meta`` without its file,
+    (:func:`ramd.process.adoption.adopt_memory_dir`), or at worst a ``NAME.meta`` without its file,
     which the next block of that name replaces; so an id is never blocked by a half-created
     file. hugetlbfs takes no metadata (its files cannot be written): there the file gets its
     name once its first :meth:`populate` reserved its huge pages. With ``existing``, a file

@@ -1,6 +1,6 @@
 """Start the metrics endpoint of a running daemon (``metrics-listen``, protocol.md §15).
 
-Imported by :mod:`ramd.daemon` only when ``metrics-listen`` is set: it brings in
+Imported by :mod:`ramd.process.daemon` only when ``metrics-listen`` is set: it brings in
 ``prometheus_client``. Loop thread.
 """
 
@@ -14,7 +14,7 @@ from ramd.config import Config
 from ramd.metrics.collector import registry
 from ramd.metrics.figures import LoopFigures, take
 from ramd.metrics.http import MetricsServer
-from ramd.transport.server import Server
+from ramd.transport.sockets.server import Server
 
 log = logging.getLogger("ramd.metrics")
 

@@ -25,7 +25,7 @@ from ramd.ramblock import RAMBlock
 from ramd.ramblock.holders import KINDS
 
 if TYPE_CHECKING:
-    from ramd.transport.server import Server
+    from ramd.transport.sockets.server import Server
 
 #: Holder kinds (protocol.md §12) counted per block, in the order they are reported.
 HOLDER_KINDS = KINDS

@@ -14,7 +14,8 @@ with the loop thread, which gets it back at every switch interval (5 ms): measur
 median ``query-version`` round trip did not change while 1000 blocks were scraped back to back.
 
 Ownership: :class:`MetricsServer` owns its threads and its listening socket; a Unix socket's
-file is created by :func:`ramd.transport.unixbind.bind_unix` (mode ``socket-mode``) and removed
+file is created by :func:`ramd.transport.sockets.unixbind.bind_unix` (mode ``socket-mode``) and
+removed
 by :meth:`MetricsServer.close`. Start and close on the loop thread.
 """
 
@@ -34,7 +35,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from ramd.metrics.address import MetricsAddress
 from ramd.metrics.figures import SnapshotUnavailable
-from ramd.transport.unixbind import BoundSocket, bind_unix
+from ramd.transport.sockets.unixbind import BoundSocket, bind_unix
 
 log = logging.getLogger("ramd.metrics")
 
@@ -176,7 +177,7 @@ class MetricsServer:
 
     def start(self, socket_mode: int, socket_gid: int | None) -> str:
         """Listen and serve; where it listens (a port 0 resolved). ``OSError`` (or
-        :class:`~ramd.transport.unixbind.AlreadyRunning`) when it cannot."""
+        :class:`~ramd.transport.sockets.unixbind.AlreadyRunning`) when it cannot."""
         addr = self.address
         if addr.path is not None:
             self._bound = bind_unix(addr.path, socket_mode, socket_gid)

@@ -52,7 +52,7 @@ _ID_RE = re.compile(ID_PATTERN)
 HUGEPAGE_ALIGN = 2 * 1024 * 1024
 
 #: Where ``file`` blocks of a list made without ``memory_dir`` live: root's default (the
-#: daemon's follows ``XDG_RUNTIME_DIR``: :func:`ramd.paths.default_memory_dir`).
+#: daemon's follows ``XDG_RUNTIME_DIR``: :func:`ramd.process.paths.default_memory_dir`).
 DEFAULT_MEMORY_DIR = "/run/ramd/memory"
 
 

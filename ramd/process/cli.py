@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ramd: {e}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_format)
-    from ramd.daemon import CannotStart, serve
-    from ramd.transport.unixbind import AlreadyRunning
+    from ramd.process.daemon import CannotStart, serve
+    from ramd.transport.sockets.unixbind import AlreadyRunning
 
     try:
         loop_factory = _loop_factory(config.event_loop)

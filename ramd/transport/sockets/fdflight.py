@@ -7,11 +7,12 @@ fd fails with ``ETOOMANYREFS``, for every peer. So peers that ask for fds and ne
 could stop fd passing for everyone. Two bounds prevent it:
 
 - per connection, at most one answer with fds is unread: the next one waits until the peer
-  read the previous one (:class:`~ramd.transport.output.Output` asks the socket, ``TIOCOUTQ``:
+  read the previous one (:class:`~ramd.transport.sockets.output.Output` asks the socket,
+  ``TIOCOUTQ``:
   nothing left in the send queue means the peer read everything sent before);
 - in all, answers that carry several fds (batches) go only while the fds in flight stay within
   half of the limit, so the other half is for single-fd answers, of which there is at most one
-  per connection, and connections are fewer than that (:mod:`ramd.fdbudget`). A single-fd
+  per connection, and connections are fewer than that (:mod:`ramd.process.fdbudget`). A single-fd
   answer is refused only at the limit itself, where the kernel would refuse it anyway.
 
 An answer that cannot go fails its requests with an error instead (the connection keeps
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ramd.fdbudget import nofile_limit
+from ramd.process.fdbudget import nofile_limit
 
 
 class Holder(Protocol):

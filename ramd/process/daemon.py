@@ -12,21 +12,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ramd import adoption, datadirs, fdstore, heap, systemd
 from ramd.api import dispatch
 from ramd.api.outcome import BadArguments, Failed, Internal, Pending
 from ramd.api.service import Service, Session
 from ramd.config import Config, ConfigError, default_socket_path
-from ramd.fdbudget import raise_nofile_limit
 from ramd.hostlimits import HostLimits, meminfo_total
 from ramd.hostmem.dirlock import MemoryDirInUse
-from ramd.paths import SYSTEM_RUNTIME_DIR
+from ramd.process import adoption, datadirs, fdstore, heap, systemd
+from ramd.process.fdbudget import raise_nofile_limit
+from ramd.process.paths import SYSTEM_RUNTIME_DIR
 from ramd.sizes import format_size
-from ramd.transport.connection import DialectFactory
-from ramd.transport.jsonrpc import JsonRpcDialect
-from ramd.transport.qmp import QmpDialect
-from ramd.transport.server import Listener, Server
-from ramd.transport.unixbind import AlreadyRunning
+from ramd.transport.protocol.jsonrpc import JsonRpcDialect
+from ramd.transport.protocol.qmp import QmpDialect
+from ramd.transport.sockets.connection import DialectFactory
+from ramd.transport.sockets.server import Listener, Server
+from ramd.transport.sockets.unixbind import AlreadyRunning
 
 if TYPE_CHECKING:
     from ramd.metrics.http import MetricsServer
@@ -177,7 +177,7 @@ async def serve(
 
 
 def _adopt_memory_dir(ram: datadirs.MemoryDirRAMList, max_used: int) -> None:
-    """Adopt the ``file`` blocks of ``memory-dir`` (:mod:`ramd.adoption`; up to ``max_used``
+    """Adopt the ``file`` blocks of ``memory-dir`` (:mod:`ramd.process.adoption`; up to ``max_used``
     bytes) when it can be used; a bad ``memory-dir`` is logged with what to do and its
     entries are left alone.
 

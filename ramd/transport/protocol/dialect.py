@@ -17,7 +17,7 @@ from typing import Protocol
 from ramd.api.events import Event
 from ramd.api.outcome import Final, Outcome
 from ramd.api.service import Session
-from ramd.transport.splitter import SplitError
+from ramd.transport.protocol.splitter import SplitError
 
 Reply = bytes | None
 

@@ -34,9 +34,9 @@ import time
 from collections import deque
 
 from ramd.api.outcome import Pending
-from ramd.transport.dialect import Dialect, Plan
-from ramd.transport.output import Output, close_fds
-from ramd.transport.splitter import SplitError
+from ramd.transport.protocol.dialect import Dialect, Plan
+from ramd.transport.protocol.splitter import SplitError
+from ramd.transport.sockets.output import Output, close_fds
 
 log = logging.getLogger("ramd.connection")
 

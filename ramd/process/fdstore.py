@@ -15,7 +15,7 @@ hugetlb, ``p`` prealloc, ``n`` no dump, ``l`` lock; ``-`` for none) and ``ID`` t
 in an ``FDNAME``. Blocks pushed by this daemon stay in the store at shutdown (that is the
 point); adopted blocks are already there and are not pushed again.
 
-Thread: the event-loop thread (like :func:`ramd.systemd.notify`).
+Thread: the event-loop thread (like :func:`ramd.process.systemd.notify`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import os
 import re
 import stat
 
-from ramd import systemd
 from ramd.hostmem.blockmeta import BlockMeta
 from ramd.hostmem.mmap_alloc import mmap_pagesize
 from ramd.hostmem.shared import MemfdMemory
 from ramd.ids import ID_PATTERN
+from ramd.process import systemd
 from ramd.ramblock import RAMBlock, RAMList
 
 log = logging.getLogger(__name__)

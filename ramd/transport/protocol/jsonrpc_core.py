@@ -12,7 +12,8 @@ jsonrpcserver's ``Success`` or ``Error`` for the outcome (:func:`result`): -3200
 
 What ramd does itself: parsing the message (``jsontext``/``bulk``: strict and bounded; and a
 batch must be known as one before anything runs, so that its calls run one per pipeline step,
-see :mod:`ramd.transport.jsonrpc`), so jsonrpcserver's deserializer step only hands over the
+see :mod:`ramd.transport.protocol.jsonrpc`), so jsonrpcserver's deserializer step only hands over
+the
 parsed object; and the wire text of each response object (:func:`encode`), which splices in
 results pydantic already encoded and never sends an exception's text: jsonrpcserver words
 its -32603 with one, ramd sends the generic message only.

@@ -21,7 +21,7 @@ third-party package is replaced or reached into.
 
 Invariant: :func:`keep_out` runs before anything in the process has imported asyncio, hashlib,
 hmac, shutil, http.client or zipfile; a module already imported is left as it is. Processes that
-import ``ramd.cli`` directly (tests, tools) are unaffected.
+import ``ramd.process.cli`` directly (tests, tools) are unaffected.
 """
 
 from __future__ import annotations
@@ -53,16 +53,16 @@ def keep_out() -> None:
 
 
 def main() -> int:
-    """``ramd`` and ``python -m ramd``: :func:`keep_out`, then :func:`ramd.cli.main`, then
+    """``ramd`` and ``python -m ramd``: :func:`keep_out`, then :func:`ramd.process.cli.main`, then
     the end of the process without tearing the interpreter down.
 
-    When :func:`ramd.cli.main` returns, the daemon has shut down: its sockets are removed,
+    When :func:`ramd.process.cli.main` returns, the daemon has shut down: its sockets are removed,
     its commands finished or abandoned (and logged) within ``stop-timeout``, its jobs
     cancelled. Freeing every module and object one by one would then take 0.1-0.5 s more,
     and joining worker threads would wait for work the daemon already abandoned; so the logs
     and standard streams are flushed and the process exits with the status."""
     keep_out()
-    from ramd.cli import main as cli_main
+    from ramd.process.cli import main as cli_main
 
     status = cli_main()
     logging.shutdown()

@@ -6,7 +6,7 @@
   The directory is opened and locked (:mod:`ramd.hostmem.dirlock`) as soon as it holds any
   entry not starting with ``.``; an empty or missing ``memory-dir`` is left alone until the
   first ``file`` block, so daemons that use no ``file`` blocks never contend for the lock.
-- ``memfd`` blocks come back from systemd's fd store (:mod:`ramd.fdstore`).
+- ``memfd`` blocks come back from systemd's fd store (:mod:`ramd.process.fdstore`).
 
 Whatever cannot be adopted (no or bad metadata, a file whose length does not fit the
 metadata, not a regular file, a symbolic link) is logged and left untouched, never deleted.

@@ -11,7 +11,7 @@ others: it has no per-uid share, and the last :func:`root_reserve` slots are kep
 non-root peers, however many connections they open, can never lock root out. Every non-root
 uid holds at most ``max-connections-per-uid`` connections.
 
-Ownership and thread: owned by the :class:`~ramd.transport.server.Server`, used on the loop
+Ownership and thread: owned by the :class:`~ramd.transport.sockets.server.Server`, used on the loop
 thread. A connection is counted from a successful :meth:`Admission.admit` until
 :meth:`Admission.release`.
 """
@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Hashable
 
 from ramd.config import Config, Limits
-from ramd.transport.peer import PeerCredentials
+from ramd.transport.sockets.peer import PeerCredentials
 
 #: Most slots kept for uid 0.
 ROOT_RESERVE_MAX = 8

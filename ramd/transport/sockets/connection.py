@@ -1,18 +1,19 @@
 """One client connection: the I/O around its request pipeline.
 
 Ownership and thread: a :class:`Connection` is created by the listener for each accepted
-socket, owns its transport, splitter, :class:`~ramd.transport.output.Output`,
-:class:`~ramd.transport.pipeline.Pipeline`, dialect and session, and lives on the loop thread.
+socket, owns its transport, splitter, :class:`~ramd.transport.sockets.output.Output`,
+:class:`~ramd.transport.sockets.pipeline.Pipeline`, dialect and session, and lives on the loop
+thread.
 
 Reading: asyncio's transports cannot receive file descriptors (``SCM_RIGHTS``, QEMU's
 ``getfd``), so the transport's own reading is paused for good and the connection reads with
 ``recvmsg_into`` on a duplicate of the socket, registered with the loop's ``add_reader``
 (both event loops support it), into the server's one read buffer (see :func:`read_buffer`;
 each read is copied out before the callback returns). The fds of a read go to the pipeline
-with the messages of that read (:meth:`~ramd.transport.pipeline.Pipeline.push_fds`): only a
+with the messages of that read (:meth:`~ramd.transport.sockets.pipeline.Pipeline.push_fds`): only a
 ``getfd`` among them keeps one, the others are closed once those messages are answered; the
 kernel closes those beyond ``MAX_RECEIVED_FDS`` (no room for them in the ancillary buffer).
-Writing stays with the transport (:class:`~ramd.transport.output.Output`).
+Writing stays with the transport (:class:`~ramd.transport.sockets.output.Output`).
 
 Flow: each read is split into JSON texts queued in the pipeline; reading pauses while the
 pipeline is full. While the connection's task is parked (nothing in
@@ -45,17 +46,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
-from ramd import heap
 from ramd.api.events import Event
 from ramd.api.service import Session
-from ramd.transport.dialect import Dialect
-from ramd.transport.output import Output, close_fds
-from ramd.transport.peer import peer_credentials
-from ramd.transport.pipeline import MAX_RECEIVED_FDS, Pipeline, State
-from ramd.transport.splitter import JsonSplitter
+from ramd.process import heap
+from ramd.transport.protocol.dialect import Dialect
+from ramd.transport.protocol.splitter import JsonSplitter
+from ramd.transport.sockets.output import Output, close_fds
+from ramd.transport.sockets.peer import peer_credentials
+from ramd.transport.sockets.pipeline import MAX_RECEIVED_FDS, Pipeline, State
 
 if TYPE_CHECKING:
-    from ramd.transport.server import Server
+    from ramd.transport.sockets.server import Server
 
 DialectFactory = Callable[[Session], Dialect]
 
@@ -65,7 +66,7 @@ log = logging.getLogger("ramd.connection")
 #: (a few reads per bulk message of megabytes, not hundreds).
 READ_BUFFER = 256 * 1024
 #: A connection that received or answered more bytes than this hands the heap's free pages
-#: back to the kernel when it closes (see :mod:`ramd.heap`).
+#: back to the kernel when it closes (see :mod:`ramd.process.heap`).
 TRIM_AFTER = 1024 * 1024
 #: Seconds a refused connection is kept half-closed so that the peer reads its refusal.
 REFUSAL_LINGER = 2.0

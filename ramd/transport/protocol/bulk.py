@@ -8,7 +8,7 @@ placeholder, decodes the base64 straight from the original bytes and puts the re
 place, as a :class:`ramd.api.models.DecodedBase64` that the argument model takes as is.
 
 It changes nothing a client can see: whenever the result could differ from
-:func:`ramd.transport.jsontext.loads` of the whole text (not a JSON-RPC ``ram-block-write``
+:func:`ramd.transport.protocol.jsontext.loads` of the whole text (not a JSON-RPC ``ram-block-write``
 object, the long string not exactly ``params.data``, escapes, a parse error whose wording names
 a position, a duplicate member, data that is not valid base64: the plain path words that
 error, or the parse error of bytes that are not UTF-8), the whole text is parsed as usual. A
@@ -25,8 +25,8 @@ from typing import Any
 import pybase64
 
 from ramd.api.models import DecodedBase64
-from ramd.transport import jsontext
-from ramd.transport.splitter import long_string
+from ramd.transport.protocol import jsontext
+from ramd.transport.protocol.splitter import long_string
 
 #: Texts shorter than this are parsed as usual.
 BULK_FROM = 64 * 1024
@@ -35,7 +35,7 @@ _PLACEHOLDER_BYTES = _PLACEHOLDER.encode()
 
 
 def loads(message: bytes | bytearray) -> Any:
-    """The JSON text ``message`` as Python data, as :func:`ramd.transport.jsontext.loads`
+    """The JSON text ``message`` as Python data, as :func:`ramd.transport.protocol.jsontext.loads`
     gives it, except that a large ``params.data`` of a ``ram-block-write`` request is a
     :class:`~ramd.api.models.DecodedBase64` of the bytes its base64 text stands for.
     ``message`` is not referenced once this returns."""

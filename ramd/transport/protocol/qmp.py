@@ -35,9 +35,9 @@ from ramd.api.events import Event
 from ramd.api.models import QmpCapabilitiesArgs
 from ramd.api.outcome import BadArguments, Done, Failed, NotFound, Outcome, Pending
 from ramd.api.service import Session
-from ramd.transport import jsontext
-from ramd.transport.dialect import Plan, Reply
-from ramd.transport.splitter import SplitError
+from ramd.transport.protocol import jsontext
+from ramd.transport.protocol.dialect import Plan, Reply
+from ramd.transport.protocol.splitter import SplitError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ _GREETING = _greeting()
 
 
 def _parse_error_desc(error: ValueError) -> str:
-    """QEMU's wording of why a text is not JSON (:func:`ramd.transport.jsontext.loads`
+    """QEMU's wording of why a text is not JSON (:func:`ramd.transport.protocol.jsontext.loads`
     refuses NaN, Infinity and float overflow too, which would not encode back)."""
     reason = str(error)
     return f"JSON parse error, {reason[:1].lower()}{reason[1:]}"

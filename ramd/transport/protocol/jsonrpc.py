@@ -1,7 +1,8 @@
 """The JSON-RPC 2.0 dialect: messages, batches and events; each call through jsonrpcserver.
 
 Each request object, alone or in a batch, is dispatched by jsonrpcserver
-(:mod:`ramd.transport.jsonrpc_core`: method lookup, call, response object). What this module
+(:mod:`ramd.transport.protocol.jsonrpc_core`: method lookup, call, response object). What this
+module
 does around it: parsing each message with ramd's strict parser (-32700), refusing an empty
 or too large batch (-32600), running a batch's calls in order, one per pipeline step (so a
 long batch yields to other clients, and a call whose outcome is pending holds the next one
@@ -25,9 +26,9 @@ from ramd.api.commands import COMMANDS
 from ramd.api.events import Event
 from ramd.api.outcome import Done, Outcome, Pending
 from ramd.api.service import Session
-from ramd.transport import bulk, jsontext
-from ramd.transport.dialect import Plan, Reply
-from ramd.transport.jsonrpc_core import (
+from ramd.transport.protocol import bulk, jsontext
+from ramd.transport.protocol.dialect import Plan, Reply
+from ramd.transport.protocol.jsonrpc_core import (
     COMMAND_FAILED,
     Call,
     MethodTable,
@@ -39,8 +40,8 @@ from ramd.transport.jsonrpc_core import (
     text,
     valid_id,
 )
-from ramd.transport.output import SCM_MAX_FD, close_fds
-from ramd.transport.splitter import SplitError
+from ramd.transport.protocol.splitter import SplitError
+from ramd.transport.sockets.output import SCM_MAX_FD, close_fds
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600

@@ -17,7 +17,7 @@ peers can make it hold so that, together, it never reaches the limit:
 
 The rest of the limit, ``budget``, is shared: a new connection or a new shared block is
 refused ("Limit exceeded: fd budget is ...") when it would not fit. Root keeps room for
-``reserve`` connections (the slots :mod:`ramd.transport.admission` keeps for uid 0; fewer
+``reserve`` connections (the slots :mod:`ramd.transport.sockets.admission` keeps for uid 0; fewer
 when the budget is small, :attr:`FdBudget.kept_for_root`): other peers' connections and
 every shared block leave it free, so they can never lock root out.
 

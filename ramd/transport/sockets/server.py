@@ -20,13 +20,13 @@ from typing import Any
 
 from ramd.api.service import Service
 from ramd.config import Config
-from ramd.fdbudget import connection_refusal
 from ramd.logs import LogBudget
-from ramd.transport.admission import Admission, refusal_reason
-from ramd.transport.connection import Connection, DialectFactory, read_buffer
-from ramd.transport.fdflight import FdFlight
-from ramd.transport.peer import PeerCredentials
-from ramd.transport.unixbind import BoundSocket, bind_unix
+from ramd.process.fdbudget import connection_refusal
+from ramd.transport.sockets.admission import Admission, refusal_reason
+from ramd.transport.sockets.connection import Connection, DialectFactory, read_buffer
+from ramd.transport.sockets.fdflight import FdFlight
+from ramd.transport.sockets.peer import PeerCredentials
+from ramd.transport.sockets.unixbind import BoundSocket, bind_unix
 
 log = logging.getLogger("ramd.server")
 
@@ -84,7 +84,8 @@ class Server:
         #: fds sent to peers that have not read them yet, over every connection.
         self.fd_flight = FdFlight()
         self._refusal_log: dict[int, LogBudget] = {}
-        #: Refused connections by short reason (:func:`~ramd.transport.admission.refusal_reason`).
+        #: Refused connections by short reason
+        #: (:func:`~ramd.transport.sockets.admission.refusal_reason`).
         self.refused: dict[str, int] = {}
         self._resource_log = LogBudget(rate=1 / RESOURCE_LOG_INTERVAL, burst=1)
 
@@ -128,7 +129,7 @@ class Server:
 
     def admit(self, conn: Connection, peer: PeerCredentials) -> tuple[str, str | None]:
         """Access class of a new peer and, if it must be refused, why (the rules and the
-        connection slots are those of :class:`~ramd.transport.admission.Admission`)."""
+        connection slots are those of :class:`~ramd.transport.sockets.admission.Admission`)."""
         if self.stopping:
             return "full", "the daemon is shutting down"
         access, refusal = self.admission.admit(conn, peer)
