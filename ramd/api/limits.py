@@ -8,6 +8,7 @@ Checked on the loop thread before anything is created or grown: ``max-blocks``,
 
 from __future__ import annotations
 
+from ramd import blocksettings
 from ramd.api import models as m
 from ramd.api.service import Service
 from ramd.errors import RamdError
@@ -66,13 +67,7 @@ def create_block(service: Service, args: m.RamBlockAddArgs, *, allocate: bool = 
         args.size,
         args.max_size,
         backend=args.backend,
-        hugetlb=args.hugetlb,
-        prealloc=args.prealloc,
-        merge=args.merge,
-        dump=args.dump,
-        hugepages=args.hugepages,
-        lock=args.lock,
-        align=args.align,
+        **blocksettings.of(args),
         allocate=allocate,
     )
 

@@ -36,6 +36,7 @@ import os
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
+from ramd import blocksettings
 from ramd.api import models as m
 from ramd.api.limits import check_add_limits, check_grow, create_block, limit
 from ramd.api.service import Service, Session
@@ -59,7 +60,7 @@ from ramd.snapshot import (
 )
 
 #: The add-time settings an image records for each block (``BlockDescriptor.settings``).
-SETTINGS = ("hugetlb", "prealloc", "merge", "dump", "hugepages", "lock", "align")
+SETTINGS = blocksettings.NAMES
 SAVING = "it is being saved"
 LOADING = "it is being loaded"
 

@@ -32,6 +32,8 @@ import re
 import stat
 from dataclasses import dataclass, field
 
+from ramd import blocksettings
+
 #: Suffix of a metadata file.
 META_SUFFIX = ".meta"
 #: Suffixes of the daemon's temporary names: a new block file, new metadata.
@@ -50,7 +52,7 @@ VERSION = 1
 #: Longest metadata file read (anything larger is bad metadata).
 MAX_META_BYTES = 64 * 1024
 #: Settings a block keeps across restarts (``RAMList.create`` keywords).
-SETTINGS = ("hugetlb", "prealloc", "merge", "dump", "hugepages", "lock")
+SETTINGS = tuple(s.name for s in blocksettings.SETTINGS if s.default is not None)
 
 
 class BadMetadata(ValueError):

@@ -25,6 +25,7 @@ import os
 import re
 import stat
 
+from ramd import blocksettings
 from ramd.hostmem.blockmeta import BlockMeta
 from ramd.hostmem.mmap_alloc import mmap_pagesize
 from ramd.hostmem.shared import MemfdMemory
@@ -35,13 +36,11 @@ from ramd.ramblock import RAMBlock, RAMList
 log = logging.getLogger(__name__)
 
 PREFIX = "ram."
-_FLAGS = (
-    ("h", "hugetlb", False),
-    ("p", "prealloc", False),
-    ("n", "dump", True),
-    ("l", "lock", False),
+_FLAGS = tuple((s.letter, s.name, s.default) for s in blocksettings.KEPT)
+_LETTERS = "".join(letter for letter, _, _ in _FLAGS)
+_NAME_RE = re.compile(
+    rf"ram\.(-|[0-9a-f]{{1,16}})\.([{_LETTERS}]{{1,{len(_LETTERS)}}}|-)\.({ID_PATTERN.strip('^$')})"
 )
-_NAME_RE = re.compile(r"ram\.(-|[0-9a-f]{1,16})\.([hpnl]{1,4}|-)\.(" + ID_PATTERN.strip("^$") + ")")
 
 
 def is_block_name(name: str) -> bool:
@@ -51,8 +50,7 @@ def is_block_name(name: str) -> bool:
 
 def fd_name(block: RAMBlock) -> str:
     """The ``FDNAME`` of ``block`` (see the module docstring)."""
-    values = {"hugetlb": block.hugetlb, "prealloc": block.prealloc, "dump": block.dump}
-    values["lock"] = block.lock
+    values = blocksettings.kept_of(block)
     flags = "".join(letter for letter, key, default in _FLAGS if values[key] != default)
     size = f"{block.max_size:x}" if block.resizable else "-"
     return f"{PREFIX}{size}.{flags or '-'}.{block.id}"

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 
+from ramd import blocksettings
 from ramd.errors import RamdError
 from ramd.hostmem.blockmeta import BlockMeta
 from ramd.hostmem.shared import FileMemory
@@ -26,12 +27,7 @@ def keep_meta(mem: FileMemory, block: RAMBlock) -> None:
             "RAM block '%s': no metadata on hugetlbfs: not adopted after a restart", block.id
         )
         return
-    settings = {
-        "prealloc": block.prealloc,
-        "dump": block.dump,
-        "lock": block.lock,
-        "hugetlb": block.hugetlb,
-    }
+    settings = blocksettings.kept_of(block)
     created = mem.meta.created if mem.meta is not None else time.time_ns()
     meta = BlockMeta(
         block.id, block.size, block.max_size, block.resizable, block.page_size, settings, created
