@@ -262,6 +262,10 @@ def test_blocks_a_load_creates_are_committed_in_slices_between_other_requests(
         pinger.start()
         try:
             info = wait_job(r, r.call("ram-load", source={"file": "small"})["job-id"])
+            # the job concluded; the pinger reads the last events it was sent
+            deadline = time.monotonic() + 60
+            while pinger.seen.count("added") < count and time.monotonic() < deadline:
+                time.sleep(0.05)
         finally:
             pinger.finish()
         assert info.get("error") is None, info

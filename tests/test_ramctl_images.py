@@ -310,7 +310,7 @@ def test_list_and_info_show_backend_persistence_and_mappers(any_daemon: Daemon) 
         assert "\nbackend:     memfd\n" in info and "\nmappers:     1\n" in info
         assert "\nshared:      yes\n" in info and "\npersistent:  no\n" in info
     assert ok(s, "list", "--name") == "m\n"
-    assert ok(s, "commands").splitlines()[:2] == ["ram-block-add", "ram-block-del"]
+    assert {"ram-block-add", "ram-block-del"} <= set(ok(s, "commands").split())
     assert {"query-images", "image-remove"} <= set(ok(s, "commands").split())
 
 
