@@ -24,8 +24,11 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from ramd.ids import ID_PATTERN
 from ramd.paths import default_socket
 from ramd.ramblock import DEFAULT_MEMORY_DIR
 from ramd.sizes import parse_size
@@ -110,6 +113,40 @@ class BlockConfig(_Section):
     align: PositiveSize | None = None
 
 
+class PoolConfig(_Section):
+    """A ``[[pool]]`` (protocol.md §14): ``count`` blocks of ``size`` bytes kept ready."""
+
+    name: Annotated[StrictStr, Field(pattern=ID_PATTERN)]
+    size: PositiveSize
+    count: Annotated[StrictInt, Field(ge=1, le=64)]
+    backend: Literal["memfd", "anonymous"] = "memfd"
+    hugetlb: StrictBool = False
+    max_size: PositiveSize | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolConfig:
+        if self.max_size is not None and self.max_size < self.size:
+            raise PydanticCustomError(
+                "pool", "max-size {max} is smaller than size {size}", _sizes(self)
+            )
+        if self.hugetlb and self.backend == "anonymous":
+            raise PydanticCustomError("pool", "hugetlb needs backend memfd", {})
+        return self
+
+
+def _sizes(pool: PoolConfig) -> dict[str, int]:
+    return {"max": pool.max_size or 0, "size": pool.size}
+
+
+def _unique_pools(pools: list[PoolConfig]) -> list[PoolConfig]:
+    seen = set()
+    for pool in pools:
+        if pool.name in seen:
+            raise ValueError(f"pool '{pool.name}' is defined twice")
+        seen.add(pool.name)
+    return pools
+
+
 #: ``state-dir`` when the config names none and systemd's ``StateDirectory=`` sets nothing.
 DEFAULT_STATE_DIR = "/var/lib/ramd"
 
@@ -144,6 +181,7 @@ class Config(_Section):
     stop_timeout: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 90
     limits: Limits = Limits()
     block: list[BlockConfig] = []
+    pool: Annotated[list[PoolConfig], AfterValidator(_unique_pools)] = []
 
     def socket_gid(self) -> int | None:
         """``socket-group`` as a gid (None when unset)."""

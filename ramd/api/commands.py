@@ -7,7 +7,13 @@ Each command module registers its commands in :data:`ramd.api.table.COMMANDS` wi
 
 from __future__ import annotations
 
-from ramd.api import block_commands, fd_commands, session_commands, snapshots
+from ramd.api import (
+    block_commands,
+    fd_commands,
+    session_commands,
+    snapshots,
+    template_commands,
+)
 from ramd.api.session_commands import version_triple
 from ramd.api.table import COMMANDS, Command, Raw, WithFds
 
@@ -20,5 +26,6 @@ __all__ = [
     "fd_commands",
     "session_commands",
     "snapshots",
+    "template_commands",
     "version_triple",
 ]

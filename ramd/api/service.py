@@ -25,6 +25,7 @@ from ramd.jobs import JobManager
 from ramd.logs import LogBudget
 from ramd.ramblock import RAMBlock, RAMList
 from ramd.ramblock.change import Waiting
+from ramd.ramblock.pools import Pools
 
 T = TypeVar("T")
 
@@ -49,6 +50,9 @@ class Service:
         self.infos = BlockInfoCache()
         self.ram.holders.on_change = self._holders_changed
         self.ram.on_remove.append(fdstore.forget)
+        #: The pools of ready blocks (``[[pool]]``), charged against ``max-used``.
+        self.pools = Pools(self.ram, self.in_worker, self.fits_used)
+        self.ram.on_remove.append(lambda block: self.pools.kick())
         self.mappers = SessionHolders(self.ram.holders)
         self.broadcaster = Broadcaster(self.mappers.of)
         #: How block changes wait (acknowledgements, worker threads).
@@ -81,6 +85,12 @@ class Service:
         block.holder_list = tuple({"kind": h.kind, "pid": h.pid, "uid": h.uid} for h in holders)
         self.infos.refresh(block)
 
+    def fits_used(self, more: int) -> bool:
+        """``more`` bytes of blocks or pools still fit ``max-used`` (0: unlimited), which
+        bounds the blocks' ``used`` plus the pools' charge."""
+        lim = self.limits.max_used
+        return not lim or self.ram.used + self.pools.charged + more <= lim
+
     async def in_worker(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a worker thread and return its result on the loop thread.
 
@@ -96,7 +106,8 @@ class Service:
             raise
 
     def close(self) -> None:
-        """Free every block (each removal is notified) and forget the sessions."""
+        """Free every block (each removal is notified) and pool, and forget the sessions."""
+        self.pools.close()
         self.ram.close()
         self.sessions.clear()
         if self.state_dir_fd >= 0:
