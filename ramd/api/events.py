@@ -105,7 +105,8 @@ class Broadcaster:
     Owns the ``seq`` counter and the set of subscribers (in subscription order). The
     mappers of a block (``mappers_of``) get every event of that block, subscribed or not; a
     shrink's ``RAM_BLOCK_RESIZED`` and a ``RAM_BLOCK_REMOVED`` carry ``"ack": true`` for them
-    (they must acknowledge it) and ``"ack": false`` for everyone else. Loop thread only.
+    (they must acknowledge it; not for a sealed block, whose removal waits for nobody) and
+    ``"ack": false`` for everyone else. Loop thread only.
     """
 
     def __init__(self, mappers_of: Callable[[RAMBlock], Collection[Subscriber]]) -> None:
@@ -168,7 +169,8 @@ class Broadcaster:
             max_size=block.max_size,
             ack=False,
         ).model_dump(by_alias=True)
-        self._emit("RAM_BLOCK_REMOVED", data, block, ack=True)
+        # a sealed block is removed without waiting: its mappers keep their mappings
+        self._emit("RAM_BLOCK_REMOVED", data, block, ack=not block.sealed)
 
     def job_status(self, job_id: str, status: str) -> None:
         """``JOB_STATUS_CHANGE``: to subscribers only (a job is no block: no mapper gets it)."""
