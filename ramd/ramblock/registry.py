@@ -490,7 +490,10 @@ class RAMList:
         """Lock (``lock``) and fault in (``prealloc``) a created, uncommitted block.
 
         Prealloc: anonymous memory with ``MADV_POPULATE_WRITE`` (on kernels without it, touches
-        each page); shared memory by allocating the file's range. May run in a worker thread:
+        each page); shared memory by allocating the file's range. A spare's shared memory is
+        then also faulted in writable through the daemon's own view (nobody else has its fd),
+        which zeroes every page now: shmem clears a page allocated by ``fallocate`` only at
+        its first fault, and that fault must not be the VMM's. May run in a worker thread:
         the block is invisible to every other caller until committed. Raises
         :class:`RamdError`; the caller then aborts the block.
         """
@@ -503,6 +506,8 @@ class RAMList:
             return
         try:
             block.mem.preallocate(block.size)
+            if block.shared and block.id in self._spares:
+                linux.populate_write(block.host, block.size)
         except OSError as e:
             raise RamdError(
                 f"Cannot preallocate RAM block '{block.id}' of 0x{block.size:x}: {_strerror(e)}",
