@@ -66,7 +66,10 @@ def start_pools(service: Service, config: Config) -> None:
     threads); ConfigError naming the first pool that does not fit."""
     for i, cfg in enumerate(config.pool):
         spec = PoolSpec(cfg.name, cfg.size, cfg.count, cfg.backend, cfg.hugetlb, cfg.max_size)
-        charge = Pools.charge_of(spec)
+        try:
+            charge = Pools.charge_of(spec)
+        except OSError as e:  # no hugetlbfs in this kernel
+            raise ConfigError(f"config: pool[{i}].hugetlb: {e.strerror or e}") from None
         if not service.fits_used(charge):
             raise ConfigError(
                 f"config: pool[{i}]: pool '{cfg.name}' ({cfg.count} x {cfg.size} bytes) does"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import faulthandler
+import fcntl
 import os
 import shutil
 import signal
@@ -494,3 +495,19 @@ def test_file_block_on_hugetlbfs_gets_huge_pages_and_a_clean_enomem(
 def _entries(memory_dir: Path) -> list[str]:
     """The entries of ``memory_dir`` but the daemon's own (the lock file)."""
     return sorted(n for n in os.listdir(memory_dir) if n != ".lock")
+
+
+@pytest.mark.xdist_group("hugepages")  # changes vm.nr_hugepages: one at a time
+def test_a_hugetlb_memfd_block_can_be_sealed(ram: RAMList, huge_pages: Callable[[], int]) -> None:
+    """protocol.md §14: huge-page memfds are created sealable too; the sealed block's view
+    is read-only, its contents stay, and the kernel holds the seals."""
+    hp = _meminfo("Hugepagesize") * 1024
+    b = ram.add("h", hp, backend="memfd", hugetlb=True)
+    ram.write("h", hp - 8, b"template")
+    assert ram.seal("h") is b and b.sealed
+    assert ram.read("h", hp - 8, 8) == b"template"
+    assert fcntl.fcntl(b.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+    assert _layout(b)[0] == (b.host, b.host + hp, "r--s")
+    with pytest.raises(RamdError, match="RAM block 'h' is sealed"):
+        ram.write("h", 0, b"x")
+    ram.remove("h")

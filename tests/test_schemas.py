@@ -82,6 +82,11 @@ async def test_every_request_of_the_client_validates(daemon: Daemon) -> None:
             await asyncio.sleep(0.05)
         await c.job_dismiss(save)
         await c.job_dismiss(load)
+        await c.ram_block_add("tpl", MiB, backend="memfd")
+        assert (await c.ram_block_seal("tpl")).sealed
+        assert await c.query_pools() == []
+        with pytest.raises(ramd_client.RamdError, match="Pool 'none' not found"):
+            await c.ram_block_add_from_pool("ram2", "none")
         await c.query_stats()
         await c.query_commands()
         await c.query_schema()
