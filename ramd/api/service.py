@@ -51,7 +51,7 @@ class Service:
         self.ram.holders.on_change = self._holders_changed
         self.ram.on_remove.append(fdstore.forget)
         #: The pools of ready blocks (``[[pool]]``), charged against ``max-used``.
-        self.pools = Pools(self.ram, self.in_worker, self.fits_used)
+        self.pools = Pools(self.ram, self.fits_used)
         self.ram.on_remove.append(lambda block: self.pools.kick())
         self.mappers = SessionHolders(self.ram.holders)
         self.broadcaster = Broadcaster(self.mappers.of)

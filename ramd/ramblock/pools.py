@@ -7,6 +7,10 @@ under a client's id at once (no allocation on the request path) and starts the r
 a spare is never given twice and a block is never put back, so no block from a pool ever
 holds an earlier user's data.
 
+Fills run in one thread of the pools' own, at the lowest CPU priority (nice 19): a refill is
+background work, and must not slow the VMs that just took their blocks, nor the daemon's
+other workers.
+
 Charge (``pooled``): a pool is charged ``count x size`` against ``max-used`` from start-up.
 Taking a block moves one block's charge from the pool to the block (``used``); the refill
 charges the pool again, one block at a time, only while ``room(bytes)`` says ``max-used``
@@ -14,7 +18,7 @@ still fits it (otherwise it waits for :meth:`Pools.kick`, which the daemon calls
 block is removed). Refill work is bounded: one block at a time per pool, in one task.
 
 Ownership and thread: a :class:`Pools` is owned by the service; loop thread only, except the
-fills it runs through ``in_worker`` on spares nobody else can see.
+fills it runs in its thread on spares nobody else can see.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -80,15 +86,10 @@ class Pool:
 class Pools:
     """Every pool of the daemon."""
 
-    def __init__(
-        self,
-        ram: RAMList,
-        in_worker: Callable[[Callable[[], None]], Awaitable[None]],
-        room: Callable[[int], bool],
-    ) -> None:
+    def __init__(self, ram: RAMList, room: Callable[[int], bool]) -> None:
         self._ram = ram
-        self._in_worker = in_worker
         self._room = room
+        self._thread: ThreadPoolExecutor | None = None
         self._pools: dict[str, Pool] = {}
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
@@ -160,7 +161,7 @@ class Pools:
                 return
             pool.filling = block
             try:
-                await self._in_worker(functools.partial(self._ram.fill, block))
+                await self._in_thread(functools.partial(self._ram.fill, block))
             except RamdError as e:
                 self._ram.abort(block)
                 self._failed(pool, e)
@@ -171,6 +172,20 @@ class Pools:
             finally:
                 pool.filling = None
             pool.ready.append(block)
+
+    async def _in_thread(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the pools' thread; if the waiting task is cancelled, this returns
+        only once the thread is done (the spare it fills is freed after, never under it)."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(
+                1, thread_name_prefix="ramd-pool", initializer=_lowest_priority
+            )
+        fut = asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            raise
 
     def _failed(self, pool: Pool, error: RamdError) -> None:
         log.warning(
@@ -198,3 +213,13 @@ class Pools:
             for block in pool.ready:
                 self._ram.abort(block)
             pool.ready.clear()
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _lowest_priority() -> None:
+    """The calling thread runs at nice 19 (Linux: a thread id is a ``PRIO_PROCESS`` who)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError as e:
+        log.warning("pool thread keeps its priority: %s", e)
