@@ -15,11 +15,8 @@ def ram_block_seal(session: Session, args: m.BlockIdArgs) -> Raw:
     again. Refused while another process maps it writable. Its fds can then be mapped
     privately (copy-on-write clones) or read-only; it can be deleted whatever holds it."""
     service = session.service
-    block = service.ram.get(args.id)
-    was = block.sealed
-    service.ram.seal(args.id)
-    if not was:
-        service.infos.refresh(block)
+    block = service.ram.seal(args.id)
+    service.infos.refresh(block)  # its RamBlockInfo now says "sealed"
     return block_info(session, block)
 
 
