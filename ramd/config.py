@@ -27,8 +27,11 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from ramd.ids import ID_PATTERN
 from ramd.metrics.address import MetricsAddress, parse_metrics_address
 from ramd.process import paths
 from ramd.sizes import parse_size
@@ -113,6 +116,40 @@ class BlockConfig(_Section):
     align: PositiveSize | None = None
 
 
+class PoolConfig(_Section):
+    """A ``[[pool]]`` (protocol.md §14): ``count`` blocks of ``size`` bytes kept ready."""
+
+    name: Annotated[StrictStr, Field(pattern=ID_PATTERN)]
+    size: PositiveSize
+    count: Annotated[StrictInt, Field(ge=1, le=64)]
+    backend: Literal["memfd", "anonymous"] = "memfd"
+    hugetlb: StrictBool = False
+    max_size: PositiveSize | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolConfig:
+        if self.max_size is not None and self.max_size < self.size:
+            raise PydanticCustomError(
+                "pool", "max-size {max} is smaller than size {size}", _sizes(self)
+            )
+        if self.hugetlb and self.backend == "anonymous":
+            raise PydanticCustomError("pool", "hugetlb needs backend memfd", {})
+        return self
+
+
+def _sizes(pool: PoolConfig) -> dict[str, int]:
+    return {"max": pool.max_size or 0, "size": pool.size}
+
+
+def _unique_pools(pools: list[PoolConfig]) -> list[PoolConfig]:
+    seen = set()
+    for pool in pools:
+        if pool.name in seen:
+            raise ValueError(f"pool '{pool.name}' is defined twice")
+        seen.add(pool.name)
+    return pools
+
+
 #: root's ``state-dir`` when the config names none and systemd's ``StateDirectory=`` sets
 #: nothing.
 DEFAULT_STATE_DIR = paths.SYSTEM_STATE_DIR
@@ -161,6 +198,7 @@ class Config(_Section):
     metrics_listen: StrictStr | None = None
     limits: Limits = Limits()
     block: list[BlockConfig] = []
+    pool: Annotated[list[PoolConfig], AfterValidator(_unique_pools)] = []
 
     @field_validator("metrics_listen")
     @classmethod

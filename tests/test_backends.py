@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import faulthandler
+import fcntl
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -494,3 +496,44 @@ def test_file_block_on_hugetlbfs_gets_huge_pages_and_a_clean_enomem(
 def _entries(memory_dir: Path) -> list[str]:
     """The entries of ``memory_dir`` but the daemon's own (the lock file)."""
     return sorted(n for n in os.listdir(memory_dir) if n != ".lock")
+
+
+@pytest.mark.xdist_group("hugepages")  # changes vm.nr_hugepages: one at a time
+def test_a_hugetlb_memfd_block_can_be_sealed(ram: RAMList, huge_pages: Callable[[], int]) -> None:
+    """protocol.md §14: huge-page memfds are created sealable too; the sealed block's view
+    is read-only, its contents stay, and the kernel holds the seals."""
+    hp = _meminfo("Hugepagesize") * 1024
+    b = ram.add("h", hp, backend="memfd", hugetlb=True)
+    ram.write("h", hp - 8, b"template")
+    assert ram.seal("h") is b and b.sealed
+    assert ram.read("h", hp - 8, 8) == b"template"
+    assert fcntl.fcntl(b.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+    assert _layout(b)[0] == (b.host, b.host + hp, "r--s")
+    with pytest.raises(RamdError, match="RAM block 'h' is sealed"):
+        ram.write("h", 0, b"x")
+    ram.remove("h")
+
+
+@pytest.mark.xdist_group("hugepages")  # changes vm.nr_hugepages: one at a time
+def test_a_hugetlb_pool_gives_huge_page_blocks(
+    start_daemon: Callable[..., Daemon], huge_pages: Callable[[], int]
+) -> None:
+    """protocol.md §14: a ``hugetlb`` pool's blocks are huge-page memfds, made ready (their
+    huge pages taken from the kernel's pool) before anyone asks."""
+    hp = _meminfo("Hugepagesize") * 1024
+    free = huge_pages()
+    d = start_daemon(f'[[pool]]\nname = "huge"\nsize = {hp}\ncount = 2\nhugetlb = true\n')
+    with ramd_client.Client(d.path) as c:
+        deadline = time.monotonic() + 180
+        while c.query_pools()[0].ready < 2:
+            assert time.monotonic() < deadline, c.query_pools()
+            time.sleep(0.02)
+        assert huge_pages() == free - 2
+        assert c.query_stats().pooled == 2 * hp
+        b = c.ram_block_add_from_pool("h", "huge")
+        assert (b.backend, b.hugetlb, b.page_size, b.size, b.prealloc) == (
+            "memfd", True, hp, hp, True
+        )  # fmt: skip
+        assert c.ram_block_read("h", 0, 4096) == bytes(4096)
+        assert c.ram_block_seal("h").sealed
+        c.ram_block_del("h")

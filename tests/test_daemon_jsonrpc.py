@@ -19,7 +19,7 @@ TiB = 1024 * GiB
 
 INFO_KEYS = {
     "id", "size", "max-size", "resizable", "page-size", "host", "offset", "backend",
-    "shared", "persistent", "prealloc", "merge", "dump", "hugepages", "hugetlb", "lock",
+    "shared", "persistent", "prealloc", "merge", "dump", "hugepages", "hugetlb", "lock", "sealed",
     "mappers", "leases", "holders",
 }  # fmt: skip
 

@@ -460,6 +460,36 @@ def test_memfd_blocks_survive_a_restart_through_the_fd_store(
     assert list(manager.stored) == [f"ram.{MiB:x}.-.m"]  # adopted blocks are not pushed twice
 
 
+def test_a_sealed_memfd_block_stays_sealed_across_the_fd_store(
+    tmp_path: Path, manager: FakeManager
+) -> None:
+    """protocol.md §14: the seals belong to the memfd, so the adopted block is a template
+    again, mapped read-only by the new daemon (a writable mapping would be refused)."""
+    d = manager.start(tmp_path / "1")
+    with Raw(d.path) as raw:
+        raw.call("ram-block-add", id="tpl", size=8 * PAGE, backend="memfd")
+        _write(raw, "tpl", PAGE, b"sealed template")
+        raw.call("ram-block-seal", id="tpl")
+    assert d.stop() == 0
+    manager.drain()
+    assert list(manager.stored) == ["ram.-.-.tpl"]
+
+    d2 = manager.start(tmp_path / "2")
+    try:
+        with Raw(d2.path) as raw:
+            (info,) = raw.call("query-ram-blocks")
+            assert (info["id"], info["sealed"], info["size"]) == ("tpl", True, 8 * PAGE)
+            assert _read(raw, "tpl", PAGE, 15) == b"sealed template"
+            err = raw.error("ram-block-write", id="tpl", offset=0, data="eA==")
+            assert err["message"] == "RAM block 'tpl' is sealed"
+            maps = Path(f"/proc/{d2.pid}/maps").read_text().splitlines()
+            (view,) = [line for line in maps if "memfd:ramd:tpl" in line]
+            assert view.split()[1].startswith("r--s"), view
+        assert "fd store: adopted RAM block 'tpl'" in d2.log_text()
+    finally:
+        assert d2.stop() == 0
+
+
 def test_a_memfd_block_created_by_a_load_goes_to_the_fd_store(
     tmp_path: Path, manager: FakeManager
 ) -> None:

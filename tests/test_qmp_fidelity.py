@@ -254,7 +254,10 @@ async def test_query_qmp_schema_describes_every_command_event_and_answer(
         add_args = {
             m["name"]: m for m in schema.types[commands["ram-block-add"]["arg-type"]]["members"]
         }
-        assert "default" not in add_args["id"] and "default" not in add_args["size"]
+        assert "default" not in add_args["id"]
+        # size is required unless the block comes from a pool (protocol.md §14)
+        assert add_args["size"] == {"name": "size", "type": "int", "default": None}
+        assert add_args["pool"] == {"name": "pool", "type": "str", "default": None}
         assert add_args["max-size"] == {"name": "max-size", "type": "int", "default": None}
         assert schema.types[add_args["backend"]["type"]]["values"] == ["anonymous", "memfd", "file"]
         events_arg = schema.types[commands["subscribe"]["arg-type"]]["members"][0]

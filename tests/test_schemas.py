@@ -87,12 +87,18 @@ async def test_every_request_of_the_client_validates(daemon: Daemon) -> None:
         assert [i.name for i in await c.query_images()] == ["img"]
         await c.image_remove("img")
         await c.ram_block_resize("ram0", MiB, mode="hard")
+        await c.ram_block_add("tpl", MiB, backend="memfd")
+        assert (await c.ram_block_seal("tpl")).sealed
+        assert await c.query_pools() == []
+        with pytest.raises(ramd_client.RamdError, match="Pool 'none' not found"):
+            await c.ram_block_add_from_pool("ram2", "none")
         await c.query_stats()
         await c.query_commands()
         await c.query_schema()
         assert "ram0" in await c.human_monitor_command("info ramblock")
         assert {i["name"] for i in await c.query_qmp_schema()} >= set(COMMANDS)
         await c.ram_block_del("ram0")  # quit refuses while it would free a block
+        await c.ram_block_del("tpl")
         await c.quit()  # last: the daemon shuts down once it has answered
     requests = wire.requests()
     # fd passing needs a socket of its own (SCM_RIGHTS): ramd_client.shared sends

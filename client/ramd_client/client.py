@@ -150,6 +150,22 @@ class AsyncClient(JsonRpcProtocol):
         )
         return parse_result(m.RamBlockInfo, await self.call("ram-block-add", params))
 
+    async def ram_block_add_from_pool(self, id: str, pool: str) -> m.RamBlockInfo:
+        """``ram-block-add`` with ``pool``: take a ready block of ``[[pool]]`` ``pool`` as
+        block ``id`` at once ("Pool 'NAME' is empty" when none is ready)."""
+        params = wire_params(m.RamBlockAddArgs, id=id, pool=pool)
+        return parse_result(m.RamBlockInfo, await self.call("ram-block-add", params))
+
+    async def ram_block_seal(self, id: str) -> m.RamBlockInfo:
+        """``ram-block-seal``: make ``memfd`` block ``id`` a read-only template (its fds can
+        then be mapped privately by clones). Returns the block."""
+        params = wire_params(m.BlockIdArgs, id=id)
+        return parse_result(m.RamBlockInfo, await self.call("ram-block-seal", params))
+
+    async def query_pools(self) -> list[m.PoolInfo]:
+        """``query-pools``: every ``[[pool]]`` with its ``ready`` blocks."""
+        return parse_result(m.PoolInfoList, await self.call("query-pools")).root
+
     async def ram_block_del(self, id: str, mode: m.ReleaseMode = "safe") -> None:
         """``ram-block-del``: remove block ``id`` and unmap its memory (``mode``: what to do
         about mappers that do not acknowledge in time, protocol.md §8)."""

@@ -160,6 +160,15 @@ class Client:
             )
         )
 
+    def ram_block_add_from_pool(self, id: str, pool: str) -> m.RamBlockInfo:
+        return self._call(self._client.ram_block_add_from_pool(id, pool))
+
+    def ram_block_seal(self, id: str) -> m.RamBlockInfo:
+        return self._call(self._client.ram_block_seal(id))
+
+    def query_pools(self) -> list[m.PoolInfo]:
+        return self._call(self._client.query_pools())
+
     def ram_block_del(self, id: str, mode: m.ReleaseMode = "safe") -> None:
         self._call(self._client.ram_block_del(id, mode))
 

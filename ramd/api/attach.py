@@ -14,7 +14,7 @@ from collections.abc import Awaitable
 from ramd.api import models as m
 from ramd.api.service import Session
 from ramd.api.table import Raw, block_info, command
-from ramd.ramblock import RAMBlock
+from ramd.ramblock import RAMBlock, check_not_sealed
 from ramd.ramblock.pins import Pin
 
 
@@ -25,6 +25,7 @@ def ram_block_attach(session: Session, args: m.RamBlockAttachArgs) -> Awaitable[
     of a ``memory-backend-file`` and ``device_add``, each undone if a later step fails.
     The answer's ``attachment`` says where the guest sees it."""
     block = session.service.ram.changeable(args.id)
+    check_not_sealed(block)
     pin = block.pins.take("it is being attached to a VMM")
     return _attach(session, block, pin, args)
 

@@ -12,9 +12,10 @@ import pybase64
 
 from ramd.api import models as m
 from ramd.api.blockinfo import json_list, with_resident
-from ramd.api.limits import check_grow, check_io, create_block
+from ramd.api.limits import check_block_count, check_grow, check_io, create_block
 from ramd.api.service import Session
 from ramd.api.table import Raw, block_info, command
+from ramd.errors import RamdError
 from ramd.process import fdstore
 from ramd.ramblock import RAMBlock, change
 from ramd.ramblock.change import LOCK_INLINE_MAX
@@ -27,7 +28,10 @@ SCAN_INLINE_MAX = 1024 * 1024 * 1024
 @command("ram-block-add", m.RamBlockAddArgs, m.RamBlockInfo, audit=True)
 def ram_block_add(session: Session, args: m.RamBlockAddArgs) -> Raw | Awaitable[Raw]:
     """Create a RAM block of ``size`` bytes; with ``max-size`` it is resizable up to that,
-    the rest reserved but inaccessible. ``prealloc`` faults in every page first."""
+    the rest reserved but inaccessible. ``prealloc`` faults in every page first. With
+    ``pool`` (and no other argument), take a ready block of that pool at once."""
+    if args.pool is not None:
+        return _add_from_pool(session, args, args.pool)
     ram = session.service.ram
     block = create_block(session.service, args)
     if args.prealloc or (args.lock and block.size > LOCK_INLINE_MAX):
@@ -38,6 +42,19 @@ def ram_block_add(session: Session, args: m.RamBlockAddArgs) -> Raw | Awaitable[
         ram.abort(block)
         raise
     ram.commit(block)
+    fdstore.push(block)
+    return block_info(session, block)
+
+
+def _add_from_pool(session: Session, args: m.RamBlockAddArgs, pool: str) -> Raw:
+    """``ram-block-add {id, pool}``: a ready block of ``pool`` committed as ``id`` at once
+    (no allocation here), or a refusal at once when the pool is empty."""
+    extra = sorted(args.model_fields_set - {"id", "pool"})
+    if extra:
+        given = ", ".join(f"'{name.replace('_', '-')}'" for name in extra)
+        raise RamdError(f"A block from pool '{pool}' takes only 'id' (also given: {given})")
+    check_block_count(session.service)
+    block = session.service.pools.take(pool, args.id)
     fdstore.push(block)
     return block_info(session, block)
 

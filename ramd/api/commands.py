@@ -14,6 +14,7 @@ from ramd.api import (
     images,
     session_commands,
     snapshots,
+    template_commands,
 )
 from ramd.api.session_commands import version_triple
 from ramd.api.table import COMMANDS, Command, Raw, WithFds
@@ -29,5 +30,6 @@ __all__ = [
     "images",
     "session_commands",
     "snapshots",
+    "template_commands",
     "version_triple",
 ]

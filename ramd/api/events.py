@@ -107,7 +107,8 @@ class Broadcaster:
     set of subscribers (in subscription order). The
     mappers of a block (``mappers_of``) get every event of that block, subscribed or not; a
     shrink's ``RAM_BLOCK_RESIZED`` and a ``RAM_BLOCK_REMOVED`` carry ``"ack": true`` for them
-    (they must acknowledge it) and ``"ack": false`` for everyone else. Loop thread only.
+    (they must acknowledge it; not for a sealed block, whose removal waits for nobody) and
+    ``"ack": false`` for everyone else. Loop thread only.
     """
 
     def __init__(self, mappers_of: Callable[[RAMBlock], Collection[Subscriber]]) -> None:
@@ -173,7 +174,8 @@ class Broadcaster:
             max_size=block.max_size,
             ack=False,
         ).model_dump(by_alias=True)
-        self._emit("RAM_BLOCK_REMOVED", data, block, ack=True)
+        # a sealed block is removed without waiting: its mappers keep their mappings
+        self._emit("RAM_BLOCK_REMOVED", data, block, ack=not block.sealed)
 
     def block_event(self, name: str, block: RAMBlock, data: dict[str, Any]) -> None:
         """An event of ``block`` that is no change of its memory (``RAM_BLOCK_ATTACHED``,

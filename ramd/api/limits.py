@@ -2,7 +2,8 @@
 ``GenericError`` naming the limit (``Limit exceeded: NAME is VALUE: DETAIL``).
 
 Checked on the loop thread before anything is created or grown: ``max-blocks``,
-``max-reserved``, ``max-used``, ``io-chunk``, and the host's own bounds (cgroup,
+``max-reserved``, ``max-used`` (which bounds the blocks' ``used`` plus what pools are
+charged), ``io-chunk``, and the host's own bounds (cgroup,
 ``RLIMIT_MEMLOCK``, MemAvailable) from :mod:`ramd.hostlimits`.
 """
 
@@ -25,28 +26,50 @@ def limit(name: str, value: int, detail: str) -> RamdError:
     return RamdError(f"Limit exceeded: {name} is {value}: {detail}")
 
 
+def check_block_count(service: Service) -> None:
+    """Refuse one more block beyond ``max-blocks``."""
+    lim, ram = service.limits, service.ram
+    count = len(ram) + ram.pending
+    if count >= lim.max_blocks:
+        raise limit("max-blocks", lim.max_blocks, f"{count} blocks exist or are being created")
+
+
+def _size_of(args: m.RamBlockAddArgs) -> int:
+    if args.size is None:  # validation requires it unless a pool is named
+        raise RamdError("Parameter 'size' is missing")
+    return args.size
+
+
 def check_add_limits(service: Service, args: m.RamBlockAddArgs) -> None:
     lim, ram = service.limits, service.ram
     page = host_page_size()
-    size = _align_up(args.size, page)
+    size = _align_up(_size_of(args), page)
     reserve = _align_up(max(args.max_size or size, size), page) + page
-    count = len(ram) + ram.pending
+    check_block_count(service)
     fdbudget.check_shared_add(service, args.backend)
-    if count >= lim.max_blocks:
-        raise limit("max-blocks", lim.max_blocks, f"{count} blocks exist or are being created")
     if lim.max_reserved and ram.reserved + reserve > lim.max_reserved:
         raise limit(
             "max-reserved", lim.max_reserved, f"{ram.reserved} reserved, {reserve} more asked"
         )
-    if lim.max_used and ram.used + size > lim.max_used:
-        raise limit("max-used", lim.max_used, f"{ram.used} used, {size} more asked")
+    if not service.fits_used(size):
+        raise limit("max-used", lim.max_used, _used(service, size))
     check_host(service, size, touch=args.prealloc or args.lock, lock=args.lock)
+
+
+def _used(service: Service, more: int) -> str:
+    pooled = service.pools.charged
+    return (
+        f"{service.ram.used} used"
+        + (f", {pooled} pooled" if pooled else "")
+        + (f", {more} more asked")
+    )
 
 
 def check_host(service: Service, more: int, *, touch: bool, lock: bool) -> None:
     """Refuse ``more`` bytes of blocks that the host (cgroup, ``RLIMIT_MEMLOCK``) cannot hold;
     ``touch``: faulted in at once (prealloc, lock)."""
-    refusal = service.host.refusal(service.ram.used, more, touch=touch, lock=lock)
+    used = service.ram.used + service.pools.charged
+    refusal = service.host.refusal(used, more, touch=touch, lock=lock)
     if refusal is not None:
         raise limit(refusal.name, refusal.value, refusal.detail)
 
@@ -64,7 +87,7 @@ def create_block(service: Service, args: m.RamBlockAddArgs, *, allocate: bool = 
     check_add_limits(service, args)
     return service.ram.create(
         args.id,
-        args.size,
+        _size_of(args),
         args.max_size,
         backend=args.backend,
         **blocksettings.of(args),
@@ -74,8 +97,6 @@ def create_block(service: Service, args: m.RamBlockAddArgs, *, allocate: bool = 
 
 def check_grow(service: Service, block: RAMBlock, grow: int) -> None:
     """Refuse growing ``block`` by ``grow`` bytes beyond ``max-used`` or the host's bounds."""
-    lim = service.limits.max_used
-    used = service.ram.used
-    if lim and used + grow > lim:
-        raise limit("max-used", lim, f"{used} used, {grow} more asked")
+    if not service.fits_used(grow):
+        raise limit("max-used", service.limits.max_used, _used(service, grow))
     check_host(service, grow, touch=block.lock, lock=block.lock)

@@ -24,6 +24,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
     ValidatorFunctionWrapHandler,
     WithJsonSchema,
     WrapValidator,
@@ -106,9 +107,29 @@ class NoArgs(Args):
 Backend = Literal["anonymous", "memfd", "file"]
 
 
+PoolName = Annotated[StrictStr, Field(pattern=ID_PATTERN, description="a [[pool]] name")]
+
+
+def _size_unless_pool(value: int | None, info: ValidationInfo) -> int | None:
+    """``size`` is required unless the block is taken from a pool."""
+    if value is None and info.data.get("pool") is None:
+        raise PydanticCustomError("missing", "Field required")
+    return value
+
+
 class RamBlockAddArgs(Args):
+    """``pool``: take a ready block of that ``[[pool]]`` (then no other argument but
+    ``id``); otherwise ``size`` is required."""
+
     id: BlockId
-    size: Size
+    pool: PoolName | None = Field(
+        None, description="take a ready block of this pool (protocol §14); only with id"
+    )
+    size: Annotated[
+        Size | None,
+        AfterValidator(_size_unless_pool),
+        Field(validate_default=True, description="bytes; required unless pool"),
+    ] = None
     max_size: Size | None = Field(None, description="reserve this much; makes the block resizable")
     backend: Backend = Field(
         "anonymous",
@@ -372,6 +393,9 @@ class RamBlockInfo(Result):
     hugepages: bool
     hugetlb: bool
     lock: bool
+    sealed: bool = Field(
+        False, description="a template: its memory can never change (ram-block-seal)"
+    )
     mappers: int = Field(0, description="connections holding an fd of this block")
     leases: int = Field(0, description="leases held now (lease holders and VMM attachments)")
     holders: list[HolderInfo] | None = Field(
@@ -386,6 +410,16 @@ class RamBlockInfo(Result):
 
 
 RamBlockInfoList = RootModel[list[RamBlockInfo]]
+
+
+class PoolInfo(Result):
+    name: str
+    size: int = Field(description="bytes of each block")
+    count: int = Field(description="blocks the pool keeps ready")
+    ready: int = Field(description="blocks ready to be taken now")
+
+
+PoolInfoList = RootModel[list[PoolInfo]]
 
 
 class GetFdResult(Result):
@@ -461,6 +495,7 @@ class StatsResult(Result):
     blocks: int
     reserved: int
     used: int
+    pooled: int = Field(0, description="bytes charged to pools ([[pool]]) against max-used")
     resident: int
     clients: int
     subscribers: int

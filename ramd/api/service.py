@@ -27,6 +27,7 @@ from ramd.process import fdstore
 from ramd.process.fdbudget import FdBudget, nofile_limit
 from ramd.ramblock import RAMBlock, RAMList
 from ramd.ramblock.change import Waiting
+from ramd.ramblock.pools import Pools
 from ramd.vmm.registry import Attachments
 
 T = TypeVar("T")
@@ -52,6 +53,9 @@ class Service:
         self.infos = BlockInfoCache()
         self.ram.holders.on_change = self._holders_changed
         self.ram.on_remove.append(fdstore.forget)
+        #: The pools of ready blocks (``[[pool]]``), charged against ``max-used``.
+        self.pools = Pools(self.ram, self.fits_used)
+        self.ram.on_remove.append(lambda block: self.pools.kick())
         self.mappers = SessionHolders(self.ram.holders)
         self.broadcaster = Broadcaster(self.mappers.of)
         #: How block changes wait (acknowledgements, worker threads).
@@ -93,6 +97,12 @@ class Service:
         block.holder_list = tuple({"kind": h.kind, "pid": h.pid, "uid": h.uid} for h in holders)
         self.infos.refresh(block)
 
+    def fits_used(self, more: int) -> bool:
+        """``more`` bytes of blocks or pools still fit ``max-used`` (0: unlimited), which
+        bounds the blocks' ``used`` plus the pools' charge."""
+        lim = self.limits.max_used
+        return not lim or self.ram.used + self.pools.charged + more <= lim
+
     async def in_worker(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a worker thread and return its result on the loop thread.
 
@@ -108,7 +118,8 @@ class Service:
             raise
 
     def close(self) -> None:
-        """Free every block (each removal is notified) and forget the sessions."""
+        """Free every block (each removal is notified) and pool, and forget the sessions."""
+        self.pools.close()
         self.ram.close()
         self.sessions.clear()
         if self.state_dir_fd >= 0:

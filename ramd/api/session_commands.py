@@ -87,6 +87,7 @@ def _stats(session: Session, resident_bytes: int) -> m.StatsResult:
         blocks=len(ram),
         reserved=ram.reserved,
         used=ram.used,
+        pooled=service.pools.charged,
         resident=resident_bytes,
         clients=len(service.sessions),
         subscribers=sum(1 for _ in service.broadcaster.subscribers()),

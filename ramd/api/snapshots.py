@@ -46,6 +46,7 @@ from ramd.jobs import Job, JobContext, JobManager
 from ramd.process import fdstore
 from ramd.ramblock import RAMBlock, access, change
 from ramd.ramblock.pins import Pin
+from ramd.ramblock.seal import check_not_sealed
 from ramd.snapshot import (
     BlockDescriptor,
     ImageInfo,
@@ -202,6 +203,7 @@ class _Load:
             except DeviceNotFound:
                 check_add_limits(self.service, _add_args(desc))
                 continue
+            check_not_sealed(block)
             _, new = ram.check_resize(desc.id, desc.size)
             if new != block.size:
                 self.service.attachments.refuse_change(block, "resize")

@@ -59,6 +59,10 @@ class HostMemory(ABC):
     persistent: ClassVar[bool]
     private: ClassVar[bool]
 
+    #: The contents can never change again (a memfd sealed as a template, protocol.md §14):
+    #: the process's own view is read-only, and nothing may write, discard or resize it.
+    sealed = False
+
     def __init__(self, fd: int = -1, path: str | None = None) -> None:
         #: The backing fd, owned by this object (closed by :meth:`free`); -1 when none.
         self.fd = fd

@@ -5,7 +5,7 @@
   back as zeros), ``MADV_POPULATE_WRITE`` (5.14+), ``MADV_HUGEPAGE``, ``MADV_MERGEABLE``,
   ``MADV_DONTDUMP``.
 - ``fstatfs`` to recognise hugetlbfs and read its page size.
-- ``memfd_create`` flags (``MFD_HUGETLB``), ``fallocate`` with ``FALLOC_FL_PUNCH_HOLE``.
+- ``memfd_create`` flags (``MFD_HUGETLB``) and seals, ``fallocate`` with ``FALLOC_FL_PUNCH_HOLE``.
 - ``MemAvailable`` of ``/proc/meminfo``.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap as _mmap
 import os
 
@@ -75,9 +76,30 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 
 
 def memfd_create(name: str, *, hugetlb: bool = False) -> int:
-    """A close-on-exec memfd; with ``hugetlb`` backed by default-size huge pages."""
-    flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb else 0)
+    """A close-on-exec memfd that can be sealed (``MFD_ALLOW_SEALING``, protocol.md §14);
+    with ``hugetlb`` backed by default-size huge pages."""
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | (os.MFD_HUGETLB if hugetlb else 0)
     return os.memfd_create(name, flags)
+
+
+#: The seals of a template: no write, no size change, no further seal.
+TEMPLATE_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
+def write_sealed(fd: int) -> bool:
+    """``fd`` is a memfd whose contents can never change again (``F_SEAL_WRITE``); False
+    for files that take no seals."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE)
+    except OSError:
+        return False
+
+
+def add_template_seals(fd: int) -> None:
+    """Seal memfd ``fd`` as a template (:data:`TEMPLATE_SEALS`). ``OSError`` EBUSY while a
+    writable shared mapping of it exists (or its pages are pinned), EPERM when it was
+    created without ``MFD_ALLOW_SEALING``."""
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, TEMPLATE_SEALS)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -55,15 +55,18 @@ def mmap_reserve_aligned(size: int, align: int) -> int:
     return ptr
 
 
-def mmap_populate(addr: int, size: int, fd: int = -1, offset: int = 0) -> None:
-    """Make ``[addr, addr+size)`` of a reservation read-write (``MAP_FIXED``).
+def mmap_populate(
+    addr: int, size: int, fd: int = -1, offset: int = 0, *, readonly: bool = False
+) -> None:
+    """Make ``[addr, addr+size)`` of a reservation read-write (``MAP_FIXED``), or read-only
+    with ``readonly`` (a shared mapping of a sealed memfd, made from an ``O_RDONLY`` fd).
 
     Without ``fd``: private anonymous memory (accounted, zero-filled). With ``fd``:
     ``MAP_SHARED`` from file ``offset`` (on hugetlbfs this reserves the huge pages). On
     failure (ENOMEM when the kernel cannot back the range) the range is reserved again, so no
     hole opens inside the allocation, and the ``OSError`` propagates.
     """
-    prot = libc.PROT_READ | libc.PROT_WRITE
+    prot = libc.PROT_READ if readonly else libc.PROT_READ | libc.PROT_WRITE
     flags = libc.MAP_FIXED
     if fd < 0:
         flags |= libc.MAP_PRIVATE | libc.MAP_ANONYMOUS

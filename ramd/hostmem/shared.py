@@ -70,7 +70,10 @@ class FdMemory(HostMemory):
         if start == 0 and end == self.adopted_length:
             # an adopted file: map its contents as they are (no truncate, no fallocate)
             self.adopted_length = -1
-            mmap_populate(self.host, end, self.fd, 0)
+            if self.sealed:
+                _map_readonly(self.host, end, self.fd)
+            else:
+                mmap_populate(self.host, end, self.fd, 0)
             return
         length = end - start
         if not self.hugetlb and length > linux.mem_available():
@@ -89,7 +92,8 @@ class FdMemory(HostMemory):
         os.ftruncate(self.fd, start)
 
     def preallocate(self, length: int) -> None:
-        os.posix_fallocate(self.fd, 0, length)
+        if not self.sealed:  # a sealed file's pages are what they are
+            os.posix_fallocate(self.fd, 0, length)
 
     def discard(self, offset: int, length: int) -> None:
         linux.punch_hole(self.fd, offset, length)
@@ -144,8 +148,9 @@ class MemfdMemory(FdMemory):
     persistent = False
 
     def __init__(self, name: str, *, hugetlb: bool = False, fd: int = -1) -> None:
-        """A new memfd named ``name``; or, with ``fd`` (taken over: closed on failure too),
-        an existing one whose contents the block adopts (its length is its size)."""
+        """A new memfd named ``name`` (sealable); or, with ``fd`` (taken over: closed on
+        failure too), an existing one whose contents the block adopts (its length is its
+        size; sealed if it was)."""
         if fd < 0:
             fd = linux.memfd_create(name, hugetlb=hugetlb)
         try:
@@ -155,6 +160,24 @@ class MemfdMemory(FdMemory):
         except BaseException:
             os.close(fd)
             raise
+        self.sealed = linux.write_sealed(fd)
+
+    def seal(self, size: int) -> None:
+        """Make the memfd a template: its contents and its length (``size``, mapped at
+        ``host``) never change again. The daemon's own view is first mapped again read-only
+        from an ``O_RDONLY`` fd (a read-only mapping made from a writable fd still counts
+        as writable for ``F_SEAL_WRITE``), then the seals are added. On failure (``OSError``
+        EBUSY: another process maps it writable; EPERM: not sealable) the view is writable
+        again and nothing changed. Sealing a sealed memfd does nothing."""
+        if self.sealed:
+            return
+        try:
+            _map_readonly(self.host, size, self.fd)
+            linux.add_template_seals(self.fd)
+        except OSError:
+            mmap_populate(self.host, size, self.fd, 0)
+            raise
+        self.sealed = True
 
 
 class FileMemory(FdMemory):
@@ -289,6 +312,16 @@ def _create_temporary(dir_fd: int, name: str) -> int:
         os.unlink(tmp, dir_fd=dir_fd)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     return os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+
+
+def _map_readonly(addr: int, size: int, fd: int) -> None:
+    """Map ``[0, size)`` of ``fd`` shared and read-only at ``addr`` from a new ``O_RDONLY``
+    fd of the same file (closed again: the mapping keeps the file)."""
+    ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        mmap_populate(addr, size, ro, 0, readonly=True)
+    finally:
+        os.close(ro)
 
 
 def open_memory_dir(path: str) -> int:

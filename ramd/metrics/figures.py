@@ -45,9 +45,8 @@ def holder_counts(block: RAMBlock) -> tuple[int, ...]:
 
 
 def pool_ready(service: Service) -> Pairs:
-    """``(pool name, blocks ready)`` per configured pool (protocol.md §14). The daemon has no
-    pools yet, so there is none: ``ramd_pool_ready`` is reported with no sample."""
-    return ()
+    """``(pool name, blocks ready)`` per configured pool (protocol.md §14)."""
+    return tuple(sorted(service.pools.ready_counts().items()))
 
 
 #: One block: ``(id, size, max_size, holders)``, ``holders`` a count for each of

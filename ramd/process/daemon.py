@@ -30,6 +30,7 @@ from ramd.transport.sockets.unixbind import AlreadyRunning
 
 if TYPE_CHECKING:
     from ramd.metrics.http import MetricsServer
+from ramd.ramblock.pools import Pools, PoolSpec
 
 log = logging.getLogger("ramd")
 
@@ -73,6 +74,25 @@ async def create_config_blocks(
                 raise ConfigError(f"config: block[{i}]: internal error (see the log)")
     finally:
         session.close()
+
+
+def start_pools(service: Service, config: Config) -> None:
+    """Charge every ``[[pool]]`` against ``max-used`` and start filling them (in worker
+    threads); ConfigError naming the first pool that does not fit."""
+    for i, cfg in enumerate(config.pool):
+        spec = PoolSpec(cfg.name, cfg.size, cfg.count, cfg.backend, cfg.hugetlb, cfg.max_size)
+        try:
+            charge = Pools.charge_of(spec)
+        except OSError as e:  # no hugetlbfs in this kernel
+            raise ConfigError(f"config: pool[{i}].hugetlb: {e.strerror or e}") from None
+        if not service.fits_used(charge):
+            raise ConfigError(
+                f"config: pool[{i}]: pool '{cfg.name}' ({cfg.count} x {cfg.size} bytes) does"
+                f" not fit max-used {service.limits.max_used} ({service.ram.used} used by"
+                f" blocks, {service.pools.charged} charged to other pools)"
+            )
+        service.pools.add(spec)
+    service.pools.kick()
 
 
 def listeners_for(config: Config, passed: list[tuple[int, str]]) -> list[Listener]:
@@ -124,6 +144,7 @@ async def serve(
         fdstore.adopt_stored(service.ram, [p for p in passed if fdstore.is_block_name(p[1])])
         kept = adoption.kept_config_blocks(service.ram, config.block)
         await create_config_blocks(service, config, kept)
+        start_pools(service, config)
         sockets = [p for p in passed if not fdstore.is_block_name(p[1])]
         server = Server(service, config, listeners_for(config, sockets), DIALECTS)
         await _start_server(server, config)

@@ -3,7 +3,8 @@
 Two kinds of callers:
 
 - commands on the loop thread (:func:`read`, :func:`write`, :func:`discard`), by block id:
-  ``write`` and ``discard`` change the block, so they refuse while it is pinned ("busy");
+  ``write`` and ``discard`` change the block, so they refuse while it is pinned ("busy")
+  or sealed;
 - bulk transfers (images) in a worker thread (:func:`read_into`, :func:`write_from`,
   :func:`zero`), on a block whose pin the caller holds, so its size cannot change meanwhile.
 
@@ -21,6 +22,7 @@ from ramd.errors import RamdError
 from ramd.hostmem import libc
 from ramd.hostmem.backend import BackingTruncated
 from ramd.ramblock.block import RAMBlock
+from ramd.ramblock.seal import check_not_sealed
 
 if TYPE_CHECKING:
     from ramd.ramblock.registry import RAMList
@@ -50,6 +52,7 @@ def read(ram: RAMList, block_id: str, offset: int, length: int) -> bytes:
 def write(ram: RAMList, block_id: str, offset: int, data: bytes) -> int:
     """Copy ``data`` into the block's used range at ``offset``; returns its length."""
     block = ram.changeable(block_id)
+    check_not_sealed(block)
     check_range(block, offset, len(data))
     try:
         return block.mem.write(offset, data)
@@ -67,6 +70,7 @@ def discard(ram: RAMList, block_id: str, offset: int, length: int) -> None:
     the range is locked again afterwards, which faults in fresh zero pages).
     """
     block = ram.changeable(block_id)
+    check_not_sealed(block)
     if offset % block.page_size or length % block.page_size:
         raise RamdError(
             f"Unaligned discard range: {block.id}: offset 0x{offset:x} length 0x{length:x}"

@@ -100,6 +100,11 @@ class RAMBlock:
         return self.mem.hugetlb
 
     @property
+    def sealed(self) -> bool:
+        """A template: its memory and size can never change (:mod:`ramd.ramblock.seal`)."""
+        return self.mem.sealed
+
+    @property
     def fd(self) -> int:
         """The block's fd (owned by the block; -1 when not shared)."""
         return self.mem.fd

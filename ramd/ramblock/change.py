@@ -10,6 +10,9 @@ shrink = notify, then release the tail; remove = notify, then unmap.
 - Refusals come first and change nothing: unknown block, pinned ("busy"), QEMU's size rules,
   the RAM list's guards (attachments, seals), leases (a leased block cannot shrink or be
   removed), the caller's limits (``check_grow``).
+- A sealed block (:mod:`ramd.ramblock.seal`) cannot be resized, and is removed at once
+  whatever its leases and mappers: its memory can never change, so nobody has anything to
+  release first (processes that map it keep their mappings).
 - A step that must wait — a large grow of a ``lock`` block (``mlock`` in a worker thread), a
   shrink or removal of a block that mappers hold (their acknowledgements) — pins the block
   *before* anything is returned, then returns an awaitable; the work runs to its end in a
@@ -128,6 +131,11 @@ def remove(
     block = ram.changeable(block_id)
     for guard in ram.guards:
         guard(block, None)
+    if block.sealed:
+        # its memory can never change: holders keep their own mappings, nobody must ack
+        ram.notifiers.notify_removed(block)
+        ram.release_removed(block)
+        return None
     _refuse_leased(ram, block)
     mappers = ram.holders.of(block, "mapper")
     if not mappers:

@@ -5,7 +5,12 @@ commits and frees them, places them in the ram_addr space, applies their setting
 the notifiers (order in :mod:`ramd.notifiers`). Resizing and removing go through the one
 operation of :mod:`ramd.ramblock.change` (:meth:`RAMList.resize` and :meth:`RAMList.remove`
 are its synchronous form); the step methods it uses (``grow_map``, ``shrink_prepare``, ...)
-are for it alone. Memory access is in :mod:`ramd.ramblock.access`.
+are for it alone. Memory access is in :mod:`ramd.ramblock.access`, sealing in
+:mod:`ramd.ramblock.seal`.
+
+Spares (:meth:`RAMList.create_spare`) are the blocks of pools (:mod:`ramd.ramblock.pools`):
+created under a private id, filled in a worker thread, invisible and uncounted in ``used``
+until :meth:`RAMList.take_spare` commits one under a client's id.
 
 Each block's memory is a :class:`~ramd.hostmem.backend.HostMemory` backend (anonymous,
 memfd or file), chosen at :meth:`RAMList.create`; past that choice the RAM list treats every
@@ -14,8 +19,9 @@ backend alike. The block owns its backend and, through it, its fd.
 Ownership and threads: one thread owns a ``RAMList`` and calls all its methods (the asyncio
 loop thread in the daemon). The exceptions are :meth:`RAMList.fill` and
 :meth:`RAMList.lock_range`, which a worker thread may run on memory nobody else can change
-meanwhile: a block returned by :meth:`RAMList.create` and not yet committed (invisible, its
-id "busy"), or a range of a block whose pin the caller holds (:mod:`ramd.ramblock.pins`).
+meanwhile: a block returned by :meth:`RAMList.create` (or :meth:`RAMList.create_spare`) and
+not yet committed (invisible, its id "busy"), or a range of a block whose pin the caller
+holds (:mod:`ramd.ramblock.pins`).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from ramd.hostmem.shared import FileMemory, MemfdMemory, open_memory_dir
 from ramd.ids import ID_PATTERN
 from ramd.notifiers import NotifierList, RamBlockNotifier
 from ramd.ramaddr import RamAddrSpace
-from ramd.ramblock import access
+from ramd.ramblock import access, seal
 from ramd.ramblock.block import Backend, BlockSettings, RAMBlock
 from ramd.ramblock.holders import Holders
 from ramd.ramblock.persist import keep_meta
@@ -75,19 +81,24 @@ class RAMList:
         self._blocks: dict[str, RAMBlock] = {}
         #: Blocks created and not yet committed or aborted, with their creation pin.
         self._pending: dict[str, tuple[RAMBlock, Pin]] = {}
+        #: Spare blocks of pools (:meth:`create_spare`), by private id, with their creation
+        #: pin: created, filled and never committed until :meth:`take_spare` names one.
+        self._spares: dict[str, tuple[RAMBlock, Pin]] = {}
+        self._spare_seq = 0
         #: Every holder of every block (mappers, leases, VMMs).
         self.holders = Holders()
         #: Checks that may refuse a change: ``guard(block, new_size)`` for a resize,
         #: ``guard(block, None)`` for a removal; each raises :class:`RamdError` to refuse.
-        self.guards: list[Callable[[RAMBlock, int | None], None]] = []
+        self.guards: list[Callable[[RAMBlock, int | None], None]] = [seal.guard]
         #: Called with each block removed for good (after ``removed`` was notified, before
         #: its memory is freed).
         self.on_remove: list[Callable[[RAMBlock], None]] = []
         self._space = RamAddrSpace()
         self.notifiers = NotifierList()
-        #: Sum of ``size`` over all blocks, created or committed.
+        #: Sum of ``size`` over all blocks, created or committed (spares are not counted:
+        #: their pool is charged for them).
         self.used = 0
-        #: Sum of ``max_size`` + guard page over all blocks, created or committed.
+        #: Sum of ``max_size`` + guard page over all blocks, created or committed, and spares.
         self.reserved = 0
         #: Blocks created with ``allocate=False`` and not yet committed or aborted -> size:
         #: memory they will take that MemAvailable does not show yet.
@@ -194,6 +205,24 @@ class RAMList:
         a worker thread may do that) and :meth:`commit` or :meth:`abort` it. Raises
         :class:`RamdError` for bad arguments or when the kernel refuses the memory.
         """
+        self._check_new_id(block_id)
+        return self._create(
+            block_id,
+            size,
+            max_size,
+            backend=backend,
+            hugetlb=hugetlb,
+            prealloc=prealloc,
+            merge=merge,
+            dump=dump,
+            hugepages=hugepages,
+            lock=lock,
+            align=align,
+            memory=memory,
+            allocate=allocate,
+        )
+
+    def _check_new_id(self, block_id: str) -> None:
         if not isinstance(block_id, str) or not _ID_RE.match(block_id):
             raise RamdError(
                 f"Invalid RAM block id '{block_id}': expected a letter, then up to 63 of"
@@ -201,6 +230,27 @@ class RAMList:
             )
         if block_id in self._blocks or block_id in self._pending:
             raise RamdError(f"RAM block '{block_id}' already exists")
+
+    def _create(
+        self,
+        block_id: str,
+        size: int,
+        max_size: int | None,
+        *,
+        backend: Backend = "anonymous",
+        hugetlb: bool = False,
+        prealloc: bool = False,
+        merge: bool = False,
+        dump: bool = True,
+        hugepages: bool = False,
+        lock: bool = False,
+        align: int | None = None,
+        memory: HostMemory | None = None,
+        allocate: bool = True,
+        spare: bool = False,
+    ) -> RAMBlock:
+        """:meth:`create` past the id checks; ``spare``: a pool's spare (see
+        :meth:`create_spare`), whose prealloc is allowed for resizable blocks too."""
         if size <= 0:
             raise RamdError(f"Invalid size: {block_id}: 0x{size:x}: Invalid argument")
         mem = memory if memory is not None else self._new_memory(block_id, backend, hugetlb)
@@ -217,7 +267,7 @@ class RAMList:
                 size,
                 max_size,
                 align,
-                prealloc=prealloc,
+                prealloc=prealloc and not spare,
                 merge=merge,
                 dump=dump,
                 hugepages=hugepages,
@@ -231,11 +281,57 @@ class RAMList:
             _free_memory(mem, block_id, delete=memory is None)
             raise
         block.offset = self._space.alloc(block.max_size)
+        self.reserved += block.max_size + block.page_size
+        if spare:
+            block.prealloc = True
+            self._spares[block_id] = (block, block.pins.take("it is a pool's spare"))
+            return block
         self._pending[block_id] = (block, block.pins.take(_creating(prealloc, lock)))
         self.used += block.size
-        self.reserved += block.max_size + block.page_size
         if not allocate and mem.shared and not mem.hugetlb:
             self._unallocated[block_id] = block.size
+        return block
+
+    # -- spares: the blocks of pools ---------------------------------------------------------
+
+    def create_spare(
+        self,
+        pool: str,
+        size: int,
+        max_size: int | None = None,
+        *,
+        backend: Backend = "memfd",
+        hugetlb: bool = False,
+    ) -> RAMBlock:
+        """Create a spare block for pool ``pool``: mapped but not allocated (cheap: the loop
+        thread may call this), under a private id no client can name or see, not counted
+        in ``used``. The caller then fills it (:meth:`fill`, in a worker thread: every page
+        allocated and zero) and either :meth:`take_spare` or :meth:`abort` it."""
+        self._spare_seq += 1
+        return self._create(
+            f"pool:{pool}:{self._spare_seq}",
+            size,
+            max_size,
+            backend=backend,
+            hugetlb=hugetlb,
+            prealloc=True,
+            allocate=False,
+            spare=True,
+        )
+
+    def take_spare(self, block: RAMBlock, block_id: str) -> RAMBlock:
+        """Commit filled spare ``block`` as block ``block_id`` (``added`` notified; its size
+        now counts in ``used``). No memory is allocated here. Refused (``RamdError``, the
+        spare unchanged) for an invalid or taken id."""
+        self._check_new_id(block_id)
+        entry = self._spares.get(block.id)
+        if entry is None or entry[0] is not block:
+            raise RuntimeError(f"RAM block '{block.id}' is not a spare")
+        del self._spares[block.id]
+        block.id = block.pins.block_id = block_id
+        self._pending[block_id] = entry
+        self.used += block.size
+        self.commit(block)
         return block
 
     def _new_memory(self, block_id: str, backend: Backend, hugetlb: bool) -> HostMemory:
@@ -395,11 +491,14 @@ class RAMList:
         """Lock (``lock``) and fault in (``prealloc``) a created, uncommitted block.
 
         Prealloc: anonymous memory with ``MADV_POPULATE_WRITE`` (on kernels without it, touches
-        each page); shared memory by allocating the file's range. May run in a worker thread:
+        each page); shared memory by allocating the file's range. A spare's shared memory is
+        then also faulted in writable through the daemon's own view (nobody else has its fd),
+        which zeroes every page now: shmem clears a page allocated by ``fallocate`` only at
+        its first fault, and that fault must not be the VMM's. May run in a worker thread:
         the block is invisible to every other caller until committed. Raises
         :class:`RamdError`; the caller then aborts the block.
         """
-        pending = self._pending.get(block.id)
+        pending = self._pending.get(block.id) or self._spares.get(block.id)
         if pending is None or pending[0] is not block:
             raise RuntimeError(f"RAM block '{block.id}' is not being created")
         if block.lock:
@@ -408,6 +507,8 @@ class RAMList:
             return
         try:
             block.mem.preallocate(block.size)
+            if block.shared and block.id in self._spares:
+                linux.populate_write(block.host, block.size)
         except OSError as e:
             raise RamdError(
                 f"Cannot preallocate RAM block '{block.id}' of 0x{block.size:x}: {_strerror(e)}",
@@ -421,7 +522,14 @@ class RAMList:
         self.notifiers.notify_added(block)
 
     def abort(self, block: RAMBlock) -> None:
-        """Undo :meth:`create`: free the memory (and delete its file), the offset and the id."""
+        """Undo :meth:`create` (or :meth:`create_spare`): free the memory (and delete its
+        file), the offset and the id."""
+        spare = self._spares.get(block.id)
+        if spare is not None and spare[0] is block:
+            del self._spares[block.id]
+            spare[1].release()
+            self._release(block, delete=True, used=False)
+            return
         self._take_pending(block)
         self._release(block, delete=True)
 
@@ -528,12 +636,14 @@ class RAMList:
             hook(block)
         self._release(block, delete=True)
 
-    def _release(self, block: RAMBlock, *, delete: bool) -> None:
+    def _release(self, block: RAMBlock, *, delete: bool, used: bool = True) -> None:
         """Free a block that nobody sees any more: its offset, its mapping and fd, and with
-        ``delete`` its file's name (a persistent block keeps it otherwise)."""
+        ``delete`` its file's name (a persistent block keeps it otherwise). ``used``: its
+        size counted in ``used`` (not a spare)."""
         self._space.free(block.offset, block.max_size)
         _free_memory(block.mem, block.id, delete=delete)
-        self.used -= block.size
+        if used:
+            self.used -= block.size
         self.reserved -= block.max_size + block.page_size
 
     def close(self) -> None:
@@ -590,6 +700,12 @@ class RAMList:
             raise RamdError(
                 f"Cannot lock RAM block '{block.id}': {_strerror(e)}", errno=e.errno
             ) from None
+
+    # -- templates (ramd.ramblock.seal) -------------------------------------------------------
+
+    def seal(self, block_id: str) -> RAMBlock:
+        """Seal a ``memfd`` block as a template (protocol.md §14); the block."""
+        return seal.seal(self, block_id)
 
     # -- memory access (bounds-checked: ramd.ramblock.access) --------------------------------
 
