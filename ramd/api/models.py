@@ -141,7 +141,9 @@ class RamBlockDelArgs(Args):
 
 class RamBlockResizeArgs(Args):
     id: BlockId
-    size: Size
+    size: Offset = Field(
+        description="bytes; 0 only for a block attached as virtio-mem (a request to the guest)"
+    )
     mode: ReleaseMode = Field("safe", description=_MODE_DOC)
 
 
