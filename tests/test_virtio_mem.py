@@ -99,7 +99,8 @@ def test_the_guest_plugs_256mib_through_a_block_and_unplugs_it(
 ) -> None:
     """Attached as virtio-mem, a block's file is max-size long and sparse; a resize asks
     the guest, whose plugging the block's size and RAM_BLOCK_RESIZED follow, and whose use
-    of the memory its allocated bytes follow; resize 0 brings both back to 0; the daemon
+    of the memory its allocated bytes follow; a detach the guest cannot follow times out and
+    leaves the block attached; resize 0 brings size and allocated bytes back to 0; the daemon
     never shortens the file while QEMU maps it."""
     with Raw(vm_daemon.path) as rpc:
         rpc.call("subscribe", events=["RAM_BLOCK_RESIZED"], replay=False)
@@ -147,6 +148,14 @@ def test_the_guest_plugs_256mib_through_a_block_and_unplugs_it(
         info = _block(rpc)
         assert (info["size"], info["attachment"]["requested-size"]) == (PLUG, PLUG)
         assert _vmm_view(guest)["requested-size"] == PLUG
+
+        # a detach while the guest cannot unplug (its tmpfs needs more than its boot memory):
+        # the guest is asked for 0 bytes, the wait times out, the block stays attached
+        err = rpc.error("ram-block-detach", id="vm1", timeout=2)
+        assert err["message"] == "Timed out waiting for the VMM to release RAM block 'vm1'"
+        info = _block(rpc)
+        assert info["attachment"]["requested-size"] == 0 and info["size"] > 0
+        assert info["leases"] == 1 and _vmm_view(guest)["requested-size"] == 0
 
         guest.sh("rm /mnt/f")
         info = rpc.call("ram-block-resize", id="vm1", size=0)
