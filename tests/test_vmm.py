@@ -625,3 +625,33 @@ def test_virtio_mem_detach_leaves_qemu_the_empty_device_until_it_exits(
             assert time.monotonic() < deadline, "the daemon did not see QEMU exit"
             time.sleep(0.05)
         assert _file_of(path) == (4 * MiB, 4 * MiB)
+
+
+def test_a_failed_virtio_mem_attach_leaves_the_block_as_it_was(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    """device_add fails: the backend and the fd are deleted in QEMU, then the block's file
+    is its size again, with its contents, and the block resizes as before."""
+    with Raw(vmm_daemon.path) as rpc:
+        info = rpc.call(
+            "ram-block-add", id="vm1", size=8 * MiB, **{"max-size": 64 * MiB}, backend="file"
+        )
+        data = os.urandom(8 * MiB)
+        for offset in range(0, 8 * MiB, MiB):
+            rpc.call(
+                "ram-block-write", id="vm1", offset=offset, data=_b64(data[offset : offset + MiB])
+            )
+        err = rpc.error(
+            "ram-block-attach", id="vm1", qmp=str(qemu.ramd_qmp), **{"as": "virtio-mem"},
+            bus="nosuchbus",
+        )  # fmt: skip
+        assert err["message"] == "VMM refused attaching RAM block 'vm1': Bus 'nosuchbus' not found"
+        assert "ramd-mem-vm1" not in qemu.objects() and qemu.fdsets() == []
+        assert _file_of(info["path"]) == (8 * MiB, 8 * MiB) and file_acl(info["path"]) is None
+        info = rpc.call("query-ram-blocks", id="vm1")[0]
+        assert (info["size"], info["leases"], "attachment" in info) == (8 * MiB, 0, False)
+        got = rpc.call("ram-block-read", id="vm1", offset=7 * MiB, length=MiB)["data"]
+        assert base64.b64decode(got) == data[7 * MiB :]
+        assert rpc.call("query-stats")["used"] == 8 * MiB
+        assert rpc.call("ram-block-resize", id="vm1", size=16 * MiB)["size"] == 16 * MiB
+        assert _file_of(info["path"])[0] == 16 * MiB

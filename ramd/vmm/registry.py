@@ -194,7 +194,10 @@ class Attachments:
             stuck = self._stuck.get(block)
             if stuck is not None:
                 raise self._stuck_error(stuck)
-            raise RamdError(f"RAM block '{block.id}' is busy: it is being attached to a VMM")
+            raise RamdError(
+                f"RAM block '{block.id}' is busy: it is being attached to a VMM, or a VMM keeps"
+                " it after a failed attach"
+            )
         if att.detaching:
             raise RamdError(f"RAM block '{block.id}' is busy: it is being detached")
         return self._set_requested(att, size, "resizing")
@@ -348,6 +351,24 @@ class Attachments:
         async def vmm(cmd: str, args: Mapping[str, object] | None = None) -> object:
             return await link.execute(cmd, args, timeout)
 
+        async def del_backend(t: float) -> None:
+            """``object-del``; once the VMM has no backend on the file (deleted, or never
+            made), the daemon sizes a virtio-mem block again. A backend still in use (its
+            device could not be unplugged) keeps the file as it is."""
+            try:
+                await link.execute("object-del", {"id": mem}, t)
+            except VmmRefused as e:
+                if "not found" not in e.desc:
+                    log.warning(
+                        "RAM block '%s': the VMM keeps backend %s (%s): its file stays as"
+                        " long as the VMM maps it",
+                        block.id,
+                        mem,
+                        e.desc,
+                    )
+                    raise
+            self._ram.end_vmm_sizing(block)
+
         holder = self._hold(block, link)
         try:
             undo.append(("remove-fd", lambda t: _remove_fds(link, block, t)))
@@ -363,12 +384,11 @@ class Attachments:
             dev: dict[str, object] = {"driver": DRIVERS[kind], "id": device, "memdev": mem}
             if kind == "virtio-mem":
                 self._ram.size_by_vmm(block, self, requested)
-                undo.append(("the block's size", lambda t: self._unsize(block)))
                 backend.update(size=block.max_size, reserve=False)
                 dev["requested-size"] = requested
             if bus is not None:
                 dev["bus"] = bus
-            undo.append(("object-del", lambda t: link.execute("object-del", {"id": mem}, t)))
+            undo.append(("object-del", del_backend))
             await vmm("object-add", backend)
             undo.append(("device_del", lambda t: link.execute("device_del", {"id": device}, t)))
             await vmm("device_add", dev)
@@ -429,10 +449,6 @@ class Attachments:
             return addr, self._watching[key]
         finally:
             self._watching.pop(key, None)
-
-    async def _unsize(self, block: RAMBlock) -> None:
-        """Undo of :meth:`~ramd.ramblock.RAMList.size_by_vmm` (once the VMM let go)."""
-        self._ram.end_vmm_sizing(block)
 
     def _follow(self, att: Attachment, size: int) -> None:
         """The VMM reports ``size`` bytes plugged in the block attached as ``att``."""
