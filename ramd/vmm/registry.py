@@ -435,8 +435,10 @@ class Attachments:
     ) -> tuple[int, int | None]:
         """The device's guest-physical address and, for virtio-mem, its plugged size now,
         read from ``query-memory-devices``. A ``MEMORY_DEVICE_SIZE_CHANGE`` read while the
-        answer was awaited may be older or newer than it: then it is asked again, so the
-        size returned is current when this returns (events after that are followed)."""
+        answer was awaited may be older or newer than it: then it is asked again (up to 8
+        times, then the last size reported wins), so the size returned is current when this
+        returns; the caller registers the attachment before it yields, and the events after
+        that are followed."""
         key = (link, device)
         try:
             for _ in range(8):
