@@ -3,13 +3,19 @@ the raw QMP steps a client makes itself (``add-fd``, ``object-add``, ``device_ad
 ``query-memory-devices``; ``device_del`` until ``DEVICE_DELETED``, ``object-del``,
 ``remove-fd``), p50 and p99 over ``--runs`` runs each, in ms, printed as a table.
 
-    .venv/bin/python bench/vmm.py [--runs 50] [--size 64M]
+    .venv/bin/python bench/vmm.py [--runs 50] [--size 64M] [--virtio-mem-runs 5]
 
 Starts its own daemon and one QEMU (``-machine pc``, qtest accelerator, as uid ``nobody``; see
 ``tests/vmm_support.py``). No guest runs: a thread plays the guest's ACPI part through the
 qtest socket, polling the memory hot-plug status register of slot 0 and ejecting the DIMM
 as soon as QEMU asks (what a guest's ``_EJ0`` does), so both detach paths include the same
 guest reaction. Both paths pass a memfd; ramd also gives QEMU's uid an ACL entry on it.
+
+virtio-mem (``--virtio-mem-runs``, 0 to skip): the test guest (``tests/qemu_support.py``: a
+real Linux kernel, KVM when usable, else TCG) with a ``memfd`` block attached as virtio-mem;
+each run times ``ram-block-resize`` to 256 MiB until the ``RAM_BLOCK_RESIZED`` that reports
+all of it plugged, and back to 0 until nothing is, beside the same by hand (``qom-set`` of
+``requested-size`` until QEMU's ``MEMORY_DEVICE_SIZE_CHANGE``), in ms.
 """
 
 from __future__ import annotations
@@ -33,7 +39,12 @@ from servers import start_ramd, stop
 from ramd.sizes import parse_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from qemu_support import Qemu as GuestQemu
 from vmm_support import MHP_BASE, Qemu
+
+#: What the guest plugs in the virtio-mem runs, and the device's max-size.
+PLUG = 256 << 20
+VMEM_MAX = 512 << 20
 
 
 def guest(qemu: Qemu, armed: threading.Event, done: threading.Event) -> None:
@@ -155,10 +166,65 @@ async def bench(sock: Path, qemu: Qemu, test_qmp: Path, runs: int, size: int) ->
     print(f"(mean ram-block-attach {statistics.mean(t['ram-block-attach']) * 1000:.2f} ms)")
 
 
+async def plug_by_hand(qmp: QMPClient, size: int) -> float:
+    """``qom-set`` of a device's ``requested-size`` until QEMU reports ``size`` plugged."""
+    t0 = time.perf_counter()
+    with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as changes:
+        await qmp.execute(
+            "qom-set",
+            {"path": "/machine/peripheral/raw", "property": "requested-size", "value": size},
+        )
+        while (await changes.get()).get("data", {}).get("size") != size:
+            pass
+    return time.perf_counter() - t0
+
+
+async def plug_by_ramd(
+    c: ramd_client.AsyncClient, events: ramd_client.EventStream, size: int
+) -> float:
+    """``ram-block-resize`` until the ``RAM_BLOCK_RESIZED`` to ``size``."""
+    t0 = time.perf_counter()
+    await c.ram_block_resize("vmem", size)
+    while (await anext(events)).data.model_dump(by_alias=True)["new-size"] != size:
+        pass
+    return time.perf_counter() - t0
+
+
+async def bench_virtio_mem(sock: Path, runs: int) -> None:
+    """Plug and unplug 256 MiB in a real guest, through ramd and by hand."""
+    t: dict[str, list[float]] = {
+        k: [] for k in ("ramd plug", "ramd unplug", "raw plug", "raw unplug")
+    }
+    vm_max = VMEM_MAX >> 20
+    args = [
+        "-object", f"memory-backend-ram,id=raw-mem,size={vm_max}M",
+        "-device", "virtio-mem-pci,id=raw,memdev=raw-mem,requested-size=0",
+    ]  # fmt: skip
+    with GuestQemu(memory=256, maxmem=256 + 2 * vm_max, args=args) as vm:
+        async with vm.qmp(second=True) as qmp, await ramd_client.connect(sock) as c:
+            await c.ram_block_add("vmem", 2 << 20, max_size=VMEM_MAX, backend="memfd")
+            await c.ram_block_attach("vmem", str(vm.qmp_path), "virtio-mem", requested_size=0)
+            async with c.events(["RAM_BLOCK_RESIZED"], replay=False) as events:
+                for _ in range(runs):
+                    t["ramd plug"].append(await plug_by_ramd(c, events, PLUG))
+                    t["ramd unplug"].append(await plug_by_ramd(c, events, 0))
+                    t["raw plug"].append(await plug_by_hand(qmp, PLUG))
+                    t["raw unplug"].append(await plug_by_hand(qmp, 0))
+        accel = vm.accel
+    print(
+        f"\nvirtio-mem: {PLUG >> 20} MiB from request to plugged (and back to 0),"
+        f" guest under {accel}, {runs} runs (ms)"
+    )
+    print(f"{'step':34} {'p50':>8} {'p99':>8}")
+    for name, values in t.items():
+        print(f"{name:34} {pct(values, 50):8.2f} {pct(values, 99):8.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--size", type=parse_size, default=64 << 20)
+    parser.add_argument("--virtio-mem-runs", type=int, default=5)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ramd-bench-", dir="/dev/shm"))
     proc = start_ramd(tmp)
@@ -173,6 +239,10 @@ def main() -> int:
         done.set()
         player.join()
         qemu.stop()
+    try:
+        if args.virtio_mem_runs > 0:
+            asyncio.run(bench_virtio_mem(tmp / "ramd.sock", args.virtio_mem_runs))
+    finally:
         stop([proc])
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -842,10 +842,12 @@ class BlocksMachine(RuleBasedStateMachine):
     def _resize(self, block_id: str, size: int) -> None:
         args = {"id": block_id, "size": size}
         block = self.blocks.get(block_id)
-        if block_id == "0bad" or size <= 0:
+        if block_id == "0bad" or size < 0:
             self.expect("ram-block-resize", args, "args")
         elif block is None:
             self.expect("ram-block-resize", args, "DeviceNotFound")
+        elif size == 0:  # a size only for blocks sized by a VMM (virtio-mem)
+            self.expect("ram-block-resize", args, "GenericError")
         elif _up(size) == block.size:
             assert self.expect("ram-block-resize", args, "ok")["size"] == block.size
         elif not block.resizable or _up(size) > block.max_size:

@@ -462,3 +462,196 @@ def test_a_vmm_sending_too_much_is_cut_off(vmm_daemon: Daemon, tmp_path: Path) -
         thread.join(10)
         assert sent[0] > 10_000  # the daemon read (and dropped) what the VMM sent
         assert vmm_daemon.rss() < 200 * MiB
+
+
+# -- virtio-mem without a guest (the guest's part: tests/test_virtio_mem.py) ---------------------
+
+
+def _attach_vmem(rpc: Raw, qemu: Qemu, block: str, **kw: Any) -> Any:
+    return rpc.call(
+        "ram-block-attach", id=block, qmp=str(qemu.ramd_qmp), **{"as": "virtio-mem"}, **kw
+    )
+
+
+def _resized(rpc: Raw) -> list[tuple[int, int, bool]]:
+    return [(e["old-size"], e["new-size"], e["ack"]) for e in _events(rpc, "RAM_BLOCK_RESIZED")]
+
+
+def _file_of(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_blocks * 512
+
+
+@pytest.mark.parametrize("vmm_daemon", LOOPS, indirect=True)
+def test_virtio_mem_resize_is_a_request_and_the_size_is_what_qemu_reports(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    """No guest plugs anything: the block's size is QEMU's plugged size (0) from the attach
+    on, its file max-size long and sparse (QEMU discarded the old contents); resizes set
+    QEMU's requested-size (0 included), sizes QEMU refuses change nothing, and
+    max(size, requested-size) is what the block counts as used. When QEMU exits, the
+    daemon sizes the block again: its file shortened to its size, grown as any block."""
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call("subscribe", events=["RAM_BLOCK_RESIZED", "RAM_BLOCK_DETACHED"], replay=False)
+        info = rpc.call(
+            "ram-block-add", id="vm1", size=8 * MiB, **{"max-size": 64 * MiB}, backend="file"
+        )
+        path = info["path"]
+        rpc.call("ram-block-write", id="vm1", offset=0, data=_b64(os.urandom(MiB)))
+        info = _attach_vmem(rpc, qemu, "vm1")
+        (dev,) = qemu.cmd("query-memory-devices")
+        assert dev["type"] == "virtio-mem"
+        assert info["size"] == 0 and info["attachment"] == {
+            "qmp": str(qemu.ramd_qmp),
+            "as": "virtio-mem",
+            "device": "ramd-vm1",
+            "memdev": "/objects/ramd-mem-vm1",
+            "addr": dev["data"]["memaddr"],
+            "vmm-pid": qemu.pid,
+            "requested-size": 8 * MiB,
+        }
+        assert (dev["data"]["requested-size"], dev["data"]["max-size"]) == (8 * MiB, 64 * MiB)
+        assert _resized(rpc) == [(8 * MiB, 0, False)]
+        assert _file_of(path) == (64 * MiB, 0)
+        assert rpc.call("query-stats")["used"] == 8 * MiB
+        assert info["leases"] == 1 and file_acl(path) is not None
+
+        err = rpc.error("ram-block-resize", id="vm1", size=3 * MiB)
+        assert err["message"] == (
+            "VMM refused resizing RAM block 'vm1': 'requested-size' has to be multiples of"
+            " 'block-size' (0x200000)"
+        )
+        err = rpc.error("ram-block-resize", id="vm1", size=128 * MiB)
+        assert err["message"] == "Size too large: vm1: 0x8000000 > 0x4000000: Invalid argument"
+        assert qemu.cmd("query-memory-devices")[0]["data"]["requested-size"] == 8 * MiB
+        for size in (0, 32 * MiB):
+            info = rpc.call("ram-block-resize", id="vm1", size=size)
+            assert (info["size"], info["attachment"]["requested-size"]) == (0, size)
+            assert qemu.cmd("query-memory-devices")[0]["data"]["requested-size"] == size
+            assert rpc.call("query-stats")["used"] == size
+        assert len(_resized(rpc)) == 1
+        err = rpc.error("ram-block-read", id="vm1", offset=0, length=1)
+        assert "exceeds size 0x0" in err["message"]
+        err = rpc.error("ram-block-del", id="vm1")
+        assert err["message"] == (
+            f"RAM block 'vm1' is attached to VMM {qemu.pid} as ramd-vm1: detach it first"
+        )
+
+        qemu.kill()
+        assert _wait_event(rpc, "RAM_BLOCK_DETACHED")["reason"] == "vmm-exited"
+        info = rpc.call("query-ram-blocks", id="vm1")[0]
+        assert (info["size"], info["leases"], "attachment" in info) == (0, 0, False)
+        assert _file_of(path) == (0, 0) and file_acl(path) is None
+        assert rpc.call("query-stats")["used"] == 0
+        assert rpc.call("ram-block-resize", id="vm1", size=4 * MiB)["size"] == 4 * MiB
+        assert _file_of(path) == (4 * MiB, 4 * MiB)
+
+
+def test_virtio_mem_counts_the_requested_size_against_max_used(
+    start_daemon: Callable[..., Daemon], qemu: Qemu
+) -> None:
+    d = start_daemon('[limits]\nack-timeout = 2\nmax-used = "40M"\n')
+    with Raw(d.path) as rpc:
+        rpc.call("ram-block-add", id="vm1", size=8 * MiB, **{"max-size": 64 * MiB}, backend="memfd")
+        err = rpc.error(
+            "ram-block-attach", id="vm1", qmp=str(qemu.ramd_qmp), **{"as": "virtio-mem"},
+            **{"requested-size": 48 * MiB},
+        )  # fmt: skip
+        assert err["message"].startswith("Limit exceeded: max-used")
+        assert qemu.cmd("query-memory-devices") == []
+        _attach_vmem(rpc, qemu, "vm1", **{"requested-size": 32 * MiB})
+        assert rpc.call("query-stats")["used"] == 32 * MiB
+        err = rpc.error("ram-block-resize", id="vm1", size=48 * MiB)
+        assert err["message"].startswith("Limit exceeded: max-used")
+        assert qemu.cmd("query-memory-devices")[0]["data"]["requested-size"] == 32 * MiB
+        rpc.call("ram-block-add", id="other", size=8 * MiB)
+        assert rpc.error("ram-block-add", id="more", size=MiB)["message"].startswith(
+            "Limit exceeded: max-used"
+        )
+
+
+def test_virtio_mem_needs_a_resizable_shared_block(vmm_daemon: Daemon, qemu: Qemu) -> None:
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call("ram-block-add", id="fixed", size=16 * MiB, backend="memfd")
+        rpc.call("ram-block-add", id="anon", size=16 * MiB, **{"max-size": 64 * MiB})
+        err = rpc.error(
+            "ram-block-attach", id="fixed", qmp=str(qemu.ramd_qmp), **{"as": "virtio-mem"}
+        )
+        assert err["message"] == (
+            "Cannot attach RAM block 'fixed' as virtio-mem: it is not resizable (the guest"
+            " plugs up to max-size: add the block with max-size)"
+        )
+        err = rpc.error(
+            "ram-block-attach", id="anon", qmp=str(qemu.ramd_qmp), **{"as": "virtio-mem"}
+        )
+        assert err["message"].startswith("RAM block 'anon' is not shared (backend anonymous)")
+        assert qemu.cmd("query-memory-devices") == [] and qemu.fdsets() == []
+        assert "ramd-mem-fixed" not in qemu.objects()
+
+
+def test_virtio_mem_detach_leaves_qemu_the_empty_device_until_it_exits(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    """QEMU 7.2 cannot unplug a virtio-mem device: detach (nothing plugged) ends the
+    attachment and its lease, the file stays max-size long while QEMU maps it, and the
+    block's size is fixed until QEMU exits; then the daemon sizes it again."""
+    with Raw(vmm_daemon.path) as rpc:
+        rpc.call("subscribe", events=["RAM_BLOCK_DETACHED"], replay=False)
+        info = rpc.call(
+            "ram-block-add", id="vm1", size=8 * MiB, **{"max-size": 64 * MiB}, backend="file"
+        )
+        path = info["path"]
+        _attach_vmem(rpc, qemu, "vm1")
+        assert rpc.call("ram-block-detach", id="vm1") == {}
+        assert _events(rpc, "RAM_BLOCK_DETACHED")[0]["reason"] == "detached"
+        assert qemu.cmd("query-memory-devices")[0]["data"]["requested-size"] == 0
+        info = rpc.call("query-ram-blocks", id="vm1")[0]
+        assert (info["size"], info["leases"], "attachment" in info) == (0, 0, False)
+        assert _file_of(path)[0] == 64 * MiB and file_acl(path) is None
+        stuck = (
+            f"RAM block 'vm1' is still mapped by VMM {qemu.pid}, which cannot unplug its"
+            " virtio-mem device ramd-vm1: its size is fixed until the VMM exits"
+        )
+        assert rpc.error("ram-block-resize", id="vm1", size=4 * MiB)["message"] == stuck
+        assert (
+            rpc.error("ram-block-attach", id="vm1", qmp=str(qemu.ramd_qmp), **{"as": "virtio-mem"})[
+                "message"
+            ]
+            == stuck
+        )
+        qemu.kill()
+        deadline = time.monotonic() + 10
+        while "error" in rpc.request("ram-block-resize", id="vm1", size=4 * MiB):
+            assert time.monotonic() < deadline, "the daemon did not see QEMU exit"
+            time.sleep(0.05)
+        assert _file_of(path) == (4 * MiB, 4 * MiB)
+
+
+def test_a_failed_virtio_mem_attach_leaves_the_block_as_it_was(
+    vmm_daemon: Daemon, qemu: Qemu
+) -> None:
+    """device_add fails: the backend and the fd are deleted in QEMU, then the block's file
+    is its size again, with its contents, and the block resizes as before."""
+    with Raw(vmm_daemon.path) as rpc:
+        info = rpc.call(
+            "ram-block-add", id="vm1", size=8 * MiB, **{"max-size": 64 * MiB}, backend="file"
+        )
+        data = os.urandom(8 * MiB)
+        for offset in range(0, 8 * MiB, MiB):
+            rpc.call(
+                "ram-block-write", id="vm1", offset=offset, data=_b64(data[offset : offset + MiB])
+            )
+        err = rpc.error(
+            "ram-block-attach", id="vm1", qmp=str(qemu.ramd_qmp), **{"as": "virtio-mem"},
+            bus="nosuchbus",
+        )  # fmt: skip
+        assert err["message"] == "VMM refused attaching RAM block 'vm1': Bus 'nosuchbus' not found"
+        assert "ramd-mem-vm1" not in qemu.objects() and qemu.fdsets() == []
+        assert _file_of(info["path"]) == (8 * MiB, 8 * MiB) and file_acl(info["path"]) is None
+        info = rpc.call("query-ram-blocks", id="vm1")[0]
+        assert (info["size"], info["leases"], "attachment" in info) == (8 * MiB, 0, False)
+        got = rpc.call("ram-block-read", id="vm1", offset=7 * MiB, length=MiB)["data"]
+        assert base64.b64decode(got) == data[7 * MiB :]
+        assert rpc.call("query-stats")["used"] == 8 * MiB
+        assert rpc.call("ram-block-resize", id="vm1", size=16 * MiB)["size"] == 16 * MiB
+        assert _file_of(info["path"])[0] == 16 * MiB

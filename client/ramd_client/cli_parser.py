@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB", nargs="?", help="the job id (cancel, dismiss)")
     p.add_argument("--name", action="store_true", help="list: print only the ids, one per line")
 
-    cli_vmm.add_parsers(command)
+    cli_vmm.add_parsers(command, size_arg)
 
     command("stats", "show the daemon's usage figures and limits")
     add_top_parser(command)

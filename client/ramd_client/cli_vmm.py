@@ -24,8 +24,11 @@ __all__ = ["COMMANDS", "add_parsers"]
 ANSWER_MARGIN = 5.0
 
 
-def add_parsers(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    """Add ``attach`` and ``detach``; ``command(name, help)`` makes a sub-parser."""
+def add_parsers(
+    command: Callable[[str, str], argparse.ArgumentParser], size_arg: Callable[[str], int]
+) -> None:
+    """Add ``attach`` and ``detach``; ``command(name, help)`` makes a sub-parser,
+    ``size_arg`` parses a size argument."""
     p = command("attach", "plug a shared block into a running VMM over its QMP socket")
     p.add_argument("id", metavar="ID", help="the memfd or file block")
     p.add_argument(
@@ -40,6 +43,12 @@ def add_parsers(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--device", metavar="NAME", help="the device id (default ramd-ID)")
     p.add_argument("--bus", metavar="BUS", help="the bus to plug it on (e.g. a root port on q35)")
+    p.add_argument(
+        "--requested-size",
+        metavar="SIZE",
+        type=size_arg,
+        help="virtio-mem: what the guest is asked to plug (default the block's size)",
+    )
     p = command(
         "detach",
         "unplug an attached block from its VMM (--timeout: seconds the VMM may take to let go)",
@@ -49,7 +58,12 @@ def add_parsers(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
 
 async def cmd_attach(client: AsyncClient, args: argparse.Namespace) -> int:
     block = await client.ram_block_attach(
-        args.id, args.qmp, args.kind, device=args.device, bus=args.bus
+        args.id,
+        args.qmp,
+        args.kind,
+        device=args.device,
+        bus=args.bus,
+        requested_size=args.requested_size,
     )
     att = block.attachment
     if args.json or att is None:

@@ -225,8 +225,9 @@ class AsyncClient(JsonRpcProtocol):
         requested_size: int | None = None,
     ) -> m.RamBlockInfo:
         """``ram-block-attach``: plug shared block ``id`` into the running VMM whose QMP
-        socket is ``qmp``, as ``kind`` (``"pc-dimm"``); the result's ``attachment`` says
-        where the guest sees it."""
+        socket is ``qmp``, as ``kind`` (``"pc-dimm"`` or ``"virtio-mem"``, with
+        ``requested_size`` the bytes the guest is asked to plug); the result's
+        ``attachment`` says where the guest sees it."""
         params = wire_params(
             m.RamBlockAttachArgs,
             id=id,

@@ -93,7 +93,9 @@ async def _empty_after(pending: Awaitable[None]) -> m.Empty:
 
 @command("ram-block-resize", m.RamBlockResizeArgs, m.RamBlockInfo, audit=True)
 def ram_block_resize(session: Session, args: m.RamBlockResizeArgs) -> Raw | Awaitable[Raw]:
-    """Grow or shrink a resizable RAM block in place (no-op at the current size)."""
+    """Grow or shrink a resizable RAM block in place (no-op at the current size). A block
+    attached as virtio-mem: ask the guest to plug ``size`` bytes (0 included); the answer
+    comes at once, the size follows what the guest plugs (``RAM_BLOCK_RESIZED``)."""
     service = session.service
     result = change.resize(
         service.ram,

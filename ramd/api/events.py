@@ -162,7 +162,9 @@ class Broadcaster:
             max_size=block.max_size,
             ack=False,
         ).model_dump(by_alias=True)
-        self._emit("RAM_BLOCK_RESIZED", data, block, ack=new_size < old_size)
+        # a VMM's guest shrank a block it sizes: nothing is released, nothing to acknowledge
+        ack = new_size < old_size and block.sized_by is None
+        self._emit("RAM_BLOCK_RESIZED", data, block, ack=ack)
 
     def removed(self, block: RAMBlock) -> None:
         seq = self._next("RAM_BLOCK_REMOVED")

@@ -162,7 +162,9 @@ class RamBlockDelArgs(Args):
 
 class RamBlockResizeArgs(Args):
     id: BlockId
-    size: Size
+    size: Offset = Field(
+        description="bytes; 0 only for a block attached as virtio-mem (a request to the guest)"
+    )
     mode: ReleaseMode = Field("safe", description=_MODE_DOC)
 
 
@@ -374,8 +376,14 @@ class AttachmentInfo(Result):
 
 
 class RamBlockInfo(Result):
+    """A block (protocol.md §4). ``0 < size <= max_size``, except for a block attached as
+    virtio-mem (and, after that, until its VMM exits): there ``size`` is what the guest has
+    plugged, 0 included, while its file is ``max_size`` long (§13)."""
+
     id: str
-    size: int
+    size: int = Field(
+        description="used length in bytes; attached as virtio-mem: what the guest has plugged"
+    )
     max_size: int
     resizable: bool
     page_size: int
@@ -406,7 +414,11 @@ class RamBlockInfo(Result):
     attachment: AttachmentInfo | None = Field(
         None, exclude_if=lambda v: v is None, description="the VMM it is attached to, if any"
     )
-    resident: int | None = Field(None, description='only with query-ram-blocks "resident": true')
+    resident: int | None = Field(
+        None,
+        description='only with query-ram-blocks "resident": true; attached as virtio-mem: the'
+        " allocated bytes anywhere in max-size",
+    )
 
 
 RamBlockInfoList = RootModel[list[RamBlockInfo]]

@@ -65,9 +65,7 @@ class Service:
         self.ram.register_notifier(self.broadcaster)
         self.ram.register_notifier(self.infos)
         #: Blocks attached to VMMs (protocol.md §13).
-        self.attachments = Attachments(
-            self.broadcaster.block_event, self.infos.refresh, self.ram.holders
-        )
+        self.attachments = Attachments(self.broadcaster.block_event, self.infos.refresh, self.ram)
         self.ram.guards.append(self.attachments.guard)
         self.sessions: set[Session] = set()
         #: What connections and shared blocks may hold of ``RLIMIT_NOFILE``.

@@ -3,7 +3,8 @@
 Every backend has the same layout (see :mod:`.mmap_alloc`): ``max_size`` plus one guard page
 of reserved address space at ``host``, of which ``[host, host+size)`` is read-write. Only the
 backing differs: private anonymous memory (:class:`AnonymousMemory`), or a file mapped
-``MAP_SHARED`` whose length is always ``size`` (:mod:`.shared`).
+``MAP_SHARED`` whose length is ``size``, or ``max_size`` while a VMM maps all of it
+(:mod:`.shared`).
 
 Life cycle: construct (opens the fd, if any) -> :meth:`~HostMemory.reserve` ->
 :meth:`~HostMemory.populate` ``(0, size)`` -> any number of ``populate`` (grow) and

@@ -3,6 +3,11 @@
 The file's length is always the allocation's ``size``; the daemon maps ``[0, size)`` of it
 ``MAP_SHARED`` over its reservation. Growing extends the file, backs the new range, then
 maps it; shrinking re-reserves the tail, then shortens the file (which frees its pages).
+The one exception is a file a VMM maps whole (an attached virtio-mem device, protocol.md
+§13): :meth:`FdMemory.span` makes it ``max_size`` long without allocating and maps all of
+it, and only :meth:`FdMemory.unspan`, once no VMM maps it, shortens it again; meanwhile the
+VMM allocates and frees (punches holes in) its ranges, and the daemon changes neither the
+file's length nor its mapping.
 
 Backing a grow, so that a grow the kernel cannot back fails at once with nothing changed:
 
@@ -94,6 +99,23 @@ class FdMemory(HostMemory):
     def preallocate(self, length: int) -> None:
         if not self.sealed:  # a sealed file's pages are what they are
             os.posix_fallocate(self.fd, 0, length)
+
+    def span(self, size: int, max_size: int) -> None:
+        """Make the file ``max_size`` bytes long without allocating (the new range is a
+        hole) and map ``[size, max_size)`` too, for a VMM that maps the whole file. On
+        failure nothing changed."""
+        os.ftruncate(self.fd, max_size)
+        try:
+            mmap_populate(self.host + size, max_size - size, self.fd, size)
+        except OSError:
+            os.ftruncate(self.fd, size)
+            raise
+
+    def unspan(self, size: int, max_size: int) -> None:
+        """Undo :meth:`span` once no VMM maps the file: ``[size, max_size)`` becomes
+        reserved again and the file ``size`` bytes long (which frees what lay beyond)."""
+        mmap_reserve(self.host + size, max_size - size)
+        os.ftruncate(self.fd, size)
 
     def discard(self, offset: int, length: int) -> None:
         linux.punch_hole(self.fd, offset, length)
@@ -265,6 +287,28 @@ class FileMemory(FdMemory):
             mmap_reserve(self.host + start, end - start)
             os.ftruncate(self.fd, start)
             raise
+
+    def span(self, size: int, max_size: int) -> None:
+        """:meth:`FdMemory.span`, with the metadata's size the file's new length: a daemon
+        restarted while a VMM maps the file adopts all of it and never shortens it."""
+        super().span(size, max_size)
+        if self.meta is None:
+            return
+        try:
+            self.keep(self.meta.with_size(max_size))
+        except OSError:
+            super().unspan(size, max_size)
+            raise
+
+    def unspan(self, size: int, max_size: int) -> None:
+        if self.meta is not None:
+            try:
+                self.keep(self.meta.with_size(size))
+            except OSError as e:
+                log.warning("%s: metadata not updated, file not shortened: %s", self.path, e)
+                mmap_reserve(self.host + size, max_size - size)
+                return
+        super().unspan(size, max_size)
 
     def release(self, start: int, end: int) -> None:
         if self.meta is not None:

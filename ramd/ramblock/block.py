@@ -7,8 +7,9 @@ thread relies on its memory; its holders are kept by :mod:`ramd.ramblock.holders
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import Literal, Protocol, TypedDict
 
 from ramd.hostmem.backend import HostMemory
 from ramd.ramblock.pins import Pins
@@ -29,15 +30,41 @@ class BlockSettings(TypedDict, total=False):
     align: int | None
 
 
+class SizeOwner(Protocol):
+    """Who sets the size of a block sized by a VMM (:attr:`RAMBlock.sized_by`): an attached
+    virtio-mem device, or a device that keeps mapping the block after its attachment ended.
+
+    Called by :mod:`ramd.ramblock.change` on the loop thread only."""
+
+    def request(self, block: RAMBlock, size: int) -> Awaitable[None]:
+        """Ask for ``size`` bytes (a multiple of the page size, at most ``max_size``); the
+        awaitable ends once the VMM took the request (not once the guest followed it).
+        Raises :class:`~ramd.errors.RamdError` (at once or from the awaitable) to refuse."""
+        ...
+
+    def requested(self, block: RAMBlock) -> None:
+        """``block.requested_size`` changed: show it (``RamBlockInfo.attachment``)."""
+        ...
+
+
 @dataclass(eq=False)
 class RAMBlock:
     """One RAM block. Its fields are changed only by the owning :class:`RAMList`.
 
-    Invariants: ``host`` is aligned to ``align``; ``0 < size <= max_size``, both multiples of
-    ``page_size``; ``size == max_size`` unless ``resizable``; ``[host, host+size)`` is
-    read-write and ``[host+size, host+max_size+page_size)`` is ``PROT_NONE``; a shared
-    block's file is ``size`` bytes long (unless another process changed it). ``mem`` is owned
-    by the block: freed exactly once, by the RAM list.
+    Invariants: ``host`` is aligned to ``align``; ``0 <= size <= max_size``, both multiples of
+    ``page_size``, and ``size > 0`` unless a VMM sized the block (below); ``size == max_size``
+    unless ``resizable``; ``[host, host+size)`` is read-write and
+    ``[host+size, host+max_size+page_size)`` is ``PROT_NONE`` (the daemon never touches a
+    shared block's mapping itself: it reads and writes its file within ``[0, size)``). A
+    shared block's file is ``size`` bytes long (unless another process changed it), except
+    while ``sized_by`` is set: then the file is ``max_size`` bytes long, sparse, mapped whole
+    by a VMM, and never shortened by the daemon. ``mem`` is owned by the block: freed exactly
+    once, by the RAM list.
+
+    Sized by a VMM (``sized_by`` not None: an attached virtio-mem device, protocol.md §13):
+    ``size`` is what the guest has plugged as the VMM reports it (0 included), followed by
+    :func:`ramd.ramblock.change.follow`; a resize is a request to ``sized_by``
+    (``requested_size``); ``max(size, requested_size)`` is what the block counts as used.
     """
 
     id: str
@@ -63,6 +90,10 @@ class RAMBlock:
     #: Where the block is attached in a VMM, as ``RamBlockInfo.attachment`` (wire names), or
     #: None (kept by the attachment registry, :mod:`ramd.vmm.registry`).
     attachment: dict[str, object] | None = None
+    #: The VMM that sets the block's size, or None (see the class docstring).
+    sized_by: SizeOwner | None = None
+    #: While ``sized_by`` is set: the size last asked of the VMM; else 0.
+    requested_size: int = 0
     #: Who relies on the block staying as it is (work off the loop thread, a pending release).
     pins: Pins = field(init=False)
 
@@ -109,7 +140,16 @@ class RAMBlock:
         """The block's fd (owned by the block; -1 when not shared)."""
         return self.mem.fd
 
+    @property
+    def charged(self) -> int:
+        """Bytes the block counts as used: ``size``, or ``max(size, requested_size)`` while
+        a VMM sizes it (what the guest may plug without asking the daemon again)."""
+        if self.sized_by is None:
+            return self.size
+        return max(self.size, self.requested_size)
+
     def resident(self) -> int:
-        """Bytes of the used range whose memory is allocated right now (anonymous:
-        ``mincore``; shared: the file's allocated blocks)."""
-        return self.mem.resident(self.size)
+        """Bytes of the block whose memory is allocated right now (anonymous: ``mincore``
+        of the used range; shared: the file's allocated blocks, anywhere in ``max_size``
+        while a VMM sizes it: the guest plugs ranges anywhere in it)."""
+        return self.mem.resident(self.size if self.sized_by is None else self.max_size)

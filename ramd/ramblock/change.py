@@ -3,9 +3,17 @@ notify, release or roll back (QEMU's ``qemu_ram_resize`` and ``qemu_ram_free``, 
 across processes by protocol.md §8, §12 and §13).
 
 Every resize and removal goes through :func:`resize` or :func:`remove`, whoever asks (a
-command, a load, an in-process caller): nothing else assembles the steps of
-:class:`~ramd.ramblock.RAMList`. The order is QEMU's: grow = map the tail, then notify;
-shrink = notify, then release the tail; remove = notify, then unmap.
+command, a load, an in-process caller), and every size a VMM reports through :func:`follow`:
+nothing else assembles the steps of :class:`~ramd.ramblock.RAMList`. The order is QEMU's:
+grow = map the tail, then notify; shrink = notify, then release the tail; remove = notify,
+then unmap.
+
+A block sized by a VMM (:attr:`RAMBlock.sized_by`, an attached virtio-mem device) is resized
+by its guest, not by the daemon: :func:`resize` becomes a request to the VMM (its limits
+checked, the block pinned while the VMM answers; the size does not change), and
+:func:`follow` takes each size the VMM reports as bookkeeping and a notification, with no
+acknowledgement awaited and nothing released (the VMM freed the memory itself). Guards and
+leases do not apply to either: the VMM that holds the lease is the one resizing.
 
 - Refusals come first and change nothing: unknown block, pinned ("busy"), QEMU's size rules,
   the RAM list's guards (attachments, seals), leases (a leased block cannot shrink or be
@@ -97,8 +105,11 @@ def resize(
     check_grow: Callable[[RAMBlock, int], None] | None = None,
 ) -> RAMBlock | Awaitable[RAMBlock]:
     """Resize block ``block_id`` to ``size`` (rounded up to its page size); the block, or
-    an awaitable of it when the change must wait (see the module's docstring)."""
+    an awaitable of it when the change must wait (see the module's docstring). For a block
+    sized by a VMM: the awaitable of the request (:func:`_request`)."""
     block, new = ram.check_resize(block_id, size)
+    if block.sized_by is not None:
+        return _request(ram, block, new, waiting, check_grow)
     old = block.size
     if new == old:
         return block
@@ -147,6 +158,76 @@ def remove(
     ram.notifiers.notify_removed(block)
     wait = _expect(ram, block, pin, waiting)
     return waiting.spawn(_finish_remove(ram, block, pin, wait, mode, waiting))
+
+
+def follow(ram: RAMList, block: RAMBlock, new: int) -> None:
+    """The VMM sizing ``block`` reports ``new`` bytes plugged (a multiple of the page size,
+    at most ``max_size``: else :class:`RamdError`, nothing changed): the block takes that
+    size, notified after a grow and before a shrink. No-op at the current size, or when no
+    VMM sizes the block any more. Pins do not hold it back: the guest has changed the
+    memory already, and the daemon's reads and writes of the file (``max_size`` long while
+    a VMM sizes it) cannot fail for it."""
+    old = block.size
+    if block.sized_by is None or new == old:
+        return
+    if not 0 <= new <= block.max_size or new % block.page_size:
+        raise RamdError(
+            f"RAM block '{block.id}': the VMM reports an invalid size 0x{new:x} (max-size"
+            f" 0x{block.max_size:x}, page size 0x{block.page_size:x})"
+        )
+    if new > old:
+        ram.follow_size(block, new)
+        ram.notifiers.notify_resized(block, old, new)
+    else:
+        ram.notifiers.notify_resized(block, old, new)
+        ram.follow_size(block, new)
+
+
+# -- a request to the VMM that sizes the block -------------------------------------------------
+
+
+def _request(
+    ram: RAMList,
+    block: RAMBlock,
+    new: int,
+    waiting: Waiting | None,
+    check_grow: Callable[[RAMBlock, int], None] | None,
+) -> Awaitable[RAMBlock]:
+    """Ask the VMM sizing ``block`` for ``new`` bytes: what the block counts as used may
+    grow to ``new`` at once (``check_grow``); the block is pinned until the VMM answered,
+    then ``requested_size`` is ``new``."""
+    owner = block.sized_by
+    if owner is None:
+        raise RuntimeError(f"RAM block '{block.id}' is not sized by a VMM")
+    if waiting is None:
+        raise RamdError(
+            f"RAM block '{block.id}' is sized by its VMM: a resize is a request to the VMM,"
+            " which this caller cannot wait for"
+        )
+    grow = max(block.size, new) - block.charged
+    if grow > 0 and check_grow is not None:
+        check_grow(block, grow)
+    pin = block.pins.take("its VMM is being asked to resize it")
+    try:
+        pending = owner.request(block, new)
+    except BaseException:
+        pin.release()
+        raise
+    return waiting.spawn(_requested(ram, block, pin, pending, new))
+
+
+async def _requested(
+    ram: RAMList, block: RAMBlock, pin: Pin, pending: Awaitable[None], new: int
+) -> RAMBlock:
+    try:
+        await pending
+    finally:
+        pin.release()
+    owner = block.sized_by
+    if owner is not None:
+        ram.request_size(block, new)
+        owner.requested(block)
+    return block
 
 
 # -- grow --------------------------------------------------------------------------------------

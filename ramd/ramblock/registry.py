@@ -39,12 +39,12 @@ from ramd.hostmem.backend import AnonymousMemory, HostMemory
 from ramd.hostmem.blockmeta import BlockMeta
 from ramd.hostmem.dirlock import lock_memory_dir
 from ramd.hostmem.mmap_alloc import mmap_pagesize
-from ramd.hostmem.shared import FileMemory, MemfdMemory, open_memory_dir
+from ramd.hostmem.shared import FdMemory, FileMemory, MemfdMemory, open_memory_dir
 from ramd.ids import ID_PATTERN
 from ramd.notifiers import NotifierList, RamBlockNotifier
 from ramd.ramaddr import RamAddrSpace
 from ramd.ramblock import access, seal
-from ramd.ramblock.block import Backend, BlockSettings, RAMBlock
+from ramd.ramblock.block import Backend, BlockSettings, RAMBlock, SizeOwner
 from ramd.ramblock.holders import Holders
 from ramd.ramblock.persist import keep_meta
 from ramd.ramblock.pins import Pin
@@ -95,8 +95,8 @@ class RAMList:
         self.on_remove: list[Callable[[RAMBlock], None]] = []
         self._space = RamAddrSpace()
         self.notifiers = NotifierList()
-        #: Sum of ``size`` over all blocks, created or committed (spares are not counted:
-        #: their pool is charged for them).
+        #: Sum of :attr:`RAMBlock.charged` (``size``, or what a VMM may plug) over all blocks,
+        #: created or committed (spares are not counted: their pool is charged for them).
         self.used = 0
         #: Sum of ``max_size`` + guard page over all blocks, created or committed, and spares.
         self.reserved = 0
@@ -564,7 +564,8 @@ class RAMList:
             raise RuntimeError("a removal without waiting returned an awaitable")
 
     def check_resize(self, block_id: str, size: int) -> tuple[RAMBlock, int]:
-        """The block and its new aligned size, or the protocol's refusal."""
+        """The block and its new aligned size, or the protocol's refusal (0 is a size only
+        for a block sized by a VMM)."""
         block = self.changeable(block_id)
         new = _align_up(max(size, 0), block.page_size)
         old = block.size
@@ -576,7 +577,7 @@ class RAMList:
             raise RamdError(
                 f"Size too large: {block_id}: 0x{new:x} > 0x{block.max_size:x}: Invalid argument"
             )
-        if new == 0:
+        if new == 0 and block.sized_by is None:
             raise RamdError(f"Invalid size: {block_id}: 0x0: Invalid argument")
         return block, new
 
@@ -627,6 +628,69 @@ class RAMList:
         self.used -= old - new
         block.mem.release(new, old)
 
+    # -- sized by a VMM (protocol.md §13, virtio-mem): the steps of ramd.ramblock.change ----
+
+    def size_by_vmm(self, block: RAMBlock, owner: SizeOwner, requested: int) -> None:
+        """From now on a VMM sets ``block``'s size (:attr:`RAMBlock.sized_by`): its file
+        becomes ``max_size`` long without allocating and the daemon maps all of it;
+        ``requested`` (aligned, at most ``max_size``) is what the VMM is asked for. Only a
+        resizable shared block can be; its size stays as it is until the VMM reports one
+        (:meth:`follow_size`). Raises :class:`RamdError`; nothing changed then."""
+        mem = block.mem
+        if block.sized_by is not None:
+            raise RamdError(f"RAM block '{block.id}' is already sized by a VMM")
+        if not isinstance(mem, FdMemory):
+            raise RamdError(
+                f"RAM block '{block.id}' is not shared (backend {block.backend}): only memfd"
+                " and file blocks can be sized by a VMM"
+            )
+        if not block.resizable:
+            raise RamdError(
+                f"RAM block '{block.id}' is not resizable: a virtio-mem device needs a block"
+                " created with max-size (the most the guest may plug)"
+            )
+        try:
+            mem.span(block.size, block.max_size)
+        except OSError as e:
+            raise RamdError(
+                f"Cannot extend RAM block '{block.id}' to 0x{block.max_size:x}: {_strerror(e)}",
+                errno=e.errno,
+            ) from None
+        charged = block.charged
+        block.sized_by = owner
+        block.requested_size = requested
+        self.used += block.charged - charged
+
+    def request_size(self, block: RAMBlock, requested: int) -> None:
+        """The VMM sizing ``block`` took the request for ``requested`` bytes."""
+        charged = block.charged
+        block.requested_size = requested
+        self.used += block.charged - charged
+
+    def follow_size(self, block: RAMBlock, new: int) -> None:
+        """The VMM sizing ``block`` reports ``new`` bytes plugged: the block takes that
+        size. Bookkeeping only: the file and the mappings stay as they are (the VMM
+        allocated or freed the memory itself). The caller notifies (before a shrink, after
+        a grow)."""
+        charged = block.charged
+        block.size = new
+        self.used += block.charged - charged
+
+    def end_vmm_sizing(self, block: RAMBlock) -> None:
+        """No VMM maps ``block``'s file any more: the daemon sizes it again. Its file
+        becomes ``size`` bytes long (what lay beyond is freed) and the mapping beyond
+        ``size`` is reserved again; the size stays (0 included: a grow makes it usable)."""
+        if block.sized_by is None or not isinstance(block.mem, FdMemory):
+            return
+        charged = block.charged
+        block.sized_by = None
+        block.requested_size = 0
+        self.used += block.size - charged
+        try:
+            block.mem.unspan(block.size, block.max_size)
+        except OSError as e:
+            log.warning("RAM block '%s': file not shortened: %s", block.id, _strerror(e))
+
     def release_removed(self, block: RAMBlock) -> None:
         """Second half of a removal, after ``removed`` was notified: drop the block from the
         list, forget its holders, unmap it and delete its file."""
@@ -643,7 +707,7 @@ class RAMList:
         self._space.free(block.offset, block.max_size)
         _free_memory(block.mem, block.id, delete=delete)
         if used:
-            self.used -= block.size
+            self.used -= block.charged
         self.reserved -= block.max_size + block.page_size
 
     def close(self) -> None:

@@ -2,15 +2,28 @@
 
 An attachment puts a shared block into a running VMM over the VMM's own QMP socket: the
 VMM's uid gets access to the block's file, ``add-fd`` passes the fd, ``object-add`` makes a
-``memory-backend-file`` on ``/proc/self/fd/N``, ``device_add`` plugs a ``pc-dimm``, and
-``query-memory-devices`` says where. Each step has its undo, run in reverse order when a later
-step fails, so a failed attach leaves nothing behind in either process. Detaching is
-``device_del``, the VMM's ``DEVICE_DELETED`` (the guest let go), then ``object-del`` and
-``remove-fd``; without ``DEVICE_DELETED`` in time nothing changes. When the VMM's connection
-closes (it exited), its attachments end with reason ``vmm-exited``.
+``memory-backend-file`` on ``/proc/self/fd/N``, ``device_add`` plugs a ``pc-dimm`` or a
+``virtio-mem-pci``, and ``query-memory-devices`` says where. Each step has its undo, run in
+reverse order when a later step fails, so a failed attach leaves nothing behind in either
+process. Detaching is ``device_del``, the VMM's ``DEVICE_DELETED`` (the guest let go), then
+``object-del`` and ``remove-fd``; without ``DEVICE_DELETED`` in time nothing changes. When
+the VMM's connection closes (it exited), its attachments end with reason ``vmm-exited``.
 
-Invariants: a block has at most one attachment; there is at most one :class:`VmmLink` per
-socket path, open while it serves an attachment or an attach in progress. Everything the VMM
+virtio-mem: before ``object-add`` the block becomes sized by its VMM
+(:meth:`~ramd.ramblock.RAMList.size_by_vmm`: its file ``max-size`` long and sparse, the
+backend maps all of it with ``reserve: false``), and this registry is its
+:class:`~ramd.ramblock.block.SizeOwner`: a resize is a ``qom-set`` of the device's
+``requested-size``, and each ``MEMORY_DEVICE_SIZE_CHANGE`` of the device is followed
+(:func:`ramd.ramblock.change.follow`). Detaching first asks for 0 bytes and waits until
+nothing is plugged. A VMM that refuses to unplug the device (QEMU 7.2) keeps mapping the
+file: the attachment ends, but the block stays sized by that VMM ("stuck": every resize is
+refused, the file is never shortened) until the VMM exits; only then does the daemon size
+the block again (:meth:`~ramd.ramblock.RAMList.end_vmm_sizing`).
+
+Invariants: a block has at most one attachment; a block sized by this registry is attached as
+virtio-mem, being attached or undone, or stuck in a VMM that still runs; there is at most one
+:class:`VmmLink` per socket path, open while it serves an attachment, a stuck block or an
+attach in progress. Everything the VMM
 owes is awaited with a deadline, and the undo steps never raise.
 
 Ownership and thread: owned by the :class:`~ramd.api.service.Service`; loop thread only.
@@ -27,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ramd.errors import RamdError
-from ramd.ramblock import RAMBlock
-from ramd.ramblock.holders import Holder, Holders
+from ramd.ramblock import RAMBlock, RAMList, change
+from ramd.ramblock.holders import Holder
 from ramd.vmm.errors import VmmError, VmmGone, VmmRefused, VmmTimeout
 
 if TYPE_CHECKING:
@@ -72,6 +85,10 @@ class Attachment:
     #: or on its own): only the backend and the fd are left to delete.
     unplugged: bool = False
     detaching: bool = field(default=False)
+    #: Deadline in seconds of each command sent to the VMM after the attach (``qom-set``).
+    timeout: float = 30.0
+    #: virtio-mem: resolved when the plugged size reaches 0, while a detach waits.
+    emptied: asyncio.Future[None] | None = None
 
     @property
     def memdev_id(self) -> str:
@@ -79,7 +96,7 @@ class Attachment:
 
     def info(self) -> dict[str, object]:
         """``RamBlockInfo.attachment`` (wire names)."""
-        return {
+        info: dict[str, object] = {
             "qmp": self.link.path,
             "as": self.kind,
             "device": self.device,
@@ -87,6 +104,9 @@ class Attachment:
             "addr": self.addr,
             "vmm-pid": self.link.pid,
         }
+        if self.kind == "virtio-mem":
+            info["requested-size"] = self.block.requested_size
+        return info
 
 
 def memdev_id(block: RAMBlock) -> str:
@@ -94,18 +114,26 @@ def memdev_id(block: RAMBlock) -> str:
 
 
 class Attachments:
-    """Every attachment, by block, and the VMM links they use.
+    """Every attachment, by block, and the VMM links they use; the size owner of the blocks
+    attached as virtio-mem (:class:`~ramd.ramblock.block.SizeOwner`).
 
     ``emit(name, block, data)`` sends a block event (``seq`` is added by the broadcaster);
     ``refresh(block)`` re-encodes the block's ``RamBlockInfo`` after ``block.attachment``
-    changed; ``holders``: the RAM list's holders, where each attachment is a ``vmm`` holder.
+    changed; ``ram``: the RAM list, whose holders count each attachment as a ``vmm`` holder.
     """
 
-    def __init__(self, emit: Emit, refresh: Callable[[RAMBlock], None], holders: Holders) -> None:
+    def __init__(self, emit: Emit, refresh: Callable[[RAMBlock], None], ram: RAMList) -> None:
         self._emit = emit
         self._refresh = refresh
-        self._holders = holders
+        self._ram = ram
+        self._holders = ram.holders
+        ram.on_remove.append(self._removed)
         self._by_block: dict[RAMBlock, Attachment] = {}
+        #: Blocks whose virtio-mem device the VMM could not unplug: it still maps them.
+        self._stuck: dict[RAMBlock, Attachment] = {}
+        #: (link, device) -> the last size the VMM reported while an attach reads it
+        #: (None: none yet), see :meth:`_plugged_now`.
+        self._watching: dict[tuple[VmmLink, str], int | None] = {}
         self._links: dict[str, VmmLink] = {}
         self._opening: dict[str, asyncio.Task[VmmLink]] = {}
         #: Attaches in progress per socket path (their link must stay open).
@@ -128,9 +156,13 @@ class Attachments:
 
     def refuse_change(self, block: RAMBlock, what: Literal["resize", "del"]) -> None:
         """Raise the protocol's refusal if ``block`` is attached and ``what`` may not happen
-        to it: a removal (detach first), or a resize of a ``pc-dimm`` (its size is fixed)."""
+        to it: a removal (detach first), or a resize by anyone but its VMM (a ``pc-dimm``'s
+        size is fixed; a virtio-mem block's is what the guest plugs)."""
         att = self._by_block.get(block)
         if att is None:
+            stuck = self._stuck.get(block)
+            if stuck is not None and what == "resize":
+                raise self._stuck_error(stuck)
             return
         if what == "del":
             raise RamdError(
@@ -139,6 +171,61 @@ class Attachments:
             )
         if att.kind == "pc-dimm":
             raise RamdError(f"RAM block '{block.id}' is attached as pc-dimm: its size is fixed")
+        raise RamdError(
+            f"RAM block '{block.id}' is attached as virtio-mem: its size is what the guest"
+            " plugs (ram-block-resize asks the guest)"
+        )
+
+    @staticmethod
+    def _stuck_error(att: Attachment) -> RamdError:
+        return RamdError(
+            f"RAM block '{att.block.id}' is still mapped by VMM {att.link.pid}, which cannot"
+            f" unplug its virtio-mem device {att.device}: its size is fixed until the VMM exits"
+        )
+
+    # -- the size owner of virtio-mem blocks ----------------------------------------------
+
+    def request(self, block: RAMBlock, size: int) -> Awaitable[None]:
+        """Ask the guest for ``size`` bytes: ``qom-set`` of the device's ``requested-size``
+        (:class:`~ramd.ramblock.block.SizeOwner`). Refused for a block being attached or
+        undone, or stuck in a VMM."""
+        att = self._by_block.get(block)
+        if att is None:
+            stuck = self._stuck.get(block)
+            if stuck is not None:
+                raise self._stuck_error(stuck)
+            raise RamdError(
+                f"RAM block '{block.id}' is busy: it is being attached to a VMM, or a VMM keeps"
+                " it after a failed attach"
+            )
+        if att.detaching:
+            raise RamdError(f"RAM block '{block.id}' is busy: it is being detached")
+        return self._set_requested(att, size, "resizing")
+
+    async def _set_requested(self, att: Attachment, size: int, what: str) -> None:
+        args = {"path": _qom_path(att.device), "property": "requested-size", "value": size}
+        try:
+            await att.link.execute("qom-set", args, att.timeout)
+        except VmmRefused as e:
+            raise RamdError(f"VMM refused {what} RAM block '{att.block.id}': {e.desc}") from None
+        except VmmError as e:
+            raise RamdError(
+                f"Cannot ask the VMM at '{att.link.path}' to resize RAM block '{att.block.id}': {e}"
+            ) from None
+
+    def requested(self, block: RAMBlock) -> None:
+        """``block.requested_size`` changed: ``RamBlockInfo.attachment`` shows it."""
+        att = self._by_block.get(block)
+        if att is not None:
+            block.attachment = att.info()
+            self._refresh(block)
+
+    def _removed(self, block: RAMBlock) -> None:
+        """A RAM list hook: ``block`` is gone (a stuck block is only forgotten: the VMM
+        keeps its mapping of the file until it exits)."""
+        att = self._stuck.pop(block, None)
+        if att is not None:
+            self._release_link(att.link)
 
     # -- links ----------------------------------------------------------------------------
 
@@ -168,8 +255,10 @@ class Attachments:
         self._links[path] = link
 
     def _in_use(self, link: VmmLink) -> bool:
-        return bool(self._busy.get(link.path)) or any(
-            a.link is link for a in self._by_block.values()
+        return (
+            bool(self._busy.get(link.path))
+            or any(a.link is link for a in self._by_block.values())
+            or any(a.link is link for a in self._stuck.values())
         )
 
     def _release_link(self, link: VmmLink) -> None:
@@ -198,10 +287,12 @@ class Attachments:
         device: str | None,
         bus: str | None,
         timeout: float,
+        requested: int | None = None,
     ) -> Attachment:
         """Attach ``block`` to the VMM at ``qmp`` as ``kind``; every step the VMM answers
-        within ``timeout`` seconds, or the attach is undone. The caller keeps the block from
-        changing meanwhile (pinned). Raises :class:`RamdError`."""
+        within ``timeout`` seconds, or the attach is undone. ``requested``: virtio-mem, the
+        bytes the guest is asked to plug (default the block's size). The caller keeps the
+        block from changing meanwhile (pinned). Raises :class:`RamdError`."""
         existing = self._by_block.get(block)
         if existing is not None:
             raise RamdError(
@@ -215,8 +306,16 @@ class Attachments:
             )
         if block.id in self._sweeping:
             raise RamdError(f"RAM block '{block.id}' is busy: undoing a failed attach in a VMM")
-        if kind != "pc-dimm":
-            raise RamdError(f"Cannot attach RAM block '{block.id}' as {kind}: not supported yet")
+        if block in self._stuck:
+            raise self._stuck_error(self._stuck[block])
+        if kind == "virtio-mem" and not block.resizable:
+            raise RamdError(
+                f"Cannot attach RAM block '{block.id}' as virtio-mem: it is not resizable (the"
+                " guest plugs up to max-size: add the block with max-size)"
+            )
+        if requested is None:
+            requested = block.size
+        requested = -(-requested // block.page_size) * block.page_size
         self._busy[qmp] = self._busy.get(qmp, 0) + 1
         try:
             try:
@@ -224,7 +323,7 @@ class Attachments:
             except VmmError as e:
                 raise RamdError(str(e)) from None
             return await self._attach_steps(
-                block, link, kind, device or f"ramd-{block.id}", bus, timeout
+                block, link, kind, device or f"ramd-{block.id}", bus, timeout, requested
             )
         finally:
             self._busy[qmp] -= 1
@@ -242,6 +341,7 @@ class Attachments:
         device: str,
         bus: str | None,
         timeout: float,
+        requested: int,
     ) -> Attachment:
         # Each VMM-side undo is registered before its step is sent: a step whose answer
         # timed out may still happen in the VMM, and its undo is harmless if it did not.
@@ -251,31 +351,53 @@ class Attachments:
         async def vmm(cmd: str, args: Mapping[str, object] | None = None) -> object:
             return await link.execute(cmd, args, timeout)
 
+        async def del_backend(t: float) -> None:
+            """``object-del``; once the VMM has no backend on the file (deleted, or never
+            made), the daemon sizes a virtio-mem block again. A backend still in use (its
+            device could not be unplugged) keeps the file as it is."""
+            try:
+                await link.execute("object-del", {"id": mem}, t)
+            except VmmRefused as e:
+                if "not found" not in e.desc:
+                    log.warning(
+                        "RAM block '%s': the VMM keeps backend %s (%s): its file stays as"
+                        " long as the VMM maps it",
+                        block.id,
+                        mem,
+                        e.desc,
+                    )
+                    raise
+            self._ram.end_vmm_sizing(block)
+
         holder = self._hold(block, link)
         try:
             undo.append(("remove-fd", lambda t: _remove_fds(link, block, t)))
             answer = await link.add_fd(block.fd, f"ramd:{block.id}", timeout)
             fdset_id, vmm_fd = _fd_of(answer)
-            backend = {
+            backend: dict[str, object] = {
                 "qom-type": "memory-backend-file",
                 "id": mem,
                 "mem-path": f"/proc/self/fd/{vmm_fd}",
                 "share": True,
                 "size": block.size,
             }
-            undo.append(("object-del", lambda t: link.execute("object-del", {"id": mem}, t)))
-            await vmm("object-add", backend)
             dev: dict[str, object] = {"driver": DRIVERS[kind], "id": device, "memdev": mem}
+            if kind == "virtio-mem":
+                self._ram.size_by_vmm(block, self, requested)
+                backend.update(size=block.max_size, reserve=False)
+                dev["requested-size"] = requested
             if bus is not None:
                 dev["bus"] = bus
+            undo.append(("object-del", del_backend))
+            await vmm("object-add", backend)
             undo.append(("device_del", lambda t: link.execute("device_del", {"id": device}, t)))
             await vmm("device_add", dev)
-            addr = _addr_of(await vmm("query-memory-devices"), device, mem)
+            addr, plugged = await self._plugged_now(link, device, mem, timeout)
         except BaseException as e:
             # access first: a backend the stalled VMM creates later cannot open the file
             self._holders.remove(block, holder.owner)
             done = False
-            if isinstance(e, VmmRefused | VmmGone | OSError):
+            if isinstance(e, VmmRefused | VmmGone | OSError | RamdError):
                 done = await _undo(block, undo, timeout)
             if not done and not isinstance(e, asyncio.CancelledError):
                 self._sweep(block, link, undo)
@@ -286,7 +408,7 @@ class Attachments:
                     f"Cannot attach RAM block '{block.id}' to the VMM at '{link.path}': {e}"
                 ) from None
             raise
-        att = Attachment(block, link, kind, device, addr, fdset_id, vmm_fd, holder)
+        att = Attachment(block, link, kind, device, addr, fdset_id, vmm_fd, holder, timeout=timeout)
         self._by_block[block] = att
         block.attachment = att.info()
         self._refresh(block)
@@ -295,6 +417,8 @@ class Attachments:
             block,
             {"id": block.id, "device": device, "as": kind, "addr": addr, "vmm-pid": link.pid},
         )
+        if plugged is not None:
+            self._follow(att, plugged)
         log.info(
             "RAM block '%s' attached to VMM pid %d (uid %d) as %s %s at 0x%x",
             block.id,
@@ -305,6 +429,38 @@ class Attachments:
             addr,
         )
         return att
+
+    async def _plugged_now(
+        self, link: VmmLink, device: str, memdev: str, timeout: float
+    ) -> tuple[int, int | None]:
+        """The device's guest-physical address and, for virtio-mem, its plugged size now,
+        read from ``query-memory-devices``. A ``MEMORY_DEVICE_SIZE_CHANGE`` read while the
+        answer was awaited may be older or newer than it: then it is asked again (up to 8
+        times, then the last size reported wins), so the size returned is current when this
+        returns; the caller registers the attachment before it yields, and the events after
+        that are followed."""
+        key = (link, device)
+        try:
+            for _ in range(8):
+                self._watching[key] = None
+                addr, size = _device_of(
+                    await link.execute("query-memory-devices", None, timeout), device, memdev
+                )
+                if self._watching[key] is None:
+                    return addr, size
+            return addr, self._watching[key]
+        finally:
+            self._watching.pop(key, None)
+
+    def _follow(self, att: Attachment, size: int) -> None:
+        """The VMM reports ``size`` bytes plugged in the block attached as ``att``."""
+        try:
+            change.follow(self._ram, att.block, size)
+        except RamdError as e:
+            log.warning("%s", e)
+            return
+        if att.block.size == 0 and att.emptied is not None and not att.emptied.done():
+            att.emptied.set_result(None)
 
     def _sweep(self, block: RAMBlock, link: VmmLink, undo: list[tuple[str, Step]]) -> None:
         """Undo a failed attach in the background, with :data:`SWEEP_TIMEOUT` per step: the
@@ -353,7 +509,12 @@ class Attachments:
         """Unplug the block's device, wait up to ``timeout`` seconds for ``DEVICE_DELETED``,
         then delete the backend and the fd in the VMM and end the attachment. Without the
         event in time: the protocol's timeout error, nothing changed (the VMM keeps its
-        pending unplug request, and the detach may be repeated)."""
+        pending unplug request, and the detach may be repeated).
+
+        virtio-mem: first ``requested-size`` 0, and up to ``timeout`` seconds for the guest
+        to unplug everything (without it: the timeout error; the request stays 0). A VMM that
+        refuses ``device_del`` then (QEMU 7.2) keeps the device and its mapping of the
+        empty file: the attachment ends there, and the block stays stuck in that VMM."""
         att = self._by_block.get(block)
         if att is None:
             raise RamdError(f"RAM block '{block.id}' is not attached")
@@ -366,9 +527,14 @@ class Attachments:
             att.deleted.set_result(None)
         try:
             try:
+                if att.kind == "virtio-mem" and not att.unplugged:
+                    await self._empty(att, timeout)
                 if not att.unplugged:
                     await link.execute("device_del", {"id": att.device}, step_timeout)
             except VmmRefused as e:
+                if att.kind == "virtio-mem" and "process of unplug" not in e.desc:
+                    self._stick(att, e.desc)
+                    return
                 if "process of unplug" not in e.desc:
                     raise RamdError(
                         f"VMM refused detaching RAM block '{block.id}': {e.desc}"
@@ -404,10 +570,53 @@ class Attachments:
             except VmmError as e:
                 log.warning("RAM block '%s': detach: %s failed: %s", block.id, cmd, e)
         self._end(att, "detached")
+        self._ram.end_vmm_sizing(block)
+
+    async def _empty(self, att: Attachment, timeout: float) -> None:
+        """Ask the guest to unplug all of a virtio-mem block and wait up to ``timeout``
+        seconds until the VMM reports nothing plugged (the protocol's timeout error)."""
+        block = att.block
+        args = {"path": _qom_path(att.device), "property": "requested-size", "value": 0}
+        try:
+            await att.link.execute("qom-set", args, att.timeout)
+        except VmmRefused as e:
+            raise RamdError(f"VMM refused detaching RAM block '{block.id}': {e.desc}") from None
+        self._ram.request_size(block, 0)
+        self.requested(block)
+        if block.size == 0:
+            return
+        att.emptied = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(att.emptied)
+        except TimeoutError:
+            raise RamdError(
+                f"Timed out waiting for the VMM to release RAM block '{block.id}'"
+            ) from None
+        finally:
+            att.emptied = None
+
+    def _stick(self, att: Attachment, why: str) -> None:
+        """The VMM refused to unplug the empty virtio-mem device of ``att`` (``why``): the
+        attachment ends, its lease with it, but the VMM keeps mapping the block's file, so
+        the block stays sized by it (stuck) until it exits."""
+        log.info(
+            "RAM block '%s': VMM pid %d keeps its virtio-mem device %s (%s): the attachment"
+            " ends; the block's file stays mapped by the VMM until it exits",
+            att.block.id,
+            att.link.pid,
+            att.device,
+            why,
+        )
+        self._stuck[att.block] = att
+        self._end(att, "detached")
 
     # -- the VMM's side -------------------------------------------------------------------
 
     def _vmm_event(self, link: VmmLink, name: str, data: Mapping[str, object]) -> None:
+        if name == "MEMORY_DEVICE_SIZE_CHANGE":
+            self._size_changed(link, data)
+            return
         if name != "DEVICE_DELETED":
             return
         device = data.get("device")
@@ -418,14 +627,32 @@ class Attachments:
             if att.deleted is not None and not att.deleted.done():
                 att.deleted.set_result(None)
 
+    def _size_changed(self, link: VmmLink, data: Mapping[str, object]) -> None:
+        """``MEMORY_DEVICE_SIZE_CHANGE``: a virtio-mem device's plugged size changed."""
+        device, size = data.get("id"), data.get("size")
+        if not isinstance(device, str) or type(size) is not int:
+            return
+        if (link, device) in self._watching:
+            self._watching[(link, device)] = size
+        for att in list(self._by_block.values()):
+            if att.link is link and att.device == device and att.kind == "virtio-mem":
+                self._follow(att, size)
+
     def _vmm_closed(self, link: VmmLink) -> None:
-        """The VMM's connection closed: it exited (or dropped ramd); its attachments end."""
+        """The VMM's connection closed: it exited (or dropped ramd); its attachments end,
+        and the blocks it sized are the daemon's to size again (it maps nothing now)."""
         if self._links.get(link.path) is link:
             del self._links[link.path]
         for att in [a for a in self._by_block.values() if a.link is link]:
             if att.deleted is not None and not att.deleted.done():
                 att.deleted.set_exception(VmmGone("the VMM closed the connection"))
+            if att.emptied is not None and not att.emptied.done():
+                att.emptied.set_exception(VmmGone("the VMM closed the connection"))
             self._end(att, "vmm-exited")
+            self._ram.end_vmm_sizing(att.block)
+        for att in [a for a in self._stuck.values() if a.link is link]:
+            del self._stuck[att.block]
+            self._ram.end_vmm_sizing(att.block)
 
     def _end(self, att: Attachment, reason: str) -> None:
         """The attachment is over: the file's access is the daemon's alone again, the block
@@ -447,6 +674,7 @@ class Attachments:
         for att in list(self._by_block.values()):
             self._holders.remove(att.block, att.holder.owner)
         self._by_block.clear()
+        self._stuck.clear()
         links = list(self._links.values())
         self._links.clear()
         await asyncio.gather(*(link.close() for link in links), *self._closing)
@@ -496,8 +724,9 @@ def _fd_of(answer: object) -> tuple[int, int]:
     raise VmmGone("add-fd answered no fd")
 
 
-def _addr_of(answer: object, device: str, memdev: str) -> int:
-    """The guest-physical address of ``device`` in a ``query-memory-devices`` answer."""
+def _device_of(answer: object, device: str, memdev: str) -> tuple[int, int | None]:
+    """The guest-physical address of ``device`` in a ``query-memory-devices`` answer, and
+    its plugged size when it is a virtio-mem device (else None)."""
     if isinstance(answer, list):
         for entry in answer:
             data = entry.get("data") if isinstance(entry, dict) else None
@@ -505,6 +734,16 @@ def _addr_of(answer: object, device: str, memdev: str) -> int:
                 continue
             if data.get("id") == device and data.get("memdev") == f"/objects/{memdev}":
                 addr = data.get("addr", data.get("memaddr"))
-                if type(addr) is int:
-                    return addr
+                if type(addr) is not int:
+                    break
+                if entry.get("type") != "virtio-mem":
+                    return addr, None
+                size = data.get("size")
+                if type(size) is int:
+                    return addr, size
     raise VmmGone(f"query-memory-devices does not list {device}")
+
+
+def _qom_path(device: str) -> str:
+    """The QOM path of a device added with ``id`` ``device``."""
+    return f"/machine/peripheral/{device}"
