@@ -154,7 +154,7 @@ class Config(_Section):
     #: Seconds SIGTERM waits for commands in flight (a prealloc, a lock) before exiting;
     #: systemd's default stop timeout, which the unit's ``TimeoutStopSec=`` matches.
     stop_timeout: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 90
-    #: Serve ``metrics-listen`` on a non-loopback address (protocol.md §15). Declared before
+    #: Serve ``metrics-listen`` on a non-loopback address (docs/protocol.md §15). Declared before
     #: ``metrics-listen``, whose check reads it.
     metrics_remote: StrictBool = False
     #: Where ``GET /metrics`` is served: ``"unix:PATH"`` or ``"HOST:PORT"``; none by default.

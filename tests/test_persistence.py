@@ -1,4 +1,4 @@
-"""Persistent blocks (protocol.md §9): ``file`` blocks survive SIGKILL and SIGTERM and are
+"""Persistent blocks (docs/protocol.md §9): ``file`` blocks survive SIGKILL and SIGTERM and are
 adopted at the next start; the memory-dir lock; entries that cannot be adopted are left
 alone; ``memfd`` blocks round-trip through the fd store.
 

@@ -1,4 +1,4 @@
-"""QEMU fidelity of the QMP dialect (issue 15, protocol.md §5): ``query-version`` in QEMU's
+"""QEMU fidelity of the QMP dialect (issue 15, docs/protocol.md §5): ``query-version`` in QEMU's
 shape, ``human-monitor-command`` (through ``qmp-shell -H`` too), ``query-qmp-schema`` in
 QEMU's introspection format, and ``quit``. Driven by qemu.qmp's ``QMPClient`` and
 ``qmp-shell`` against the real daemon."""

@@ -151,7 +151,7 @@ class GetFdArgs(Args):
     lease: StrictBool = Field(
         False,
         description="hold a lease instead of mapping: no events, no acknowledgements; the"
-        " block cannot shrink or be removed while the connection stays open (protocol §12)",
+        " block cannot shrink or be removed while the connection stays open (docs/protocol.md §12)",
     )
 
 
@@ -331,7 +331,7 @@ class Empty(Result):
 
 
 class HolderInfo(Result):
-    """One process holding a block (protocol §12)."""
+    """One process holding a block (docs/protocol.md §12)."""
 
     kind: Literal["mapper", "lease", "vmm"]
     pid: int
@@ -339,7 +339,7 @@ class HolderInfo(Result):
 
 
 class AttachmentInfo(Result):
-    """Where a block is attached (protocol.md §13)."""
+    """Where a block is attached (docs/protocol.md §13)."""
 
     qmp: str = Field(description="the VMM's QMP socket the daemon drives")
     as_: AttachAs = Field(alias="as")

@@ -45,7 +45,7 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 COMMAND_FAILED = -32000
 
-#: The commands whose answer carries an fd (``ram-block-get-fd``, protocol.md §8).
+#: The commands whose answer carries an fd (``ram-block-get-fd``, docs/protocol.md §8).
 FD_METHODS = frozenset({"ram-block-get-fd"})
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
