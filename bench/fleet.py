@@ -1,4 +1,4 @@
-"""Fleet start (protocol.md §14): clones of a sealed template beside full copies, QEMU
+"""Fleet start (docs/protocol.md §14): clones of a sealed template beside full copies, QEMU
 ``prealloc=on`` on a pooled block beside a fresh one, and the daemon's latency while a pool
 refills. Printed tables, nothing asserted.
 

@@ -117,7 +117,7 @@ class BlockConfig(_Section):
 
 
 class PoolConfig(_Section):
-    """A ``[[pool]]`` (protocol.md §14): ``count`` blocks of ``size`` bytes kept ready."""
+    """A ``[[pool]]`` (docs/protocol.md §14): ``count`` blocks of ``size`` bytes kept ready."""
 
     name: Annotated[StrictStr, Field(pattern=ID_PATTERN)]
     size: PositiveSize
@@ -191,7 +191,7 @@ class Config(_Section):
     #: Seconds SIGTERM waits for commands in flight (a prealloc, a lock) before exiting;
     #: systemd's default stop timeout, which the unit's ``TimeoutStopSec=`` matches.
     stop_timeout: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 90
-    #: Serve ``metrics-listen`` on a non-loopback address (protocol.md §15). Declared before
+    #: Serve ``metrics-listen`` on a non-loopback address (docs/protocol.md §15). Declared before
     #: ``metrics-listen``, whose check reads it.
     metrics_remote: StrictBool = False
     #: Where ``GET /metrics`` is served: ``"unix:PATH"`` or ``"HOST:PORT"``; none by default.

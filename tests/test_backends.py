@@ -500,7 +500,7 @@ def _entries(memory_dir: Path) -> list[str]:
 
 @pytest.mark.xdist_group("hugepages")  # changes vm.nr_hugepages: one at a time
 def test_a_hugetlb_memfd_block_can_be_sealed(ram: RAMList, huge_pages: Callable[[], int]) -> None:
-    """protocol.md §14: huge-page memfds are created sealable too; the sealed block's view
+    """docs/protocol.md §14: huge-page memfds are created sealable too; the sealed block's view
     is read-only, its contents stay, and the kernel holds the seals."""
     hp = _meminfo("Hugepagesize") * 1024
     b = ram.add("h", hp, backend="memfd", hugetlb=True)
@@ -518,7 +518,7 @@ def test_a_hugetlb_memfd_block_can_be_sealed(ram: RAMList, huge_pages: Callable[
 def test_a_hugetlb_pool_gives_huge_page_blocks(
     start_daemon: Callable[..., Daemon], huge_pages: Callable[[], int]
 ) -> None:
-    """protocol.md §14: a ``hugetlb`` pool's blocks are huge-page memfds, made ready (their
+    """docs/protocol.md §14: a ``hugetlb`` pool's blocks are huge-page memfds, made ready (their
     huge pages taken from the kernel's pool) before anyone asks."""
     hp = _meminfo("Hugepagesize") * 1024
     free = huge_pages()

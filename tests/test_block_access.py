@@ -1,4 +1,4 @@
-"""Who may open a shared block's file (protocol.md §8): block files are 0600, and a peer of
+"""Who may open a shared block's file (docs/protocol.md §8): block files are 0600, and a peer of
 another uid may reopen ``/proc/self/fd/N`` only as its fd allows, only while it holds the
 block. Real daemon, real peers of other uids (forked children that drop to them), real
 mappings in child processes (so a SIGBUS is seen as the child's death)."""

@@ -1,4 +1,4 @@
-"""``file`` blocks in memory-dir across crashes (protocol.md §9): a SIGKILL while a block is
+"""``file`` blocks in memory-dir across crashes (docs/protocol.md §9): a SIGKILL while a block is
 being created never leaves a file that blocks its id; the daemon removes only its own
 temporary files at start; adoption keeps ``max-used`` and logs names escaped. Real daemon,
 real SIGKILL, real tmpfs."""

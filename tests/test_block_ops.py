@@ -1,6 +1,6 @@
 """The one resize/remove operation under concurrent requests: pins taken before a handler
 returns, holders (mappers, leases) consulted on every release, timeouts that blame only the
-late mappers (protocol.md §8, §12). Real daemon, real fds, real mappings."""
+late mappers (docs/protocol.md §8, §12). Real daemon, real fds, real mappings."""
 
 from __future__ import annotations
 

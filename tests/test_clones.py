@@ -1,4 +1,4 @@
-"""Clones of a sealed template in real QEMU 7.2 processes (protocol.md §14): each started by
+"""Clones of a sealed template in real QEMU 7.2 processes (docs/protocol.md §14): each started by
 ``ramctl exec --block TEMPLATE -- qemu ... memory-backend-file,...,share=off`` maps the
 template privately. Real daemon, real ramctl, real QEMU (TCG, stopped: ``-S``).
 

@@ -1,4 +1,4 @@
-"""Every command of protocol.md §5 over raw JSON-RPC 2.0 against the real daemon."""
+"""Every command of docs/protocol.md §5 over raw JSON-RPC 2.0 against the real daemon."""
 
 from __future__ import annotations
 

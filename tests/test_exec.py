@@ -1,4 +1,4 @@
-"""``ramctl exec``: a program started with leases of RAM blocks (protocol.md §12), QEMU's main
+"""``ramctl exec``: a program started with leases of RAM blocks (docs/protocol.md §12), QEMU's main
 RAM among them. Real daemon, real ramctl, real QEMU."""
 
 from __future__ import annotations

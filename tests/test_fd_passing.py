@@ -1,4 +1,4 @@
-"""fd passing under peers that do not read (protocol.md §11, issue 21 point 4): fds in flight
+"""fd passing under peers that do not read (docs/protocol.md §11, issue 21 point 4): fds in flight
 count against the daemon's ``RLIMIT_NOFILE``, so a connection has at most one unread answer
 with fds, batches of fds share half of the limit, a batch over ``SCM_MAX_FD`` is refused, and
 an answer whose fds cannot go fails its requests while the connection keeps working. Real

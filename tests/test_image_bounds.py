@@ -1,7 +1,7 @@
 """Hostile images that are self-consistent (their checksums are unkeyed, so anyone can seal
 one: built here from docs/image-format.md) get a clean image error from ``ram-load``, and a
-load's work on the event loop is sliced so other clients are served meanwhile (protocol.md
-§10, §11). Real daemon, real files in its state-dir."""
+load's work on the event loop is sliced so other clients are served meanwhile
+(docs/protocol.md §10, §11). Real daemon, real files in its state-dir."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Metrics (protocol.md §15): ``GET /metrics`` on ``metrics-listen``, scraped from a real
+"""Metrics (docs/protocol.md §15): ``GET /metrics`` on ``metrics-listen``, scraped from a real
 daemon over a Unix socket and TCP loopback and parsed with ``prometheus_client``'s own parser;
 the configuration's refusals; a stalled scraper delays nothing."""
 

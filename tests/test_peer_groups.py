@@ -1,5 +1,5 @@
 """Access by every group of the peer (SO_PEERGROUPS) and fair connection slots, with real
-setuid children as the peers (protocol.md §11)."""
+setuid children as the peers (docs/protocol.md §11)."""
 
 from __future__ import annotations
 

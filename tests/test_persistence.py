@@ -1,4 +1,4 @@
-"""Persistent blocks (protocol.md §9): ``file`` blocks survive SIGKILL and SIGTERM and are
+"""Persistent blocks (docs/protocol.md §9): ``file`` blocks survive SIGKILL and SIGTERM and are
 adopted at the next start; the memory-dir lock; entries that cannot be adopted are left
 alone; ``memfd`` blocks round-trip through the fd store.
 
@@ -463,7 +463,7 @@ def test_memfd_blocks_survive_a_restart_through_the_fd_store(
 def test_a_sealed_memfd_block_stays_sealed_across_the_fd_store(
     tmp_path: Path, manager: FakeManager
 ) -> None:
-    """protocol.md §14: the seals belong to the memfd, so the adopted block is a template
+    """docs/protocol.md §14: the seals belong to the memfd, so the adopted block is a template
     again, mapped read-only by the new daemon (a writable mapping would be refused)."""
     d = manager.start(tmp_path / "1")
     with Raw(d.path) as raw:

@@ -1,4 +1,4 @@
-"""Pools (protocol.md §14): ``[[pool]]`` blocks made ready in worker threads, taken with
+"""Pools (docs/protocol.md §14): ``[[pool]]`` blocks made ready in worker threads, taken with
 ``ram-block-add {id, pool}``, charged against ``max-used``, never recycled. Real daemon."""
 
 from __future__ import annotations

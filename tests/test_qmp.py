@@ -1,4 +1,4 @@
-"""The QMP dialect (protocol.md §3) against the real daemon: qemu.qmp's clients, qmp-shell, raw
+"""The QMP dialect (docs/protocol.md §3) against the real daemon: qemu.qmp's clients, qmp-shell, raw
 sockets for every wire rule, and a scripted session whose results must match JSON-RPC's."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""QEMU fidelity of the QMP dialect (issue 15, protocol.md §5): ``query-version`` in QEMU's
+"""QEMU fidelity of the QMP dialect (issue 15, docs/protocol.md §5): ``query-version`` in QEMU's
 shape, ``human-monitor-command`` (through ``qmp-shell -H`` too), ``query-qmp-schema`` in
 QEMU's introspection format, and ``quit``. Driven by qemu.qmp's ``QMPClient`` and
 ``qmp-shell`` against the real daemon."""
@@ -255,7 +255,7 @@ async def test_query_qmp_schema_describes_every_command_event_and_answer(
             m["name"]: m for m in schema.types[commands["ram-block-add"]["arg-type"]]["members"]
         }
         assert "default" not in add_args["id"]
-        # size is required unless the block comes from a pool (protocol.md §14)
+        # size is required unless the block comes from a pool (docs/protocol.md §14)
         assert add_args["size"] == {"name": "size", "type": "int", "default": None}
         assert add_args["pool"] == {"name": "pool", "type": "str", "default": None}
         assert add_args["max-size"] == {"name": "max-size", "type": "int", "default": None}

@@ -315,7 +315,7 @@ def test_list_and_info_show_backend_persistence_and_mappers(any_daemon: Daemon) 
 
 
 def test_holder_fields_are_shown_when_reported_and_absent_otherwise() -> None:
-    """``leases``, ``sealed`` and ``holders`` (protocol.md §12, §14) come with newer daemons
+    """``leases``, ``sealed`` and ``holders`` (docs/protocol.md §12, §14) come with newer daemons
     and models: shown when the block has them, left out (no column, no line) when not."""
     from pydantic import BaseModel
     from ramd_client.cli_output import block_details, block_table

@@ -76,7 +76,7 @@ def test_info_shows_the_holders_the_daemon_reports(any_daemon: Daemon) -> None:
 
 
 def test_holders_listed_one_by_one_when_the_daemon_lists_them() -> None:
-    """A ``RamBlockInfo`` with ``holders`` (protocol.md §12) is shown holder by holder."""
+    """A ``RamBlockInfo`` with ``holders`` (docs/protocol.md §12) is shown holder by holder."""
     block = SimpleNamespace(
         mappers=1,
         leases=1,

@@ -1,5 +1,5 @@
 """``ramd_client.shared``: get_fd, SharedBlock and AsyncSharedBlock against a real daemon,
-with a second real process mapping the same block (protocol.md §8)."""
+with a second real process mapping the same block (docs/protocol.md §8)."""
 
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def test_every_request_of_the_shared_client_validates(reused_shared_daemon: Daem
 
 
 def test_an_idle_mapper_is_never_closed_and_a_shrink_waits_for_it(start_daemon: Any) -> None:
-    """protocol.md §11: a connection that maps a block is exempt from ``idle-timeout``. The
+    """docs/protocol.md §11: a connection that maps a block is exempt from ``idle-timeout``. The
     SharedBlock sends nothing while its owner does not poll (an idle VM): it stays connected
     well past the timeout, and a shrink then still waits for its acknowledgement (issue 21,
     point 3)."""

@@ -1,5 +1,5 @@
 """Shared blocks handed to other processes: fds over the socket, mappers, acknowledged release
-(protocol.md §8), and QEMU's getfd/closefd (§10). Real daemon, real fds, real mappings."""
+(docs/protocol.md §8), and QEMU's getfd/closefd (§10). Real daemon, real fds, real mappings."""
 
 from __future__ import annotations
 

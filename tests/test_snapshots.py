@@ -1,4 +1,4 @@
-"""ram-save / ram-load / jobs on a real daemon (protocol.md §10, issue 13)."""
+"""ram-save / ram-load / jobs on a real daemon (docs/protocol.md §10, issue 13)."""
 
 from __future__ import annotations
 

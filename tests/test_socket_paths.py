@@ -1,6 +1,6 @@
 """The daemon's socket files: created through checked directory fds, never through a symlink
 or a directory another user can write, replaced only when stale and ours, removed only when
-still the file it bound (protocol.md §7, §11)."""
+still the file it bound (docs/protocol.md §7, §11)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Templates (protocol.md §14): ``ram-block-seal`` on real memfds, with other real processes
+"""Templates (docs/protocol.md §14): ``ram-block-seal`` on real memfds, with other real processes
 mapping them writable (sealing refused), privately (clones) and read-only; the refusals of
 a sealed block; its deletion whatever holds it. Real daemon, real kernel seals."""
 

@@ -1,4 +1,4 @@
-"""virtio-mem attachments (protocol.md §13) with a real guest kernel under QEMU.
+"""virtio-mem attachments (docs/protocol.md §13) with a real guest kernel under QEMU.
 
 The guest (tests/guest/, Debian's kernel, TCG when KVM is not usable) onlines what its
 virtio-mem driver plugs; the daemon attaches a ``file`` block as the device's memory and

@@ -1,4 +1,4 @@
-"""Attachments (protocol.md §13) against a real QEMU 7.2 running as another uid.
+"""Attachments (docs/protocol.md §13) against a real QEMU 7.2 running as another uid.
 
 QEMU has no guest: the test plays the guest's part through QEMU's qtest socket (reading and
 writing guest-physical memory, the ACPI eject of a DIMM), see :mod:`vmm_support`.
@@ -141,7 +141,7 @@ def test_resize_and_del_of_an_attached_block_are_refused(vmm_daemon: Daemon, qem
             )
         info = rpc.call("query-ram-blocks", id="vm1")[0]
         assert info["size"] == 32 * MiB
-        # the attachment is a lease of kind vmm (protocol §12)
+        # the attachment is a lease of kind vmm (docs/protocol.md §12)
         assert info["leases"] == 1 and [(h["kind"], h["pid"]) for h in info["holders"]] == [
             ("vmm", qemu.pid)
         ]

@@ -1,4 +1,4 @@
-"""``ramctl exec``: run a program that holds leases of RAM blocks (protocol.md §12).
+"""``ramctl exec``: run a program that holds leases of RAM blocks (docs/protocol.md §12).
 
 ::
 

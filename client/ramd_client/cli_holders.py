@@ -1,4 +1,4 @@
-"""Who holds a block, as ``ramctl info`` and ``ramctl top`` show it (protocol.md §12).
+"""Who holds a block, as ``ramctl info`` and ``ramctl top`` show it (docs/protocol.md §12).
 
 A daemon whose ``RamBlockInfo`` carries ``holders`` (``[{"kind", "pid", "uid"}]``, full-access
 peers only) is shown holder by holder; otherwise the counts it does report are shown

@@ -83,7 +83,7 @@ def pairs(items: Sequence[tuple[str, str]]) -> str:
 
 def _reported(block: m.RamBlockInfo, name: str) -> Any:
     """Field ``name`` of ``block`` when this daemon and client report it, else None: the
-    holder fields (``leases``, ``sealed``, ``holders``, protocol.md §12, §14) are newer than
+    holder fields (``leases``, ``sealed``, ``holders``, docs/protocol.md §12, §14) are newer than
     ``mappers``, and an older daemon's or model's block has none."""
     return getattr(block, name, None)
 

@@ -1,4 +1,4 @@
-"""``ramctl``'s work on shared blocks (protocol.md §8): ``map``, and ``read``/``write``
+"""``ramctl``'s work on shared blocks (docs/protocol.md §8): ``map``, and ``read``/``write``
 through a mapping of the block instead of base64 over JSON.
 
 Each opens an :class:`~ramd_client.shared.AsyncSharedBlock` (its own connection, fd and

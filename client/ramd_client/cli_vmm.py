@@ -1,4 +1,4 @@
-"""``ramctl attach`` and ``ramctl detach``: a shared block in a running VMM (protocol.md §13).
+"""``ramctl attach`` and ``ramctl detach``: a shared block in a running VMM (docs/protocol.md §13).
 
 :func:`add_parsers` adds both commands to ``ramctl``'s parser (light: no pydantic);
 :data:`COMMANDS` are their handlers, imported with the typed client.

@@ -168,7 +168,7 @@ class AsyncClient(JsonRpcProtocol):
 
     async def ram_block_del(self, id: str, mode: m.ReleaseMode = "safe") -> None:
         """``ram-block-del``: remove block ``id`` and unmap its memory (``mode``: what to do
-        about mappers that do not acknowledge in time, protocol.md §8)."""
+        about mappers that do not acknowledge in time, docs/protocol.md §8)."""
         await self.call("ram-block-del", wire_params(m.RamBlockDelArgs, id=id, mode=mode))
 
     async def ram_block_resize(

@@ -1,4 +1,4 @@
-"""A blocking JSON-RPC connection that receives file descriptors (protocol.md §8).
+"""A blocking JSON-RPC connection that receives file descriptors (docs/protocol.md §8).
 
 asyncio's streams read with ``recv`` and drop ancillary data, so an fd sent by the daemon
 (``SCM_RIGHTS`` with the first byte of a ``ram-block-get-fd`` answer) needs a connection of

@@ -1,6 +1,6 @@
 """The asyncio protocol of a client connection: the daemon's lines received in place.
 
-The daemon sends one JSON text per line (protocol §1). :class:`LineReader` has the transport
+The daemon sends one JSON text per line (docs/protocol.md §1). :class:`LineReader` has the transport
 receive straight into one buffer of its own (``recv_into``: no bytes object per read, no
 concatenation), and :meth:`LineReader.readline` hands out each line as a place in that
 buffer, so a bulk answer of several MiB is copied once, by the kernel, and then read where

@@ -1,4 +1,4 @@
-"""A shared block's memory in this process, with the daemon's layout (protocol.md §8).
+"""A shared block's memory in this process, with the daemon's layout (docs/protocol.md §8).
 
 ::
 

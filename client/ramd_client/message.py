@@ -1,7 +1,7 @@
 """The JSON-RPC 2.0 messages of ramd's wire protocol, as plain data. No I/O here.
 
 Requests go out as one compact JSON text followed by ``\\n``; the daemon answers with one
-compact JSON text per line (protocol §1), so incoming messages are split on newlines and
+compact JSON text per line (docs/protocol.md §1), so incoming messages are split on newlines and
 decoded by :func:`decode`, which sorts each into a :class:`Response`, an :class:`ErrorReply` or
 a :class:`Notification` (an event), and refuses anything else with
 :class:`~ramd_client.error.ProtocolError`.

@@ -1,5 +1,5 @@
 """Shared blocks mapped in this process: :func:`get_fd`, :class:`SharedBlock` (blocking) and
-:class:`AsyncSharedBlock` (asyncio), protocol.md §8.
+:class:`AsyncSharedBlock` (asyncio), docs/protocol.md §8.
 
 ::
 

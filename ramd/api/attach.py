@@ -1,5 +1,5 @@
 """``ram-block-attach`` and ``ram-block-detach``: a shared block in a running VMM, over the
-VMM's own QMP socket (protocol.md §13; the steps are in :mod:`ramd.vmm.registry`).
+VMM's own QMP socket (docs/protocol.md §13; the steps are in :mod:`ramd.vmm.registry`).
 
 Both commands are full-access only. While an attach runs, its block is pinned ("busy"), so
 nothing removes or resizes it between the steps; a detach waits for the VMM without a pin

@@ -1,4 +1,4 @@
-"""The block commands: add, delete, resize, list, read, write, discard (protocol.md §5).
+"""The block commands: add, delete, resize, list, read, write, discard (docs/protocol.md §5).
 
 Resize and delete go through the block layer's one operation (:mod:`ramd.ramblock.change`),
 which takes every pin it needs before a handler returns its awaitable. Loop thread.

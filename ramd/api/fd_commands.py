@@ -1,4 +1,4 @@
-"""fd passing: a shared block's fd to a client (mappers and leases, protocol.md §8, §12),
+"""fd passing: a shared block's fd to a client (mappers and leases, docs/protocol.md §8, §12),
 the acknowledgements releases wait for, and fds a client passes in (``getfd``/``closefd``,
 as QEMU's). Loop thread.
 """
@@ -30,7 +30,7 @@ def ram_block_get_fd(session: Session, args: m.GetFdArgs) -> WithFds:
     if not block.shared:
         raise RamdError(f"RAM block '{block.id}' is not shared (backend {block.backend})")
     if block.pins.releasing:
-        # protocol §8: a connection never becomes a holder of a block being released
+        # docs/protocol.md §8: a connection never becomes a holder of a block being released
         block.pins.check()
     if args.lease and session.readonly:
         # a lease forbids every shrink and removal: a read-only peer may not hold one

@@ -1,6 +1,6 @@
 """Sessions as holders of blocks: ``ram-block-get-fd`` makes a connection a mapper (or, with
 ``lease``, a lease holder) of a block, ``ram-block-put-fd`` or closing ends it, and
-``ram-block-ack`` settles what a release waits for (protocol.md §8, §12).
+``ram-block-ack`` settles what a release waits for (docs/protocol.md §8, §12).
 
 The holders themselves live in the block layer (:class:`~ramd.ramblock.holders.Holders`,
 owned by the RAM list); this adapter only turns a session into a holder (its peer's pid and

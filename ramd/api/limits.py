@@ -1,4 +1,4 @@
-"""The daemon's limits on blocks and transfers (protocol.md §11): each refusal is a
+"""The daemon's limits on blocks and transfers (docs/protocol.md §11): each refusal is a
 ``GenericError`` naming the limit (``Limit exceeded: NAME is VALUE: DETAIL``).
 
 Checked on the loop thread before anything is created or grown: ``max-blocks``,

@@ -123,7 +123,7 @@ class RamBlockAddArgs(Args):
 
     id: BlockId
     pool: PoolName | None = Field(
-        None, description="take a ready block of this pool (protocol §14); only with id"
+        None, description="take a ready block of this pool (docs/protocol.md §14); only with id"
     )
     size: Annotated[
         Size | None,
@@ -174,7 +174,7 @@ class GetFdArgs(Args):
     lease: StrictBool = Field(
         False,
         description="hold a lease instead of mapping: no events, no acknowledgements; the"
-        " block cannot shrink or be removed while the connection stays open (protocol §12)",
+        " block cannot shrink or be removed while the connection stays open (docs/protocol.md §12)",
     )
 
 
@@ -354,7 +354,7 @@ class Empty(Result):
 
 
 class HolderInfo(Result):
-    """One process holding a block (protocol §12)."""
+    """One process holding a block (docs/protocol.md §12)."""
 
     kind: Literal["mapper", "lease", "vmm"]
     pid: int
@@ -362,7 +362,7 @@ class HolderInfo(Result):
 
 
 class AttachmentInfo(Result):
-    """Where a block is attached (protocol.md §13)."""
+    """Where a block is attached (docs/protocol.md §13)."""
 
     qmp: str = Field(description="the VMM's QMP socket the daemon drives")
     as_: AttachAs = Field(alias="as")
@@ -376,7 +376,7 @@ class AttachmentInfo(Result):
 
 
 class RamBlockInfo(Result):
-    """A block (protocol.md §4). ``0 < size <= max_size``, except for a block attached as
+    """A block (docs/protocol.md §4). ``0 < size <= max_size``, except for a block attached as
     virtio-mem (and, after that, until its VMM exits): there ``size`` is what the guest has
     plugged, 0 included, while its file is ``max_size`` long (§13)."""
 

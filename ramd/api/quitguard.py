@@ -5,7 +5,7 @@ A ``quit`` typed into ``qmp-shell`` must not take memory away from its users: wh
 that is not persistent exists (``anonymous`` or ``memfd``: both die with the process; a
 ``memfd`` block in systemd's fd store is dropped too when the unit stops for good), ``quit``
 is refused and says how to stop the daemon deliberately. ``file`` blocks outlive the daemon
-(protocol.md §9), so they never hold ``quit`` back. SIGTERM is not affected.
+(docs/protocol.md §9), so they never hold ``quit`` back. SIGTERM is not affected.
 
 Thread: the loop thread (the command handler).
 """

@@ -64,7 +64,7 @@ class Service:
         )
         self.ram.register_notifier(self.broadcaster)
         self.ram.register_notifier(self.infos)
-        #: Blocks attached to VMMs (protocol.md §13).
+        #: Blocks attached to VMMs (docs/protocol.md §13).
         self.attachments = Attachments(self.broadcaster.block_event, self.infos.refresh, self.ram)
         self.ram.guards.append(self.attachments.guard)
         self.sessions: set[Session] = set()
@@ -169,7 +169,7 @@ class Session:
 
     @property
     def holding(self) -> bool:
-        """Whether the connection must stay open however long it is silent (protocol.md §11,
+        """Whether the connection must stay open however long it is silent (docs/protocol.md §11,
         ``idle-timeout``): it subscribed, or it maps a block (a mapper sends nothing while
         it only uses the memory, and closing it would release the memory under it)."""
         return self.subscribed is not None or self.holds_blocks

@@ -1,4 +1,4 @@
-"""``ram-save``, ``ram-load`` and the job commands (protocol.md §10), on :mod:`ramd.jobs` and
+"""``ram-save``, ``ram-load`` and the job commands (docs/protocol.md §10), on :mod:`ramd.jobs` and
 :mod:`ramd.snapshot`.
 
 Threads and ownership:

@@ -1,4 +1,4 @@
-"""Templates and pools (protocol.md §14): ``ram-block-seal`` and ``query-pools``
+"""Templates and pools (docs/protocol.md §14): ``ram-block-seal`` and ``query-pools``
 (``ram-block-add`` from a pool is in :mod:`ramd.api.block_commands`). Loop thread.
 """
 

@@ -1,4 +1,4 @@
-"""POSIX access ACLs on a block file: who, besides its owner, may open it (protocol.md §8).
+"""POSIX access ACLs on a block file: who, besides its owner, may open it (docs/protocol.md §8).
 
 Block files (memfd and ``file``) are mode 0600, owned by the daemon's uid. A peer of another
 uid that holds a block gets a named-user entry matching its fd (``r--`` or ``rw-``), so that

@@ -60,7 +60,7 @@ class HostMemory(ABC):
     persistent: ClassVar[bool]
     private: ClassVar[bool]
 
-    #: The contents can never change again (a memfd sealed as a template, protocol.md §14):
+    #: The contents can never change again (a memfd sealed as a template, docs/protocol.md §14):
     #: the process's own view is read-only, and nothing may write, discard or resize it.
     sealed = False
 

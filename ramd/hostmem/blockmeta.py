@@ -1,4 +1,4 @@
-"""The metadata kept beside each ``file`` block in ``memory-dir`` (protocol.md §9).
+"""The metadata kept beside each ``file`` block in ``memory-dir`` (docs/protocol.md §9).
 
 Block ``ID`` is the file ``ID``; its metadata is the JSON file ``ID.meta``::
 

@@ -1,4 +1,4 @@
-"""The exclusive lock a daemon holds on its ``memory-dir`` (protocol.md §9).
+"""The exclusive lock a daemon holds on its ``memory-dir`` (docs/protocol.md §9).
 
 The lock is ``flock(LOCK_EX)`` on the file ``.lock`` inside the directory (created
 ``O_NOFOLLOW`` through the directory fd, mode 0600), which holds the holder's pid in decimal.

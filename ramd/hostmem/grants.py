@@ -1,4 +1,4 @@
-"""Which other uids may open one block file while they hold it (protocol.md §8).
+"""Which other uids may open one block file while they hold it (docs/protocol.md §8).
 
 A :class:`UidGrants` belongs to one shared block's memory and counts, per uid, the holdings
 of that uid: read-only and read-write ones. After every change the file's ACL

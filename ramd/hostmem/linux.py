@@ -76,7 +76,7 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 
 
 def memfd_create(name: str, *, hugetlb: bool = False) -> int:
-    """A close-on-exec memfd that can be sealed (``MFD_ALLOW_SEALING``, protocol.md §14);
+    """A close-on-exec memfd that can be sealed (``MFD_ALLOW_SEALING``, docs/protocol.md §14);
     with ``hugetlb`` backed by default-size huge pages."""
     flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | (os.MFD_HUGETLB if hugetlb else 0)
     return os.memfd_create(name, flags)

@@ -1,4 +1,4 @@
-"""``metrics-listen``: where ``GET /metrics`` is served (protocol.md §15).
+"""``metrics-listen``: where ``GET /metrics`` is served (docs/protocol.md §15).
 
 ``"unix:PATH"``: a Unix stream socket at PATH, created like the daemon's other sockets (mode
 ``socket-mode``, group ``socket-group``). ``"HOST:PORT"``: TCP; HOST is an IP address (IPv6

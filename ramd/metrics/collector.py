@@ -1,4 +1,4 @@
-"""The daemon's figures as Prometheus metric families (protocol.md §15), through
+"""The daemon's figures as Prometheus metric families (docs/protocol.md §15), through
 ``prometheus_client``'s public collector API: a :class:`RamdCollector` registered in a private
 ``CollectorRegistry``, rendered by ``generate_latest``.
 
@@ -41,7 +41,9 @@ def families(f: Figures) -> Iterator[Metric]:
         "ramd_block_max_size_bytes", "Maximum size of a block", labels=["id"]
     )
     holders = GaugeMetricFamily(
-        "ramd_block_holders", "Holders of a block, by kind (protocol.md §12)", labels=["id", "kind"]
+        "ramd_block_holders",
+        "Holders of a block, by kind (docs/protocol.md §12)",
+        labels=["id", "kind"],
     )
     for block_id, block_size, block_max_size, counts in f.blocks:
         size.add_metric([block_id], block_size)
@@ -83,7 +85,7 @@ def families(f: Figures) -> Iterator[Metric]:
     yield _labelled(
         GaugeMetricFamily,
         "ramd_pool_ready",
-        "Blocks ready in a pool (protocol.md §14)",
+        "Blocks ready in a pool (docs/protocol.md §14)",
         "pool",
         f.pools,
     )

@@ -1,4 +1,4 @@
-"""Start the metrics endpoint of a running daemon (``metrics-listen``, protocol.md §15).
+"""Start the metrics endpoint of a running daemon (``metrics-listen``, docs/protocol.md §15).
 
 Imported by :mod:`ramd.process.daemon` only when ``metrics-listen`` is set: it brings in
 ``prometheus_client``. Loop thread.

@@ -1,6 +1,6 @@
 """A consistent snapshot of the daemon's figures, taken on the loop thread for a scrape.
 
-Thread-safety (the choice, protocol.md §15): every figure the metrics report is loop-owned
+Thread-safety (the choice, docs/protocol.md §15): every figure the metrics report is loop-owned
 state (the RAM list, the mappers, the connections, the plain counters of
 :mod:`ramd.metrics.counters`, the broadcaster and the server), written without locks. A scrape
 runs on an HTTP thread, so it never reads that state itself: :class:`LoopFigures` schedules
@@ -27,7 +27,7 @@ from ramd.ramblock.holders import KINDS
 if TYPE_CHECKING:
     from ramd.transport.sockets.server import Server
 
-#: Holder kinds (protocol.md §12) counted per block, in the order they are reported.
+#: Holder kinds (docs/protocol.md §12) counted per block, in the order they are reported.
 HOLDER_KINDS = KINDS
 #: The dialects whose connections are counted (``ramd_connections{socket}``).
 SOCKETS = ("jsonrpc", "qmp")
@@ -45,7 +45,7 @@ def holder_counts(block: RAMBlock) -> tuple[int, ...]:
 
 
 def pool_ready(service: Service) -> Pairs:
-    """``(pool name, blocks ready)`` per configured pool (protocol.md §14)."""
+    """``(pool name, blocks ready)`` per configured pool (docs/protocol.md §14)."""
     return tuple(sorted(service.pools.ready_counts().items()))
 
 

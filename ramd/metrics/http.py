@@ -50,7 +50,7 @@ CONNECTION_DEADLINE = 30.0
 BUSY_DRAIN_READS = 4
 #: The Prometheus text format (``generate_latest``) and its content type
 #: (``text/plain; version=0.0.4``): what the library answers a scraper that asks for nothing
-#: else. It is answered to every scraper (protocol.md §15: the text exposition format).
+#: else. It is answered to every scraper (docs/protocol.md §15: the text exposition format).
 _ENCODE, _CONTENT_TYPE = choose_encoder("")
 #: The only path served.
 PATH = "/metrics"

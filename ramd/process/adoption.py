@@ -1,5 +1,5 @@
 """Adoption at start: the blocks an earlier daemon left behind become blocks again
-(protocol.md §9), before any config block is created and before the socket accepts.
+(docs/protocol.md §9), before any config block is created and before the socket accepts.
 
 - ``file`` blocks: every entry ``ID`` of ``memory-dir`` that has its metadata ``ID.meta``
   (:mod:`ramd.hostmem.blockmeta`) is mapped again with its contents, in creation order.

@@ -202,7 +202,7 @@ def _adopt_memory_dir(ram: datadirs.MemoryDirRAMList, max_used: int) -> None:
     bytes) when it can be used; a bad ``memory-dir`` is logged with what to do and its
     entries are left alone.
 
-    Raises :class:`CannotStart` when another daemon holds it (protocol.md §9: exit 1)."""
+    Raises :class:`CannotStart` when another daemon holds it (docs/protocol.md §9: exit 1)."""
     problem = datadirs.probe(Path(ram.memory_dir), own=True)
     if problem is not None:
         log.warning("memory-dir %s cannot be used: %s; %s", ram.memory_dir, problem, ram.hint)

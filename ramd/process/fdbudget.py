@@ -1,4 +1,4 @@
-"""The daemon's file descriptor budget (protocol.md §11; issue 21, point 5).
+"""The daemon's file descriptor budget (docs/protocol.md §11; issue 21, point 5).
 
 Every fd the daemon holds counts against its ``RLIMIT_NOFILE``; at the limit, ``accept``,
 ``memfd_create`` and ``open`` fail for everyone (``EMFILE``), root included. So the daemon

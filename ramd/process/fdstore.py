@@ -1,4 +1,5 @@
-"""``memfd`` blocks in systemd's fd store, so a restart of the unit loses none (protocol.md §9).
+"""``memfd`` blocks in systemd's fd store, so a restart of the unit loses none
+(docs/protocol.md §9).
 
 systemd gives no explicit signal that the store is enabled (``FileDescriptorStoreMax=`` in
 the unit); when ``$NOTIFY_SOCKET`` is set the daemon pushes each new ``memfd`` block with

@@ -61,7 +61,7 @@ class RAMBlock:
     by a VMM, and never shortened by the daemon. ``mem`` is owned by the block: freed exactly
     once, by the RAM list.
 
-    Sized by a VMM (``sized_by`` not None: an attached virtio-mem device, protocol.md §13):
+    Sized by a VMM (``sized_by`` not None: an attached virtio-mem device, docs/protocol.md §13):
     ``size`` is what the guest has plugged as the VMM reports it (0 included), followed by
     :func:`ramd.ramblock.change.follow`; a resize is a request to ``sized_by``
     (``requested_size``); ``max(size, requested_size)`` is what the block counts as used.

@@ -1,6 +1,6 @@
 """The one resize/remove operation of a RAM block: checks, pin, map or wait for the holders,
 notify, release or roll back (QEMU's ``qemu_ram_resize`` and ``qemu_ram_free``, extended
-across processes by protocol.md §8, §12 and §13).
+across processes by docs/protocol.md §8, §12 and §13).
 
 Every resize and removal goes through :func:`resize` or :func:`remove`, whoever asks (a
 command, a load, an in-process caller), and every size a VMM reports through :func:`follow`:

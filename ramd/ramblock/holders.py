@@ -1,5 +1,5 @@
 """Holders: the processes that hold a RAM block's memory, and the acknowledgements that a
-release of that memory waits for (protocol.md §8, §12, §13).
+release of that memory waits for (docs/protocol.md §8, §12, §13).
 
 A block's holders are of three kinds:
 
@@ -15,7 +15,7 @@ One :class:`Holders` registry per RAM list keeps them all. The one resize/remove
 holder is identified by its block, owner and kind; the same owner may hold a block both as
 mapper and as lease.
 
-File access follows the holders (protocol.md §8): while a holder of another uid holds a
+File access follows the holders (docs/protocol.md §8): while a holder of another uid holds a
 shared block, that uid may open the block's file as its fd allows (read-write, or read-only
 when every fd it was given is read-only), through the file's grants
 (:class:`~ramd.hostmem.grants.UidGrants`); the grant ends with the uid's last holding. A

@@ -27,7 +27,7 @@ class Pin:
     """One holding of a block's pin; :meth:`release` it exactly once (later calls do
     nothing). ``why`` completes the busy answer and may be updated while held
     (``waiting for 2 mapper(s)``). ``releasing``: a release of the block's memory is pending
-    (protocol §8: a connection never becomes a holder of such a block)."""
+    (docs/protocol.md §8: a connection never becomes a holder of such a block)."""
 
     __slots__ = ("_pins", "releasing", "shared", "why")
 

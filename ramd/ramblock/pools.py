@@ -1,4 +1,4 @@
-"""Pools: blocks allocated and populated before anyone asks for them (protocol.md §14).
+"""Pools: blocks allocated and populated before anyone asks for them (docs/protocol.md §14).
 
 Each pool keeps up to ``count`` spare blocks ready (:meth:`RAMList.create_spare`): mapped on
 the loop thread (cheap: no page is allocated there), then filled in a worker thread (every

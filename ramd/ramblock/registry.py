@@ -628,7 +628,7 @@ class RAMList:
         self.used -= old - new
         block.mem.release(new, old)
 
-    # -- sized by a VMM (protocol.md §13, virtio-mem): the steps of ramd.ramblock.change ----
+    # -- sized by a VMM (docs/protocol.md §13, virtio-mem): the steps of ramd.ramblock.change ----
 
     def size_by_vmm(self, block: RAMBlock, owner: SizeOwner, requested: int) -> None:
         """From now on a VMM sets ``block``'s size (:attr:`RAMBlock.sized_by`): its file
@@ -768,7 +768,7 @@ class RAMList:
     # -- templates (ramd.ramblock.seal) -------------------------------------------------------
 
     def seal(self, block_id: str) -> RAMBlock:
-        """Seal a ``memfd`` block as a template (protocol.md §14); the block."""
+        """Seal a ``memfd`` block as a template (docs/protocol.md §14); the block."""
         return seal.seal(self, block_id)
 
     # -- memory access (bounds-checked: ramd.ramblock.access) --------------------------------

@@ -1,5 +1,5 @@
 """Templates: a ``memfd`` block sealed so that its memory can never change again
-(protocol.md §14).
+(docs/protocol.md §14).
 
 :func:`seal` makes the daemon's own view read-only, then seals the memfd
 (:meth:`~ramd.hostmem.shared.MemfdMemory.seal`); the kernel refuses while another process

@@ -22,7 +22,7 @@ from contextlib import contextmanager, suppress
 from ramd.snapshot.fileio import strerror
 from ramd.snapshot.format import ImageError
 
-#: An image name (protocol.md §10): no paths, never a hidden file.
+#: An image name (docs/protocol.md §10): no paths, never a hidden file.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 #: Temporary names start with a dot, so no valid image name can be one.

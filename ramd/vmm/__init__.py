@@ -1,4 +1,4 @@
-"""VMM attachments (protocol.md §13): the daemon as a QMP client of a running VMM.
+"""VMM attachments (docs/protocol.md §13): the daemon as a QMP client of a running VMM.
 
 - :mod:`ramd.vmm.link`: one ``qemu.qmp`` client connection to one VMM socket, with a timeout
   on everything the VMM owes and a bound on what it sends;

@@ -1,4 +1,4 @@
-"""The attachments of blocks to VMMs, and the steps that make and end them (protocol.md §13).
+"""The attachments of blocks to VMMs, and the steps that make and end them (docs/protocol.md §13).
 
 An attachment puts a shared block into a running VMM over the VMM's own QMP socket: the
 VMM's uid gets access to the block's file, ``add-fd`` passes the fd, ``object-add`` makes a

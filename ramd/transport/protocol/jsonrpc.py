@@ -46,7 +46,7 @@ from ramd.transport.sockets.output import SCM_MAX_FD, close_fds
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 
-#: The commands whose answer carries an fd (``ram-block-get-fd``, protocol.md §8).
+#: The commands whose answer carries an fd (``ram-block-get-fd``, docs/protocol.md §8).
 FD_METHODS = frozenset({"ram-block-get-fd"})
 
 

@@ -1,6 +1,6 @@
 """Who may connect, with which access, and how many connection slots each peer may hold.
 
-Access (protocol.md §11): a peer is read-only when its uid is in ``readonly-uids`` or any of
+Access (docs/protocol.md §11): a peer is read-only when its uid is in ``readonly-uids`` or any of
 its groups (primary or supplementary, ``SO_PEERGROUPS``) is in ``readonly-gids``; otherwise it
 is refused when allow lists are set and neither its uid nor any of its groups is on them.
 When the kernel cannot tell the peer's groups and a gid rule is configured, the peer is

@@ -1,4 +1,4 @@
-"""File descriptors in flight: sent to peers that have not read them yet (protocol.md §11).
+"""File descriptors in flight: sent to peers that have not read them yet (docs/protocol.md §11).
 
 An fd sent with ``SCM_RIGHTS`` sits in the peer's receive queue until the peer reads the byte
 it came with. Meanwhile the kernel counts it against the *sender's* ``RLIMIT_NOFILE`` (unless

@@ -21,12 +21,11 @@ it has left: such a message waits until the transport's buffer is empty (its hig
 is lowered to 0 meanwhile, so asyncio says when). The output owns queued fds: they are
 closed once sent, or when the output closes.
 
-fds in flight (protocol.md §11, :mod:`ramd.transport.sockets.fdflight`): a message with fds also
-waits
-until the peer read the previous one (``unread``, the socket's ``TIOCOUTQ``, is 0: the peer
-read everything sent before; asked every ``FD_RETRY`` to ``FD_RETRY_MAX`` seconds, as nothing
-signals it), and goes only if the server's :class:`~ramd.transport.sockets.fdflight.FdFlight` admits
-it. When it cannot go (refused there, or ``sendmsg`` fails for any reason but the peer being
+fds in flight (docs/protocol.md §11, :mod:`ramd.transport.sockets.fdflight`): a message with
+fds also waits until the peer read the previous one (``unread``, the socket's ``TIOCOUTQ``,
+is 0: the peer read everything sent before; asked every ``FD_RETRY`` to ``FD_RETRY_MAX``
+seconds, as nothing signals it), and goes only if the server's
+:class:`~ramd.transport.sockets.fdflight.FdFlight` admits it. When it cannot go (refused there, or ``sendmsg`` fails for any reason but the peer being
 gone), its fds are closed, the failure is logged and the message is replaced by the answer
 ``failed(reason)`` gives (its requests fail); the connection goes on.
 

@@ -8,7 +8,7 @@ connection's read callback (inline, which saves a task switch per request) or fr
 connection's task. Since ``run`` refuses to start anything while an outcome is pending, an
 answer can neither be lost nor overtaken, whatever the event loop delivers in one iteration.
 
-Received fds (protocol.md §11: an fd is kept only for a ``getfd`` in the same message): the
+Received fds (docs/protocol.md §11: an fd is kept only for a ``getfd`` in the same message): the
 connection hands over the fds of each read with the messages that read has bytes of
 (:meth:`Pipeline.push_fds`), as one group: the fds are offered to ``getfd`` from when the
 group's first message starts until its last one is answered, then the ones left are closed.
