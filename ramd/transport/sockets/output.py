@@ -22,11 +22,12 @@ is lowered to 0 meanwhile, so asyncio says when). The output owns queued fds: th
 closed once sent, or when the output closes.
 
 fds in flight (docs/protocol.md §11, :mod:`ramd.transport.sockets.fdflight`): a message with
-fds also waits until the peer read the previous one (``unread``, the socket's ``TIOCOUTQ``,
-is 0: the peer read everything sent before; asked every ``FD_RETRY`` to ``FD_RETRY_MAX``
-seconds, as nothing signals it), and goes only if the server's
-:class:`~ramd.transport.sockets.fdflight.FdFlight` admits it. When it cannot go (refused there, or ``sendmsg`` fails for any reason but the peer being
-gone), its fds are closed, the failure is logged and the message is replaced by the answer
+fds also waits until the peer read the previous one (``unread``, the socket's ``TIOCOUTQ``, is
+0: the peer read everything sent before; asked every ``FD_RETRY`` to ``FD_RETRY_MAX`` seconds,
+as nothing signals it), and goes only if the server's
+:class:`~ramd.transport.sockets.fdflight.FdFlight` admits it. When it cannot go (refused there,
+or ``sendmsg`` fails for any reason but the peer being gone), its fds are closed, the failure
+is logged and the message is replaced by the answer
 ``failed(reason)`` gives (its requests fail); the connection goes on.
 
 Ownership and thread: owned by its connection; loop thread only.
