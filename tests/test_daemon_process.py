@@ -203,9 +203,14 @@ def test_socket_activation_serves_inherited_socket_and_leaves_it(tmp_path: Path)
     proc = subprocess.Popen([*activate, *RAMD], env=env)
     try:
         deadline = time.monotonic() + 10
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with Raw(path) as rpc:
+        while True:  # the socket file exists from bind on; it accepts from listen on
+            try:
+                rpc = Raw(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+                time.sleep(0.02)
+        with rpc:
             rpc.call("ram-block-add", id="a", size=PAGE)
             assert [b["id"] for b in rpc.call("query-ram-blocks")] == ["a"]
         assert "READY=1" in notify.recv(4096).decode()

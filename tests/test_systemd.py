@@ -330,7 +330,14 @@ def test_listen_fds_under_systemd_socket_activate(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
             time.sleep(0.01)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.connect(str(path))
+            # the socket file exists from bind on; it accepts from listen on
+            while True:
+                try:
+                    client.connect(str(path))
+                    break
+                except ConnectionRefusedError:
+                    assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+                    time.sleep(0.01)
             out, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
