@@ -13,7 +13,10 @@ from daemon import Raw
 
 
 class Mapper(Raw):
-    """A JSON-RPC connection that can receive fds (``recvmsg``) and send them."""
+    """A JSON-RPC connection that can receive fds (``recvmsg``) and send them; at most
+    ``MAX_FDS`` per read."""
+
+    MAX_FDS = 4
 
     def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
         super().__init__(path, timeout)
@@ -21,7 +24,7 @@ class Mapper(Raw):
 
     def line(self) -> dict[str, Any] | list[Any]:
         while b"\n" not in self.buf:
-            data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(16))
+            data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * self.MAX_FDS))
             for level, kind, raw in anc:
                 if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
                     fds = array.array("i")

@@ -20,36 +20,23 @@ from typing import Any
 
 import pytest
 from daemon import Daemon, Raw
+from fdpeer import Mapper
 from unprivileged import unprivileged_daemon
 
 MiB = 1 << 20
-_FDS = socket.CMSG_SPACE(253 * 4)
 
 
 def _get_fd(req_id: int, block: str = "m") -> dict[str, Any]:
     return {"jsonrpc": "2.0", "method": "ram-block-get-fd", "params": {"id": block}, "id": req_id}
 
 
-class FdConn(Raw):
-    """A connection that reads answers with ``recvmsg`` and keeps the fds of each line."""
+class FdConn(Mapper):
+    """A mapper connection that takes a whole batch's fds in one read (253: SCM_MAX_FD)."""
+
+    MAX_FDS = 253
 
     def __init__(self, path: Path | str, timeout: float = 60.0) -> None:
         super().__init__(path, timeout)
-        self.fds: list[int] = []
-
-    def line(self) -> dict[str, Any] | list[Any]:
-        while b"\n" not in self.buf:
-            data, anc, _, _ = self.sock.recvmsg(1 << 16, _FDS)
-            for level, kind, raw in anc:
-                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-                    fds = array.array("i")
-                    fds.frombytes(raw[: len(raw) - len(raw) % 4])
-                    self.fds.extend(fds)
-            if not data:
-                raise ConnectionError("daemon closed the connection")
-            self.buf += data
-        raw_line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(raw_line)  # type: ignore[no-any-return]
 
     def take_fds(self) -> list[int]:
         fds, self.fds = self.fds, []

@@ -70,6 +70,13 @@ def _strerror(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
+class CreateOptions(BlockSettings, total=False):
+    """What :meth:`RAMList.create` takes besides the block's settings."""
+
+    memory: HostMemory | None
+    allocate: bool
+
+
 class RAMList:
     """All RAM blocks of the daemon, in creation order, and their notifiers."""
 
@@ -173,17 +180,7 @@ class RAMList:
         block_id: str,
         size: int,
         max_size: int | None = None,
-        *,
-        backend: Backend = "anonymous",
-        hugetlb: bool = False,
-        prealloc: bool = False,
-        merge: bool = False,
-        dump: bool = True,
-        hugepages: bool = False,
-        lock: bool = False,
-        align: int | None = None,
-        memory: HostMemory | None = None,
-        allocate: bool = True,
+        **options: Unpack[CreateOptions],
     ) -> RAMBlock:
         """Validate, map and configure a block, reserving its id; not yet visible.
 
@@ -206,21 +203,7 @@ class RAMList:
         :class:`RamdError` for bad arguments or when the kernel refuses the memory.
         """
         self._check_new_id(block_id)
-        return self._create(
-            block_id,
-            size,
-            max_size,
-            backend=backend,
-            hugetlb=hugetlb,
-            prealloc=prealloc,
-            merge=merge,
-            dump=dump,
-            hugepages=hugepages,
-            lock=lock,
-            align=align,
-            memory=memory,
-            allocate=allocate,
-        )
+        return self._create(block_id, size, max_size, **options)
 
     def _check_new_id(self, block_id: str) -> None:
         if not isinstance(block_id, str) or not _ID_RE.match(block_id):
