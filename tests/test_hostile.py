@@ -356,6 +356,32 @@ def test_growing_a_locked_block_does_not_stall_other_clients(reused_daemon: Daem
         assert rpc.call("ram-block-resize", id="l", size=PAGE)["size"] == PAGE
 
 
+def test_discarding_much_of_a_locked_block_does_not_stall_other_clients(
+    reused_daemon: Daemon,
+) -> None:
+    """Issue 21 point 9: a locked range is faulted in again after a discard; 6 GiB of it
+    held every client 1.5 s. It runs off the loop thread now, the block pinned meanwhile."""
+    with Raw(reused_daemon.path, timeout=120) as rpc, Raw(reused_daemon.path) as other:
+        rpc.call("ram-block-add", id="l", size=2 * GiB, lock=True)
+        rpc.call("ram-block-write", id="l", offset=GiB, data="AQID")
+        rpc.send(
+            json.dumps(_req("ram-block-discard", 1, id="l", offset=0, length=2 * GiB)).encode()
+        )
+        probe = {"id": "l", "offset": 0, "data": "AA=="}
+        deadline = time.monotonic() + 60
+        while "busy" not in json.dumps(other.request("ram-block-write", probe)):
+            assert time.monotonic() < deadline, "the block was never pinned for the discard"
+            time.sleep(0.005)
+        assert other.call("query-version")
+        still_discarding = select.select([rpc.sock], [], [], 0)[0] == []
+        assert rpc.reply()["result"] == {}
+        assert still_discarding, "the discard finished before the other client was served"
+        assert other.call("ram-block-read", id="l", offset=GiB, length=3)["data"] == "AAAA"
+        (listed,) = other.call("query-ram-blocks", id="l", resident=True)
+        assert listed["resident"] == 2 * GiB  # locked again
+        assert rpc.call("ram-block-del", id="l") == {}
+
+
 # -- 11: logs ------------------------------------------------------------------------------
 
 

@@ -17,8 +17,9 @@ from ramd.api.service import Session
 from ramd.api.table import Raw, block_info, command
 from ramd.errors import RamdError
 from ramd.process import fdstore
-from ramd.ramblock import RAMBlock, change
+from ramd.ramblock import RAMBlock, access, change
 from ramd.ramblock.change import LOCK_INLINE_MAX
+from ramd.ramblock.pins import Pin
 
 #: Page scans (``resident``) of more used bytes than this run in a worker thread (``mincore``
 #: reads about 1 GiB of page tables per ms).
@@ -163,7 +164,25 @@ def ram_block_write(session: Session, args: m.RamBlockWriteArgs) -> m.WriteResul
 
 
 @command("ram-block-discard", m.RamBlockDiscardArgs, m.Empty)
-def ram_block_discard(session: Session, args: m.RamBlockDiscardArgs) -> m.Empty:
+def ram_block_discard(
+    session: Session, args: m.RamBlockDiscardArgs
+) -> m.Empty | Awaitable[m.Empty]:
     """Drop the pages of a page-aligned range: it reads back as zeros, its memory is freed."""
-    session.service.ram.discard(args.id, args.offset, args.length)
+    service = session.service
+    block = access.check_discard(service.ram, args.id, args.offset, args.length)
+    if not (block.lock and args.length > LOCK_INLINE_MAX):
+        access.drop_range(block, args.offset, args.length)
+        return m.Empty()
+    # a locked range is faulted in again: off the loop thread, the block pinned meanwhile
+    pin = block.pins.take("a range of it is being discarded")
+    return service.waiting.spawn(_drop_pinned(session, block, pin, args.offset, args.length))
+
+
+async def _drop_pinned(
+    session: Session, block: RAMBlock, pin: Pin, offset: int, length: int
+) -> m.Empty:
+    try:
+        await session.service.in_worker(lambda: access.drop_range(block, offset, length))
+    finally:
+        pin.release()
     return m.Empty()

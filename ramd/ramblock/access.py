@@ -69,6 +69,11 @@ def discard(ram: RAMList, block_id: str, offset: int, length: int) -> None:
     The range reads back as zeros and its memory is released at once (for a locked block,
     the range is locked again afterwards, which faults in fresh zero pages).
     """
+    drop_range(check_discard(ram, block_id, offset, length), offset, length)
+
+
+def check_discard(ram: RAMList, block_id: str, offset: int, length: int) -> RAMBlock:
+    """The block whose ``[offset, offset+length)`` may be discarded now, or the refusal."""
     block = ram.changeable(block_id)
     check_not_sealed(block)
     if offset % block.page_size or length % block.page_size:
@@ -77,6 +82,13 @@ def discard(ram: RAMList, block_id: str, offset: int, length: int) -> None:
             f" must be multiples of the page size 0x{block.page_size:x}"
         )
     check_range(block, offset, length)
+    return block
+
+
+def drop_range(block: RAMBlock, offset: int, length: int) -> None:
+    """Discard a range :func:`check_discard` allowed. Its cost grows with ``length`` for a
+    locked block (the range is faulted in again): a worker thread may run it while the
+    caller holds the block's pin."""
     if length == 0:
         return
     addr = block.host + offset
