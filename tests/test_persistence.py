@@ -396,12 +396,12 @@ class FakeManager:
             for fd in fds:
                 os.close(fd)
 
-    def start(self, tmp: Path) -> Daemon:
+    def start(self, tmp: Path, config: str = "") -> Daemon:
         """Start the daemon with the stored fds passed back."""
         tmp.mkdir()
         names, fds = list(self.stored), list(self.stored.values())
         wrap = [sys.executable, "-c", WRAPPER, ":".join(names), *map(str, fds), "--"]
-        return Daemon(tmp, "", wrap=wrap, pass_fds=fds)
+        return Daemon(tmp, config, wrap=wrap, pass_fds=fds)
 
     def close(self) -> None:
         for fd in self.stored.values():
@@ -458,6 +458,24 @@ def test_memfd_blocks_survive_a_restart_through_the_fd_store(
         assert d2.stop() == 0
     manager.drain()
     assert list(manager.stored) == [f"ram.{MiB:x}.-.m"]  # adopted blocks are not pushed twice
+
+
+def test_fd_store_adoption_keeps_max_used(tmp_path: Path, manager: FakeManager) -> None:
+    """Issue 21 point 9: blocks passed back from the fd store were adopted past max-used."""
+    d = manager.start(tmp_path / "1")
+    with Raw(d.path) as raw:
+        for block_id in ("a", "b"):
+            raw.call("ram-block-add", id=block_id, size=16 * PAGE, backend="memfd")
+    assert d.stop() == 0
+    manager.drain()
+    d2 = manager.start(tmp_path / "2", f"[limits]\nmax-used = {20 * PAGE}\n")
+    try:
+        with Raw(d2.path) as raw:
+            assert len(raw.call("query-ram-blocks")) == 1
+            assert raw.call("query-stats")["used"] == 16 * PAGE
+        assert f"not adopted (0x{16 * PAGE:x} bytes: max-used is {20 * PAGE}" in d2.log_text()
+    finally:
+        assert d2.stop() == 0
 
 
 def test_a_sealed_memfd_block_stays_sealed_across_the_fd_store(

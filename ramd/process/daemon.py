@@ -141,7 +141,8 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
         passed = systemd.listen_fds()
         _adopt_memory_dir(ram, service.limits.max_used)
-        fdstore.adopt_stored(service.ram, [p for p in passed if fdstore.is_block_name(p[1])])
+        stored = [p for p in passed if fdstore.is_block_name(p[1])]
+        fdstore.adopt_stored(service.ram, stored, service.limits.max_used)
         kept = adoption.kept_config_blocks(service.ram, config.block)
         await create_config_blocks(service, config, kept)
         start_pools(service, config)

@@ -69,10 +69,12 @@ def forget(block: RAMBlock) -> None:
         systemd.notify(f"FDSTOREREMOVE=1\nFDNAME={fd_name(block)}")
 
 
-def adopt_stored(ram: RAMList, passed: list[tuple[int, str]]) -> list[str]:
+def adopt_stored(ram: RAMList, passed: list[tuple[int, str]], max_used: int = 0) -> list[str]:
     """Adopt the ``memfd`` blocks passed back from the fd store (``(fd, name)`` pairs, fds
     taken over); the ids adopted. One that cannot be adopted is logged and its fd closed
-    (the store keeps it until a ``ram-block-del`` of that id or the unit's stop)."""
+    (the store keeps it until a ``ram-block-del`` of that id or the unit's stop); so is one
+    that would take the blocks' total size past ``max_used`` (``[limits] max-used``; 0:
+    none), as an add would be refused."""
     adopted = []
     for fd, name in passed:
         m = _NAME_RE.fullmatch(name)
@@ -85,6 +87,16 @@ def adopt_stored(ram: RAMList, passed: list[tuple[int, str]]) -> list[str]:
             meta = _meta(fd, block_id, m.group(1), m.group(2))
         except (OSError, ValueError) as e:
             log.warning("fd store: RAM block '%s' not adopted: %s", block_id, e)
+            os.close(fd)
+            continue
+        if max_used and ram.used + meta.size > max_used:
+            log.warning(
+                "fd store: RAM block '%s' not adopted (0x%x bytes: max-used is %d, %d used)",
+                block_id,
+                meta.size,
+                max_used,
+                ram.used,
+            )
             os.close(fd)
             continue
         try:  # takes the fd over, closed on failure too
