@@ -122,6 +122,7 @@ async def serve(
         passed = systemd.listen_fds()
         _adopt_memory_dir(ram, service.limits.max_used)
         fdstore.adopt_stored(service.ram, [p for p in passed if fdstore.is_block_name(p[1])])
+        await service.attachments.resume(list(service.ram), service.limits.ack_timeout)
         kept = adoption.kept_config_blocks(service.ram, config.block)
         await create_config_blocks(service, config, kept)
         sockets = [p for p in passed if not fdstore.is_block_name(p[1])]

@@ -462,3 +462,55 @@ def test_a_vmm_sending_too_much_is_cut_off(vmm_daemon: Daemon, tmp_path: Path) -
         thread.join(10)
         assert sent[0] > 10_000  # the daemon read (and dropped) what the VMM sent
         assert vmm_daemon.rss() < 200 * MiB
+
+
+@pytest.mark.parametrize("qemu_meanwhile", ["runs", "exits"])
+def test_an_attachment_is_resumed_after_a_ramd_restart(
+    start_daemon: Callable[..., Daemon], qemu: Qemu, qemu_meanwhile: str
+) -> None:
+    """A ``file`` block attached as a DIMM stays attached across a restart of ramd (SIGTERM,
+    then a new daemon on the same memory-dir adopts the block and resumes the attachment from
+    its record); killing QEMU then ends it. A QEMU that exited while ramd was down: the
+    attachment ends at start (``vmm-exited``), its record with it."""
+    parent = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm"))
+    try:
+        config = f'memory-dir = "{parent}/mem"\n[limits]\nack-timeout = 2\n'
+        d = start_daemon(config)
+        with Raw(d.path) as rpc:
+            info = rpc.call(
+                "ram-block-add", id="vm1", size=16 * MiB, backend="file", **{"max-size": 64 * MiB}
+            )
+            rpc.call("ram-block-write", id="vm1", offset=0, data=_b64(b"kept"))
+            att = _attach(rpc, qemu, "vm1")["attachment"]
+        record = parent / "mem" / ".vm1.vmm"
+        assert record.exists()
+        assert d.stop() == 0
+        if qemu_meanwhile == "exits":
+            qemu.kill()
+        d = start_daemon(config)
+        with Raw(d.path) as rpc:
+            rpc.call("subscribe", events=["RAM_BLOCK_DETACHED"])
+            now = rpc.call("query-ram-blocks", id="vm1")[0]
+            if qemu_meanwhile == "exits":
+                assert "attachment" not in now and not record.exists()
+                assert file_acl(info["path"]) is None
+                assert rpc.call("ram-block-del", id="vm1") == {}
+                return
+            assert now["attachment"] == att
+            assert [(h["kind"], h["pid"]) for h in now["holders"]] == [("vmm", qemu.pid)]
+            assert file_acl(info["path"]) is not None
+            err = rpc.error("ram-block-resize", id="vm1", size=32 * MiB)
+            assert err["message"] == "RAM block 'vm1' is attached as pc-dimm: its size is fixed"
+            err = rpc.error("ram-block-del", id="vm1")
+            assert err["message"] == (
+                f"RAM block 'vm1' is attached to VMM {qemu.pid} as ramd-vm1: detach it first"
+            )
+            assert qemu.xp(DIMM_BASE, 4) == b"kept"
+            qemu.kill()
+            event = _wait_event(rpc, "RAM_BLOCK_DETACHED")
+            assert (event["id"], event["reason"]) == ("vm1", "vmm-exited")
+            assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+            assert not record.exists() and file_acl(info["path"]) is None
+            assert rpc.call("ram-block-del", id="vm1") == {}
+    finally:
+        shutil.rmtree(parent)

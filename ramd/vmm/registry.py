@@ -7,7 +7,9 @@ VMM's uid gets access to the block's file, ``add-fd`` passes the fd, ``object-ad
 step fails, so a failed attach leaves nothing behind in either process. Detaching is
 ``device_del``, the VMM's ``DEVICE_DELETED`` (the guest let go), then ``object-del`` and
 ``remove-fd``; without ``DEVICE_DELETED`` in time nothing changes. When the VMM's connection
-closes (it exited), its attachments end with reason ``vmm-exited``.
+closes (it exited), its attachments end with reason ``vmm-exited``. Each attachment of a
+``file`` block is recorded beside it (:mod:`ramd.vmm.records`) from the attach until it ends,
+so that a restarted daemon resumes it (:meth:`Attachments.resume`).
 
 Invariants: a block has at most one attachment; there is at most one :class:`VmmLink` per
 socket path, open while it serves an attachment or an attach in progress. Everything the VMM
@@ -22,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ramd.errors import RamdError
 from ramd.ramblock import RAMBlock
 from ramd.ramblock.holders import Holder, Holders
+from ramd.vmm import records
 from ramd.vmm.errors import VmmError, VmmGone, VmmRefused, VmmTimeout
 
 if TYPE_CHECKING:
@@ -287,9 +290,8 @@ class Attachments:
                 ) from None
             raise
         att = Attachment(block, link, kind, device, addr, fdset_id, vmm_fd, holder)
-        self._by_block[block] = att
-        block.attachment = att.info()
-        self._refresh(block)
+        self._register(att)
+        records.save(block, records.Record(link.path, kind, device, link.pid, fdset_id, vmm_fd))
         self._emit(
             "RAM_BLOCK_ATTACHED",
             block,
@@ -305,6 +307,11 @@ class Attachments:
             addr,
         )
         return att
+
+    def _register(self, att: Attachment) -> None:
+        self._by_block[att.block] = att
+        att.block.attachment = att.info()
+        self._refresh(att.block)
 
     def _sweep(self, block: RAMBlock, link: VmmLink, undo: list[tuple[str, Step]]) -> None:
         """Undo a failed attach in the background, with :data:`SWEEP_TIMEOUT` per step: the
@@ -432,6 +439,7 @@ class Attachments:
         info and the subscribers learn it."""
         block = att.block
         del self._by_block[block]
+        records.remove(block)
         self._holders.remove(block, att.holder.owner)
         block.attachment = None
         self._refresh(block)
@@ -441,9 +449,64 @@ class Attachments:
         log.info("RAM block '%s' detached from VMM pid %d: %s", block.id, att.link.pid, reason)
         self._release_link(att.link)
 
+    # -- resume after a restart -----------------------------------------------------------
+
+    async def resume(self, blocks: Iterable[RAMBlock], timeout: float) -> None:
+        """At start, before clients are served: resume the recorded attachment of each of
+        ``blocks`` (:mod:`ramd.vmm.records`) whose VMM still runs (the same pid answers on the
+        recorded QMP socket) and still lists the device on memdev ``ramd-mem-ID``; any other
+        ends with reason ``vmm-exited``. The VMMs are asked concurrently, each within
+        ``timeout`` seconds."""
+        found = [(b, r) for b in blocks if (r := records.load(b)) is not None]
+        await asyncio.gather(*(self._resume(block, rec, timeout) for block, rec in found))
+
+    async def _resume(self, block: RAMBlock, rec: records.Record, timeout: float) -> None:
+        self._busy[rec.qmp] = self._busy.get(rec.qmp, 0) + 1
+        link: VmmLink | None = None
+        try:
+            try:
+                link = await self._link(rec.qmp, timeout)
+                if link.pid != rec.vmm_pid:
+                    raise VmmGone(f"pid {link.pid} answers there now, not {rec.vmm_pid}")
+                devices = await link.execute("query-memory-devices", None, timeout)
+                addr = _addr_of(devices, rec.device, memdev_id(block))
+                kind: AttachAs = "virtio-mem" if rec.kind == "virtio-mem" else "pc-dimm"
+                holder = self._hold(block, link)
+            except (VmmError, RamdError) as e:
+                records.remove(block)
+                self._emit(
+                    "RAM_BLOCK_DETACHED",
+                    block,
+                    {"id": block.id, "device": rec.device, "reason": "vmm-exited"},
+                )
+                log.info(
+                    "RAM block '%s': attachment to VMM pid %d at %s not resumed: %s",
+                    block.id,
+                    rec.vmm_pid,
+                    rec.qmp,
+                    e,
+                )
+                return
+            att = Attachment(block, link, kind, rec.device, addr, rec.fdset_id, rec.fd, holder)
+            self._register(att)
+            log.info(
+                "RAM block '%s': attachment to VMM pid %d as %s %s resumed",
+                block.id,
+                link.pid,
+                kind,
+                rec.device,
+            )
+        finally:
+            self._busy[rec.qmp] -= 1
+            if not self._busy[rec.qmp]:
+                del self._busy[rec.qmp]
+            if link is not None:
+                self._release_link(link)
+
     async def close(self) -> None:
         """At shutdown: close every link (the VMMs keep what they map) and take back the
-        access given to their uids."""
+        access given to their uids. The attachments stay recorded with their blocks: the
+        next daemon resumes them (:meth:`resume`)."""
         for att in list(self._by_block.values()):
             self._holders.remove(att.block, att.holder.owner)
         self._by_block.clear()
