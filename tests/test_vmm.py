@@ -23,6 +23,7 @@ import ramd_client
 from client_support import WireRecorder, arguments_validator
 from conftest import LOOPS
 from daemon import Daemon, Raw, wait_job
+from fdstore_support import FakeManager
 from ramctl_support import jok, ok, ramctl
 from vmm_support import DIMM_BASE, QEMU, VMM_UID, Qemu, file_acl
 
@@ -514,3 +515,47 @@ def test_an_attachment_is_resumed_after_a_ramd_restart(
             assert rpc.call("ram-block-del", id="vm1") == {}
     finally:
         shutil.rmtree(parent)
+
+
+def test_a_memfd_blocks_attachment_is_resumed_through_the_fd_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qemu: Qemu
+) -> None:
+    """A ``memfd`` block's attachment is recorded in the fd store (an entry named
+    ``vmm,ID,DEVICE,KIND,PID,FDSET,FD,QMP``) beside the block; the next daemon, given both
+    back, resumes it, and the record goes when the attachment ends."""
+    manager = FakeManager(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(manager.path))
+    try:
+        d = manager.start(tmp_path / "1")
+        with Raw(d.path) as rpc:
+            rpc.call(
+                "ram-block-add", id="vm1", size=16 * MiB, backend="memfd", **{"max-size": 64 * MiB}
+            )
+            rpc.call("ram-block-write", id="vm1", offset=0, data=_b64(b"kept"))
+            att = _attach(rpc, qemu, "vm1")["attachment"]
+        assert d.stop() == 0
+        manager.drain()
+        (record,) = [n for n in manager.stored if n.startswith("vmm,")]
+        assert record.startswith(f"vmm,vm1,ramd-vm1,pc-dimm,{qemu.pid},")
+        assert record.endswith(f",{qemu.ramd_qmp}")
+        d = manager.start(tmp_path / "2")
+        try:
+            with Raw(d.path) as rpc:
+                rpc.call("subscribe", events=["RAM_BLOCK_DETACHED"])
+                now = rpc.call("query-ram-blocks", id="vm1")[0]
+                assert now["attachment"] == att
+                assert [(h["kind"], h["pid"]) for h in now["holders"]] == [("vmm", qemu.pid)]
+                err = rpc.error("ram-block-resize", id="vm1", size=32 * MiB)
+                assert err["message"] == "RAM block 'vm1' is attached as pc-dimm: its size is fixed"
+                assert "detach it first" in rpc.error("ram-block-del", id="vm1")["message"]
+                assert qemu.xp(DIMM_BASE, 4) == b"kept"
+                qemu.kill()
+                assert _wait_event(rpc, "RAM_BLOCK_DETACHED")["reason"] == "vmm-exited"
+                assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+        finally:
+            assert d.stop() == 0
+        manager.drain()
+        assert [n for n in manager.stored if n.startswith("vmm,")] == []
+        assert list(manager.stored) == ["ram.4000000.-.vm1"]
+    finally:
+        manager.close()

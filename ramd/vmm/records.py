@@ -7,11 +7,21 @@ adoption)::
     {"format": "ramd-attachment", "version": 1, "qmp": PATH, "as": KIND, "device": NAME,
      "vmm-pid": PID, "fdset-id": N, "fd": N}
 
-It is written when an attach succeeds and removed when the attachment ends (detached, or the
-VMM exited); a daemon that stops leaves it, and the next one reads it (:func:`load`) after
-adopting the block. Writes go to ``.ID.vmm.tmp`` and are renamed over the record, so a reader
-sees a whole record or none. Blocks of other backends have no record (a ``memfd`` block's
-attachment is not resumed).
+A ``memfd`` block's record is the name of an entry in systemd's fd store (when
+``$NOTIFY_SOCKET`` is set, as for the block itself: :mod:`ramd.fdstore`)::
+
+    vmm,ID,DEVICE,KIND,PID,FDSET,FD,QMP
+
+(``,``-separated: ids and QEMU device names cannot contain one, and the QMP path, which may,
+is last; an ``FDNAME`` has no ``:``, at most 255 characters: a record that does not fit is
+not made, logged). The fd stored under it is an empty memfd of its own (systemd keeps one
+entry per distinct file). On the next start the service manager passes it back like the
+blocks: :func:`take_stored` takes these entries out of the passed fds (closing their fds).
+
+A record is written when an attach succeeds and removed when the attachment ends (detached,
+or the VMM exited); a daemon that stops leaves it, and the next one reads it (:func:`load`)
+after adopting the block. File records are written to ``.ID.vmm.tmp`` and renamed over the
+record, so a reader sees a whole record or none. Blocks of other backends have no record.
 
 Thread: the loop thread (the records are small; the memory-dir is the daemon's, locked).
 """
@@ -23,6 +33,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from ramd import systemd
 from ramd.ramblock import RAMBlock
 
 log = logging.getLogger(__name__)
@@ -31,6 +42,10 @@ FORMAT = "ramd-attachment"
 VERSION = 1
 #: Longest record read (anything larger is not a record).
 MAX_BYTES = 16 * 1024
+#: Prefix of an fd store entry that is an attachment record.
+STORE_PREFIX = "vmm,"
+#: Longest ``FDNAME`` systemd takes.
+FDNAME_MAX = 255
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,69 @@ class Record:
         pid, fdset, fd = (int(v) for v in ints if type(v) is int)
         return cls(qmp, kind, device, pid, fdset, fd)
 
+    def store_name(self, block_id: str) -> str:
+        """The fd store entry's name of this record for block ``block_id``."""
+        fields = (block_id, self.device, self.kind, self.vmm_pid, self.fdset_id, self.fd)
+        return STORE_PREFIX + ",".join(map(str, fields)) + "," + self.qmp
+
+    @classmethod
+    def from_store_name(cls, name: str) -> tuple[str, Record]:
+        """The block id and the record of an fd store entry; ``ValueError`` if not one."""
+        fields = name.removeprefix(STORE_PREFIX).split(",", 6)
+        if not name.startswith(STORE_PREFIX) or len(fields) != 7:
+            raise ValueError(f"not an attachment record: {name!r}")
+        block_id, device, kind, pid, fdset, fd, qmp = fields
+        if not (block_id and device and kind and qmp):
+            raise ValueError(f"not an attachment record: {name!r}")
+        if not all(v.isdecimal() for v in (pid, fdset, fd)):
+            raise ValueError(f"not an attachment record: {name!r}")
+        return block_id, cls(qmp, kind, device, int(pid), int(fdset), int(fd))
+
+
+def take_stored(passed: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], dict[str, Record]]:
+    """Split the fds the service manager passed (``(fd, name)``): the records among them
+    (their fds closed), by block id, and the rest. An entry that is not a valid record is
+    dropped from the store."""
+    rest: list[tuple[int, str]] = []
+    found: dict[str, Record] = {}
+    for fd, name in passed:
+        if not name.startswith(STORE_PREFIX):
+            rest.append((fd, name))
+            continue
+        os.close(fd)
+        try:
+            block_id, rec = Record.from_store_name(name)
+        except ValueError as e:
+            log.warning("fd store: %s: dropped", e)
+            systemd.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+            continue
+        found[block_id] = rec
+    return rest, found
+
+
+def forget_stored(block_id: str, rec: Record) -> None:
+    """Drop a record that :func:`take_stored` found from the fd store."""
+    systemd.notify(f"FDSTOREREMOVE=1\nFDNAME={rec.store_name(block_id)}")
+
+
+def _store(block: RAMBlock, rec: Record) -> None:
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    name = rec.store_name(block.id)
+    if len(name) > FDNAME_MAX or ":" in name or not name.isprintable() or not name.isascii():
+        log.warning(
+            "RAM block '%s': its attachment cannot be recorded in the fd store (QMP path %r):"
+            " it will not be resumed after a restart",
+            block.id,
+            rec.qmp,
+        )
+        return
+    carrier = os.memfd_create(f"ramd-vmm:{block.id}", os.MFD_CLOEXEC)
+    try:
+        systemd.notify(f"FDSTORE=1\nFDNAME={name}", fds=[carrier])
+    finally:
+        os.close(carrier)
+
 
 def _path(block: RAMBlock) -> str | None:
     if block.backend != "file" or block.path is None:
@@ -86,8 +164,12 @@ def _path(block: RAMBlock) -> str | None:
 
 
 def save(block: RAMBlock, record: Record) -> None:
-    """Record ``block``'s attachment (nothing for a block that is not a ``file`` block). A
-    failure is logged: the attachment works, it only cannot be resumed after a restart."""
+    """Record ``block``'s attachment (beside a ``file`` block, in the fd store for a
+    ``memfd`` block; nothing otherwise). A failure is logged: the attachment works, it only
+    cannot be resumed after a restart."""
+    if block.backend == "memfd":
+        _store(block, record)
+        return
     path = _path(block)
     if path is None:
         return
@@ -105,7 +187,7 @@ def save(block: RAMBlock, record: Record) -> None:
 
 
 def load(block: RAMBlock) -> Record | None:
-    """``block``'s recorded attachment, or None (none, or unreadable: logged)."""
+    """A ``file`` block's recorded attachment, or None (none, or unreadable: logged)."""
     path = _path(block)
     if path is None:
         return None
@@ -123,17 +205,25 @@ def load(block: RAMBlock) -> Record | None:
         return Record.from_json(text)
     except (OSError, ValueError) as e:
         log.warning("RAM block '%s': attachment record %s ignored: %s", block.id, path, e)
-        remove(block)
+        _unlink(block, path)
         return None
     finally:
         os.close(fd)
 
 
-def remove(block: RAMBlock) -> None:
-    """Forget ``block``'s recorded attachment (absent is fine)."""
+def remove(block: RAMBlock, record: Record) -> None:
+    """Forget ``block``'s recorded attachment ``record`` (absent is fine)."""
+    if block.backend == "memfd":
+        if os.environ.get("NOTIFY_SOCKET"):
+            forget_stored(block.id, record)
+        return
     path = _path(block)
     if path is None:
         return
+    _unlink(block, path)
+
+
+def _unlink(block: RAMBlock, path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -142,4 +232,4 @@ def remove(block: RAMBlock) -> None:
         log.warning("RAM block '%s': cannot remove its attachment record: %s", block.id, e)
 
 
-__all__ = ["Record", "load", "remove", "save"]
+__all__ = ["Record", "forget_stored", "load", "remove", "save", "take_stored"]

@@ -80,6 +80,13 @@ class Attachment:
     def memdev_id(self) -> str:
         return memdev_id(self.block)
 
+    def record(self) -> records.Record:
+        """What a restarted daemon needs to resume this attachment."""
+        link = self.link
+        return records.Record(
+            link.path, self.kind, self.device, link.pid, self.fdset_id, self.vmm_fd
+        )
+
     def info(self) -> dict[str, object]:
         """``RamBlockInfo.attachment`` (wire names)."""
         return {
@@ -291,7 +298,7 @@ class Attachments:
             raise
         att = Attachment(block, link, kind, device, addr, fdset_id, vmm_fd, holder)
         self._register(att)
-        records.save(block, records.Record(link.path, kind, device, link.pid, fdset_id, vmm_fd))
+        records.save(block, att.record())
         self._emit(
             "RAM_BLOCK_ATTACHED",
             block,
@@ -439,7 +446,7 @@ class Attachments:
         info and the subscribers learn it."""
         block = att.block
         del self._by_block[block]
-        records.remove(block)
+        records.remove(block, att.record())
         self._holders.remove(block, att.holder.owner)
         block.attachment = None
         self._refresh(block)
@@ -451,13 +458,25 @@ class Attachments:
 
     # -- resume after a restart -----------------------------------------------------------
 
-    async def resume(self, blocks: Iterable[RAMBlock], timeout: float) -> None:
+    async def resume(
+        self, blocks: Iterable[RAMBlock], stored: Mapping[str, records.Record], timeout: float
+    ) -> None:
         """At start, before clients are served: resume the recorded attachment of each of
-        ``blocks`` (:mod:`ramd.vmm.records`) whose VMM still runs (the same pid answers on the
+        ``blocks`` (:mod:`ramd.vmm.records`; ``stored``: the records of ``memfd`` blocks the
+        fd store passed back, by block id) whose VMM still runs (the same pid answers on the
         recorded QMP socket) and still lists the device on memdev ``ramd-mem-ID``; any other
         ends with reason ``vmm-exited``. The VMMs are asked concurrently, each within
-        ``timeout`` seconds."""
-        found = [(b, r) for b in blocks if (r := records.load(b)) is not None]
+        ``timeout`` seconds. A stored record of a block that was not adopted is dropped."""
+        found: list[tuple[RAMBlock, records.Record]] = []
+        adopted: set[str] = set()
+        for block in blocks:
+            rec = stored.get(block.id) if block.backend == "memfd" else records.load(block)
+            if rec is not None:
+                found.append((block, rec))
+                adopted.add(block.id)
+        for block_id, rec in stored.items():
+            if block_id not in adopted:
+                records.forget_stored(block_id, rec)
         await asyncio.gather(*(self._resume(block, rec, timeout) for block, rec in found))
 
     async def _resume(self, block: RAMBlock, rec: records.Record, timeout: float) -> None:
@@ -473,7 +492,7 @@ class Attachments:
                 kind: AttachAs = "virtio-mem" if rec.kind == "virtio-mem" else "pc-dimm"
                 holder = self._hold(block, link)
             except (VmmError, RamdError) as e:
-                records.remove(block)
+                records.remove(block, rec)
                 self._emit(
                     "RAM_BLOCK_DETACHED",
                     block,
