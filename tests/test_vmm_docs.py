@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon, Raw
+from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu_support import READY, default_accel, guest_files
 
 MiB = 1 << 20
@@ -167,6 +169,14 @@ def lease_pids(rpc: Raw, block: str) -> list[int]:
     return [h["pid"] for h in holders if h["kind"] == "lease"]
 
 
+def session_env(daemon: Daemon) -> dict[str, str]:
+    return {
+        **os.environ,
+        "RAMD_SOCKET": str(daemon.path),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+
+
 @pytest.fixture
 def vmdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="ramd-vmmdoc-"))
@@ -211,12 +221,7 @@ def test_the_vmm_how_to_restarts_qemu_keeping_the_guests_ram(
         "-serial",
         "chardev:con",
     ]
-    env = {
-        **os.environ,
-        "RAMD_SOCKET": str(daemon.path),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    shell = Shell(env, vmdir)
+    shell = Shell(session_env(daemon), vmdir)
     consoles: list[Console] = []
     try:
         shell.send(f"GUEST=({' '.join(shlex.quote(a) for a in guest)})\n")
@@ -279,3 +284,67 @@ def test_the_vmm_how_to_restarts_qemu_keeping_the_guests_ram(
         for con in consoles:
             con.close()
         shell.close()
+
+
+def test_qemu_started_by_the_page_may_run_as_another_uid(
+    start_daemon: Callable[..., Daemon], vmdir: Path, memdir: Path
+) -> None:
+    """The page's first step with ``-runas nobody`` in ``GUEST`` (and no guest): QEMU maps the
+    fd it was given before it drops root, runs as nobody, and reads what ramd wrote; the
+    page's last step ends it and removes the block."""
+    daemon = start_daemon(f'memory-dir = "{memdir}/mem"\n')
+    steps = {name: text.replace("/tmp/", f"{vmdir}/") for name, text in doc_steps().items()}
+    shell = Shell(session_env(daemon), vmdir)
+    try:
+        shell.send("GUEST=(-nodefaults -accel tcg -S -runas nobody)\n")
+        shell.step(steps["start"])
+        with Raw(daemon.path) as rpc:
+            rpc.call("ram-block-write", id="vm1", offset=0x1000, data="cmFtZCE=")  # "ramd!"
+            wait_for(lambda: len(lease_pids(rpc, "vm1")) == 1, "the lease")
+            (pid,) = lease_pids(rpc, "vm1")
+            path = rpc.call("query-ram-blocks", id="vm1")[0]["path"]
+        assert os.stat(path).st_mode & 0o077 == 0  # nobody could not open it by its path
+        nobody = pwd.getpwnam("nobody").pw_uid
+
+        def dropped() -> bool:
+            status = Path(f"/proc/{pid}/status").read_text()
+            return int(status.split("\nUid:")[1].split()[0]) == nobody
+
+        wait_for(dropped, "QEMU to run as nobody")
+        qmp = QEMUMonitorProtocol(str(vmdir / "vm1" / "qmp.sock"))
+        qmp.connect()
+        try:
+            out = qmp.cmd("human-monitor-command", **{"command-line": "xp /5xb 0x1000"})
+        finally:
+            qmp.close()
+        assert out.split(":")[1].split() == ["0x72", "0x61", "0x6d", "0x64", "0x21"]
+        shell.step(steps["stop"])
+    finally:
+        shell.close()
+
+
+def test_qemu_7_2_has_no_cpr_reboot_mode(vmdir: Path) -> None:
+    """What the page says of cpr-reboot: this QEMU has no migration ``mode`` parameter (when
+    a newer QEMU is installed, this fails, and the page must give the cpr-reboot recipe)."""
+    qmp_path = vmdir / "probe.qmp"
+    proc = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{qmp_path},server=on,wait=off"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(qmp_path.exists, "QEMU's QMP socket")
+        qmp = QEMUMonitorProtocol(str(qmp_path))
+        qmp.connect()
+        try:
+            version = qmp.cmd("query-version")["qemu"]
+            params = qmp.cmd("query-migrate-parameters")
+            caps = {c["capability"] for c in qmp.cmd("query-migrate-capabilities")}
+        finally:
+            qmp.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (version["major"], version["minor"]) == (7, 2)
+    assert "mode" not in params
+    assert "x-ignore-shared" in caps
