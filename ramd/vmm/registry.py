@@ -7,9 +7,10 @@ VMM's uid gets access to the block's file, ``add-fd`` passes the fd, ``object-ad
 step fails, so a failed attach leaves nothing behind in either process. Detaching is
 ``device_del``, the VMM's ``DEVICE_DELETED`` (the guest let go), then ``object-del`` and
 ``remove-fd``; without ``DEVICE_DELETED`` in time nothing changes. When the VMM's connection
-closes (it exited), its attachments end with reason ``vmm-exited``. Each attachment of a
-``file`` block is recorded beside it (:mod:`ramd.vmm.records`) from the attach until it ends,
-so that a restarted daemon resumes it (:meth:`Attachments.resume`).
+closes (it exited), its attachments end with reason ``vmm-exited``. Each attachment is
+recorded with its block (:mod:`ramd.vmm.records`: beside a ``file`` block, in the fd store for
+a ``memfd`` block) from the attach until it ends, so that a restarted daemon resumes it
+(:meth:`Attachments.resume`).
 
 Invariants: a block has at most one attachment; there is at most one :class:`VmmLink` per
 socket path, open while it serves an attachment or an attach in progress. Everything the VMM
