@@ -169,13 +169,15 @@ async def bench(sock: Path, qemu: Qemu, test_qmp: Path, runs: int, size: int) ->
     print(f"(mean ram-block-attach {statistics.mean(t['ram-block-attach']) * 1000:.2f} ms)")
 
 
+#: The block the restarted QEMU's main RAM is (the attach table uses ``vm1``).
+RESTART_BLOCK = "guest"
 RAMCTL = [sys.executable, "-m", "ramd_client.cli"]
 QEMU_EXE = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 
 
 def qemu_argv(sock: Path, qmp: Path, ram: int, how: str, incoming: bool) -> list[str]:
-    """The command line of a guest-less QEMU whose main RAM is block ``vm1``, started by
-    ``ramctl exec`` as docs/vmm.md does (``how`` "ramctl") or given the fd by the caller
+    """The command line of a guest-less QEMU whose main RAM is :data:`RESTART_BLOCK`, started
+    by ``ramctl exec`` as docs/vmm.md does (``how`` "ramctl") or given the fd by the caller
     ("fd": ``{fd}`` left to replace), or (``how`` "anon") its own anonymous RAM."""
     mib = ram >> 20
     if how != "anon":
@@ -190,7 +192,7 @@ def qemu_argv(sock: Path, qmp: Path, ram: int, how: str, incoming: bool) -> list
     if incoming:
         argv += ["-incoming", "defer"]
     if how == "ramctl":
-        return [*RAMCTL, "--socket", str(sock), "exec", "--block", "vm1", "--", *argv]
+        return [*RAMCTL, "--socket", str(sock), "exec", "--block", RESTART_BLOCK, "--", *argv]
     return argv
 
 
@@ -222,11 +224,11 @@ async def migrated(client: QMPClient) -> None:
 
 
 def launch(argv: list[str], channel: FdChannel | None) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``argv``; with a ``channel``, first lease block ``vm1`` on it and pass the fd
-    in place of ``{fd}``. The fd to close once the process exited (-1: none)."""
+    """Start ``argv``; with a ``channel``, first lease :data:`RESTART_BLOCK` on it and pass
+    the fd in place of ``{fd}``. The fd to close once the process exited (-1: none)."""
     if channel is None:
         return subprocess.Popen(argv, stderr=subprocess.DEVNULL), -1
-    _, fd = channel.call("ram-block-get-fd", {"id": "vm1", "lease": True}, take_fd=True)
+    _, fd = channel.call("ram-block-get-fd", {"id": RESTART_BLOCK, "lease": True}, take_fd=True)
     assert fd is not None
     argv = [a.replace("{fd}", str(fd)) for a in argv]
     return subprocess.Popen(argv, pass_fds=(fd,), stderr=subprocess.DEVNULL), fd
@@ -279,7 +281,7 @@ async def restart_once(sock: Path, tmp: Path, ram: int, how: str) -> dict[str, f
 
 async def bench_restart(sock: Path, tmp: Path, runs: int, ram: int) -> None:
     async with await ramd_client.connect(sock) as c:
-        await c.ram_block_add("vm1", ram, backend="memfd")
+        await c.ram_block_add(RESTART_BLOCK, ram, backend="memfd")
     fill = (
         "import os, sys\n"
         "fd, size, chunk = int(sys.argv[1]), int(sys.argv[2]), os.urandom(1 << 20)\n"
@@ -287,7 +289,7 @@ async def bench_restart(sock: Path, tmp: Path, runs: int, ram: int) -> None:
         "    os.pwrite(fd, chunk, off)\n"
     )
     subprocess.run(
-        [*RAMCTL, "--socket", str(sock), "exec", "--block", "vm1", "--",
+        [*RAMCTL, "--socket", str(sock), "exec", "--block", RESTART_BLOCK, "--",
          sys.executable, "-c", fill, "{fd}", str(ram)],
         check=True,
     )  # fmt: skip
@@ -318,7 +320,7 @@ async def bench_restart(sock: Path, tmp: Path, runs: int, ram: int) -> None:
         f" save {med['anon']['save'] / med['ramctl']['save']:.1f}x faster than copying"
     )
     async with await ramd_client.connect(sock) as c:
-        await c.ram_block_del("vm1")
+        await c.ram_block_del(RESTART_BLOCK)
 
 
 def main() -> int:
