@@ -24,6 +24,7 @@ pytest.register_assert_rewrite(
     "client_support",
     "daemon",
     "fdpeer",
+    "fdstore_support",
     "otheruser",
     "procfs",
     "qemu_support",

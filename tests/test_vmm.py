@@ -23,6 +23,7 @@ import ramd_client
 from client_support import WireRecorder, arguments_validator
 from conftest import LOOPS
 from daemon import Daemon, Raw, wait_job
+from fdstore_support import FakeManager
 from ramctl_support import jok, ok, ramctl
 from vmm_support import DIMM_BASE, QEMU, VMM_UID, Qemu, file_acl
 
@@ -655,3 +656,99 @@ def test_a_failed_virtio_mem_attach_leaves_the_block_as_it_was(
         assert rpc.call("query-stats")["used"] == 8 * MiB
         assert rpc.call("ram-block-resize", id="vm1", size=16 * MiB)["size"] == 16 * MiB
         assert _file_of(info["path"])[0] == 16 * MiB
+
+
+@pytest.mark.parametrize("qemu_meanwhile", ["runs", "exits"])
+def test_an_attachment_is_resumed_after_a_ramd_restart(
+    start_daemon: Callable[..., Daemon], qemu: Qemu, qemu_meanwhile: str
+) -> None:
+    """A ``file`` block attached as a DIMM stays attached across a restart of ramd (SIGTERM,
+    then a new daemon on the same memory-dir adopts the block and resumes the attachment from
+    its record); killing QEMU then ends it. A QEMU that exited while ramd was down: the
+    attachment ends at start (``vmm-exited``), its record with it."""
+    parent = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm"))
+    try:
+        config = f'memory-dir = "{parent}/mem"\n[limits]\nack-timeout = 2\n'
+        d = start_daemon(config)
+        with Raw(d.path) as rpc:
+            info = rpc.call(
+                "ram-block-add", id="vm1", size=16 * MiB, backend="file", **{"max-size": 64 * MiB}
+            )
+            rpc.call("ram-block-write", id="vm1", offset=0, data=_b64(b"kept"))
+            att = _attach(rpc, qemu, "vm1")["attachment"]
+        record = parent / "mem" / ".vm1.vmm"
+        assert record.exists()
+        assert d.stop() == 0
+        if qemu_meanwhile == "exits":
+            qemu.kill()
+        d = start_daemon(config)
+        with Raw(d.path) as rpc:
+            rpc.call("subscribe", events=["RAM_BLOCK_DETACHED"])
+            now = rpc.call("query-ram-blocks", id="vm1")[0]
+            if qemu_meanwhile == "exits":
+                assert "attachment" not in now and not record.exists()
+                assert file_acl(info["path"]) is None
+                assert rpc.call("ram-block-del", id="vm1") == {}
+                return
+            assert now["attachment"] == att
+            assert [(h["kind"], h["pid"]) for h in now["holders"]] == [("vmm", qemu.pid)]
+            assert file_acl(info["path"]) is not None
+            err = rpc.error("ram-block-resize", id="vm1", size=32 * MiB)
+            assert err["message"] == "RAM block 'vm1' is attached as pc-dimm: its size is fixed"
+            err = rpc.error("ram-block-del", id="vm1")
+            assert err["message"] == (
+                f"RAM block 'vm1' is attached to VMM {qemu.pid} as ramd-vm1: detach it first"
+            )
+            assert qemu.xp(DIMM_BASE, 4) == b"kept"
+            qemu.kill()
+            event = _wait_event(rpc, "RAM_BLOCK_DETACHED")
+            assert (event["id"], event["reason"]) == ("vm1", "vmm-exited")
+            assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+            assert not record.exists() and file_acl(info["path"]) is None
+            assert rpc.call("ram-block-del", id="vm1") == {}
+    finally:
+        shutil.rmtree(parent)
+
+
+def test_a_memfd_blocks_attachment_is_resumed_through_the_fd_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qemu: Qemu
+) -> None:
+    """A ``memfd`` block's attachment is recorded in the fd store (an entry named
+    ``vmm,ID,DEVICE,KIND,PID,FDSET,FD,QMP``) beside the block; the next daemon, given both
+    back, resumes it, and the record goes when the attachment ends."""
+    manager = FakeManager(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(manager.path))
+    try:
+        d = manager.start(tmp_path / "1")
+        with Raw(d.path) as rpc:
+            rpc.call(
+                "ram-block-add", id="vm1", size=16 * MiB, backend="memfd", **{"max-size": 64 * MiB}
+            )
+            rpc.call("ram-block-write", id="vm1", offset=0, data=_b64(b"kept"))
+            att = _attach(rpc, qemu, "vm1")["attachment"]
+        assert d.stop() == 0
+        manager.drain()
+        (record,) = [n for n in manager.stored if n.startswith("vmm,")]
+        assert record.startswith(f"vmm,vm1,ramd-vm1,pc-dimm,{qemu.pid},")
+        assert record.endswith(f",{qemu.ramd_qmp}")
+        d = manager.start(tmp_path / "2")
+        try:
+            with Raw(d.path) as rpc:
+                rpc.call("subscribe", events=["RAM_BLOCK_DETACHED"])
+                now = rpc.call("query-ram-blocks", id="vm1")[0]
+                assert now["attachment"] == att
+                assert [(h["kind"], h["pid"]) for h in now["holders"]] == [("vmm", qemu.pid)]
+                err = rpc.error("ram-block-resize", id="vm1", size=32 * MiB)
+                assert err["message"] == "RAM block 'vm1' is attached as pc-dimm: its size is fixed"
+                assert "detach it first" in rpc.error("ram-block-del", id="vm1")["message"]
+                assert qemu.xp(DIMM_BASE, 4) == b"kept"
+                qemu.kill()
+                assert _wait_event(rpc, "RAM_BLOCK_DETACHED")["reason"] == "vmm-exited"
+                assert "attachment" not in rpc.call("query-ram-blocks", id="vm1")[0]
+        finally:
+            assert d.stop() == 0
+        manager.drain()
+        assert [n for n in manager.stored if n.startswith("vmm,")] == []
+        assert list(manager.stored) == ["ram.4000000.-.vm1"]
+    finally:
+        manager.close()

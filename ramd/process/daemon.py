@@ -27,6 +27,7 @@ from ramd.transport.protocol.qmp import QmpDialect
 from ramd.transport.sockets.connection import DialectFactory
 from ramd.transport.sockets.server import Listener, Server
 from ramd.transport.sockets.unixbind import AlreadyRunning
+from ramd.vmm import records
 
 if TYPE_CHECKING:
     from ramd.metrics.http import MetricsServer
@@ -139,10 +140,13 @@ async def serve(
     metrics: MetricsServer | None = None
     try:
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(server, reread))
-        passed = systemd.listen_fds()
+        passed, stored_attachments = records.take_stored(systemd.listen_fds())
         _adopt_memory_dir(ram, service.limits.max_used)
         stored = [p for p in passed if fdstore.is_block_name(p[1])]
         fdstore.adopt_stored(service.ram, stored, service.limits.max_used)
+        await service.attachments.resume(
+            list(service.ram), stored_attachments, service.limits.ack_timeout
+        )
         kept = adoption.kept_config_blocks(service.ram, config.block)
         await create_config_blocks(service, config, kept)
         start_pools(service, config)

@@ -7,7 +7,10 @@ VMM's uid gets access to the block's file, ``add-fd`` passes the fd, ``object-ad
 reverse order when a later step fails, so a failed attach leaves nothing behind in either
 process. Detaching is ``device_del``, the VMM's ``DEVICE_DELETED`` (the guest let go), then
 ``object-del`` and ``remove-fd``; without ``DEVICE_DELETED`` in time nothing changes. When
-the VMM's connection closes (it exited), its attachments end with reason ``vmm-exited``.
+the VMM's connection closes (it exited), its attachments end with reason ``vmm-exited``. Each
+attachment is recorded with its block (:mod:`ramd.vmm.records`: beside a ``file`` block, in
+the fd store for a ``memfd`` block) from the attach until it ends, so that a restarted daemon
+resumes it (:meth:`Attachments.resume`).
 
 virtio-mem: before ``object-add`` the block becomes sized by its VMM
 (:meth:`~ramd.ramblock.RAMList.size_by_vmm`: its file ``max-size`` long and sparse, the
@@ -35,13 +38,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ramd.errors import RamdError
 from ramd.ramblock import RAMBlock, RAMList, change
 from ramd.ramblock.holders import Holder
+from ramd.vmm import records
 from ramd.vmm.errors import VmmError, VmmGone, VmmRefused, VmmTimeout
 
 if TYPE_CHECKING:
@@ -93,6 +97,13 @@ class Attachment:
     @property
     def memdev_id(self) -> str:
         return memdev_id(self.block)
+
+    def record(self) -> records.Record:
+        """What a restarted daemon needs to resume this attachment."""
+        link = self.link
+        return records.Record(
+            link.path, self.kind, self.device, link.pid, self.fdset_id, self.vmm_fd
+        )
 
     def info(self) -> dict[str, object]:
         """``RamBlockInfo.attachment`` (wire names)."""
@@ -409,9 +420,8 @@ class Attachments:
                 ) from None
             raise
         att = Attachment(block, link, kind, device, addr, fdset_id, vmm_fd, holder, timeout=timeout)
-        self._by_block[block] = att
-        block.attachment = att.info()
-        self._refresh(block)
+        self._register(att)
+        records.save(block, att.record())
         self._emit(
             "RAM_BLOCK_ATTACHED",
             block,
@@ -461,6 +471,11 @@ class Attachments:
             return
         if att.block.size == 0 and att.emptied is not None and not att.emptied.done():
             att.emptied.set_result(None)
+
+    def _register(self, att: Attachment) -> None:
+        self._by_block[att.block] = att
+        att.block.attachment = att.info()
+        self._refresh(att.block)
 
     def _sweep(self, block: RAMBlock, link: VmmLink, undo: list[tuple[str, Step]]) -> None:
         """Undo a failed attach in the background, with :data:`SWEEP_TIMEOUT` per step: the
@@ -659,6 +674,7 @@ class Attachments:
         info and the subscribers learn it."""
         block = att.block
         del self._by_block[block]
+        records.remove(block, att.record())
         self._holders.remove(block, att.holder.owner)
         block.attachment = None
         self._refresh(block)
@@ -668,9 +684,82 @@ class Attachments:
         log.info("RAM block '%s' detached from VMM pid %d: %s", block.id, att.link.pid, reason)
         self._release_link(att.link)
 
+    # -- resume after a restart -----------------------------------------------------------
+
+    async def resume(
+        self, blocks: Iterable[RAMBlock], stored: Mapping[str, records.Record], timeout: float
+    ) -> None:
+        """At start, before clients are served: resume the recorded attachment of each of
+        ``blocks`` (:mod:`ramd.vmm.records`; ``stored``: the records of ``memfd`` blocks the
+        fd store passed back, by block id) whose VMM still runs (the same pid answers on the
+        recorded QMP socket) and still lists the device on memdev ``ramd-mem-ID``; any other
+        ends with reason ``vmm-exited``. The VMMs are asked concurrently, each within
+        ``timeout`` seconds. A stored record of a block that was not adopted is dropped."""
+        found: list[tuple[RAMBlock, records.Record]] = []
+        adopted: set[str] = set()
+        for block in blocks:
+            rec = stored.get(block.id) if block.backend == "memfd" else records.load(block)
+            if rec is not None:
+                found.append((block, rec))
+                adopted.add(block.id)
+        for block_id, rec in stored.items():
+            if block_id not in adopted:
+                records.forget_stored(block_id, rec)
+        await asyncio.gather(*(self._resume(block, rec, timeout) for block, rec in found))
+
+    async def _resume(self, block: RAMBlock, rec: records.Record, timeout: float) -> None:
+        self._busy[rec.qmp] = self._busy.get(rec.qmp, 0) + 1
+        link: VmmLink | None = None
+        try:
+            try:
+                link = await self._link(rec.qmp, timeout)
+                if link.pid != rec.vmm_pid:
+                    raise VmmGone(f"pid {link.pid} answers there now, not {rec.vmm_pid}")
+                devices = await link.execute("query-memory-devices", None, timeout)
+                addr, plugged = _device_of(devices, rec.device, memdev_id(block))
+                kind: AttachAs = "virtio-mem" if rec.kind == "virtio-mem" else "pc-dimm"
+                if kind == "virtio-mem":
+                    # the VMM sizes the block again, from what it reports
+                    requested = _requested_of(devices, rec.device)
+                    self._ram.size_by_vmm(block, self, requested)
+                holder = self._hold(block, link)
+            except (VmmError, RamdError) as e:
+                records.remove(block, rec)
+                self._emit(
+                    "RAM_BLOCK_DETACHED",
+                    block,
+                    {"id": block.id, "device": rec.device, "reason": "vmm-exited"},
+                )
+                log.info(
+                    "RAM block '%s': attachment to VMM pid %d at %s not resumed: %s",
+                    block.id,
+                    rec.vmm_pid,
+                    rec.qmp,
+                    e,
+                )
+                return
+            att = Attachment(block, link, kind, rec.device, addr, rec.fdset_id, rec.fd, holder)
+            self._register(att)
+            if plugged is not None:
+                self._follow(att, plugged)
+            log.info(
+                "RAM block '%s': attachment to VMM pid %d as %s %s resumed",
+                block.id,
+                link.pid,
+                kind,
+                rec.device,
+            )
+        finally:
+            self._busy[rec.qmp] -= 1
+            if not self._busy[rec.qmp]:
+                del self._busy[rec.qmp]
+            if link is not None:
+                self._release_link(link)
+
     async def close(self) -> None:
         """At shutdown: close every link (the VMMs keep what they map) and take back the
-        access given to their uids."""
+        access given to their uids. The attachments stay recorded with their blocks: the
+        next daemon resumes them (:meth:`resume`)."""
         for att in list(self._by_block.values()):
             self._holders.remove(att.block, att.holder.owner)
         self._by_block.clear()
@@ -742,6 +831,18 @@ def _device_of(answer: object, device: str, memdev: str) -> tuple[int, int | Non
                 if type(size) is int:
                     return addr, size
     raise VmmGone(f"query-memory-devices does not list {device}")
+
+
+def _requested_of(answer: object, device: str) -> int:
+    """The ``requested-size`` of virtio-mem ``device`` in a ``query-memory-devices``
+    answer (0 when it is not there)."""
+    if isinstance(answer, list):
+        for entry in answer:
+            data = entry.get("data") if isinstance(entry, dict) else None
+            if isinstance(data, dict) and data.get("id") == device:
+                size = data.get("requested-size")
+                return size if type(size) is int else 0
+    return 0
 
 
 def _qom_path(device: str) -> str:
