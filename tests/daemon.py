@@ -63,7 +63,7 @@ class Daemon:
         self.pid = self.proc.pid
         self._wait_ready()
 
-    def _wait_ready(self, timeout: float = 15.0) -> None:
+    def _wait_ready(self, timeout: float = 30.0) -> None:
         """Until every socket of the daemon accepts connections."""
         deadline = time.monotonic() + timeout
         for path in (self.path, self.qmp_path):

@@ -74,8 +74,9 @@ def _distributions(name: str) -> set[str]:
     return seen
 
 
-def portable_python(root: Path) -> Path:
-    """A venv in ``root`` (made 0755) that any uid can run ramd from; its interpreter."""
+def portable_python(root: Path, also: tuple[str, ...] = ()) -> Path:
+    """A venv in ``root`` (made 0755) that any uid can run ramd from, with the distributions
+    ``also`` (optional ones, e.g. ``uvloop``) too; its interpreter."""
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755)
     venv = root / "venv"
@@ -83,7 +84,8 @@ def portable_python(root: Path) -> Path:
     (site,) = venv.glob("lib/python3*/site-packages")
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(Path(ramd.__file__).parent, site / "ramd", ignore=ignore)
-    for name in _distributions("ramd") - {"ramd"}:
+    wanted = set().union(*map(_distributions, ("ramd", *also)))
+    for name in wanted - {"ramd"}:
         dist = importlib.metadata.distribution(name)
         for file in dist.files or []:
             if file.parts[0] == ".." or "__pycache__" in file.parts:

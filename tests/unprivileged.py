@@ -3,20 +3,22 @@ here hard) ``RLIMIT_NOFILE`` of 1024. What only such a process sees (fds in flig
 against its ``RLIMIT_NOFILE``, ``EMFILE`` at its fd limit) needs it.
 
 How: as root, ``prlimit`` sets the limit and ``setpriv`` drops to :data:`UID` (which needs no
-passwd entry), then ``/usr/bin/python3 -m ramd`` runs with this test run's packages on
-``PYTHONPATH`` (the test interpreter may live under ``/root``, which other uids cannot
-enter; the system Python of the same minor version loads the same wheels). The daemon's
+passwd entry), then ``python -m ramd`` runs from a venv any uid can read, made once per test
+process from ``/usr/bin/python3`` with copies of ramd and its packages
+(:func:`otheruser.portable_python`: the test interpreter may live under ``/root`` or in CI's
+0700 ``mktemp -d``, which other uids cannot enter). The daemon's
 directory is a fresh one in ``/tmp`` owned by that uid. Tests connect as root (the socket is
 0600, root passes).
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,16 +26,20 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon
+from otheruser import portable_python
 
 #: The daemon's uid: one no other test run on this machine is likely to use at once (fds in
 #: flight are counted per uid).
 UID = 60000 + os.getpid() % 5000
 SYSTEM_PYTHON = "/usr/bin/python3"
-_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pythonpath() -> str:
-    return os.pathsep.join([str(_ROOT), str(_ROOT / "client"), sysconfig.get_paths()["purelib"]])
+@functools.cache
+def _python() -> Path:
+    """The interpreter of a venv any uid can run ramd from (made once, removed at exit)."""
+    root = Path(tempfile.mkdtemp(prefix="ramd-unpriv-python-"))
+    atexit.register(shutil.rmtree, root, True)
+    return portable_python(root, also=("uvloop",))
 
 
 def _wrap(nofile: int) -> list[str]:
@@ -54,14 +60,15 @@ def _check() -> None:
         pytest.skip("needs root to start the daemon under another uid")
     if shutil.which("setpriv") is None or shutil.which("prlimit") is None:
         pytest.skip("needs setpriv and prlimit")
+    if not Path(SYSTEM_PYTHON).exists():
+        pytest.skip(f"needs {SYSTEM_PYTHON}")
     probe = subprocess.run(
         [
             *_wrap(1024),
-            SYSTEM_PYTHON,
+            str(_python()),
             "-c",
             "import sys, ramd.process.daemon; print(sys.version_info[:2])",
         ],
-        env={**os.environ, "PYTHONPATH": _pythonpath()},
         capture_output=True,
         text=True,
         check=False,
@@ -84,8 +91,7 @@ def unprivileged_daemon(config: str = "", *args: str, nofile: int = 1024) -> Ite
             f'memory-dir = "{tmp}/mem"\n{config}',
             *args,
             wrap=_wrap(nofile),
-            python=SYSTEM_PYTHON,
-            env={"PYTHONPATH": _pythonpath()},
+            python=str(_python()),
         )
         try:
             yield d
