@@ -70,7 +70,9 @@ def shared_daemon(
     with its files after."""
     parent = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm"))
     try:
-        yield start_daemon(f'memory-dir = "{parent}/mem"\n', "--event-loop", request.param)
+        d = start_daemon(f'memory-dir = "{parent}/mem"\n', "--event-loop", request.param)
+        yield d
+        d.stop()  # first: a daemon may still write in its memory-dir
     finally:
         shutil.rmtree(parent)
 

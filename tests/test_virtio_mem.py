@@ -37,7 +37,9 @@ def vm_daemon(start_daemon: Callable[..., Daemon]) -> Iterator[Daemon]:
     """A daemon with a tmpfs memory-dir (``file`` blocks); 10 s for each VMM step."""
     parent = Path(tempfile.mkdtemp(prefix="ramd-test-", dir="/dev/shm"))
     try:
-        yield start_daemon(f'memory-dir = "{parent}/mem"\n[limits]\nack-timeout = 10\n')
+        d = start_daemon(f'memory-dir = "{parent}/mem"\n[limits]\nack-timeout = 10\n')
+        yield d
+        d.stop()  # first: it may still write the metadata of a block whose VMM just exited
     finally:
         shutil.rmtree(parent)
 

@@ -43,7 +43,7 @@ from ramd.hostmem.shared import FdMemory, FileMemory, MemfdMemory, open_memory_d
 from ramd.ids import ID_PATTERN
 from ramd.notifiers import NotifierList, RamBlockNotifier
 from ramd.ramaddr import RamAddrSpace
-from ramd.ramblock import access, seal
+from ramd.ramblock import access, change, seal
 from ramd.ramblock.block import Backend, BlockSettings, RAMBlock, SizeOwner
 from ramd.ramblock.holders import Holders
 from ramd.ramblock.persist import keep_meta
@@ -531,9 +531,7 @@ class RAMList:
         """Resize a block in place now (QEMU's ``qemu_ram_resize`` rules and messages): the
         synchronous form of :func:`ramd.ramblock.change.resize`, for in-process callers.
         A shrink that would have to wait for holders is refused."""
-        from ramd.ramblock.change import resize
-
-        result = resize(self, block_id, size)
+        result = change.resize(self, block_id, size)
         if not isinstance(result, RAMBlock):
             raise RuntimeError("a resize without waiting returned an awaitable")
         return result
@@ -541,9 +539,7 @@ class RAMList:
     def remove(self, block_id: str) -> None:
         """Notify ``removed``, then drop the block, unmap it and delete its file, now (the
         synchronous form of :func:`ramd.ramblock.change.remove`)."""
-        from ramd.ramblock.change import remove
-
-        if remove(self, block_id) is not None:
+        if change.remove(self, block_id) is not None:
             raise RuntimeError("a removal without waiting returned an awaitable")
 
     def check_resize(self, block_id: str, size: int) -> tuple[RAMBlock, int]:
