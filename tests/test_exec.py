@@ -103,7 +103,14 @@ def _qmp(path: Path, *commands: tuple[str, dict[str, Any]]) -> list[Any]:
     """Negotiate on QEMU's QMP socket and run ``commands``; their returns."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(20)
-        s.connect(str(path))
+        deadline = time.monotonic() + 20
+        while True:  # the socket file exists from bind on; it accepts from listen on
+            try:
+                s.connect(str(path))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, f"{path} never listened"
+                time.sleep(0.02)
         f = s.makefile("rwb")
         json.loads(f.readline())
         out = []

@@ -76,6 +76,7 @@ class Qemu:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"QEMU did not start: {(self.dir / 'qemu.log').read_text()}")
             time.sleep(0.02)
+        _connect(test_qmp).close()  # once it listens (its file exists from bind on)
         self.qmp = QEMUMonitorProtocol(str(test_qmp))
         self.qmp.connect()
         self._qtest = _connect(qtest)
@@ -149,12 +150,20 @@ class Qemu:
 
 
 def _connect(path: Path) -> Any:
+    """A connection to ``path`` once it listens (its file exists from bind on)."""
     import socket
 
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
-    s.connect(str(path))
-    return s
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            s.connect(str(path))
+            return s
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def file_acl(path: str | os.PathLike[str]) -> bytes | None:
