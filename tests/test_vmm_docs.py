@@ -8,6 +8,12 @@ after the restart the whole block hashes the same, the second QEMU maps the same
 lease is on it, and the state it loaded is small: no RAM was copied), and the guest, running
 on, reads its pattern back.
 
+Acceptance (issue 23, whole-VM snapshot): device state (small) plus a ``ram-save`` image of the
+block, restored (a) into a fresh QEMU on a block recreated by ``ram-load`` after the old one was
+deleted: the guest reads its pattern back; (b) into a sealed ``memfd`` template: its bytes are
+the snapshot's, a clone maps it privately and its guest reads the pattern back, and what the
+clone's guest writes leaves the template as it was.
+
 Only ``/tmp/`` in the page is changed (to a temporary directory). The session gets
 ``RAMD_SOCKET``, ``PATH`` with this interpreter's ``bin`` first (``ramctl``, ``qmp-shell``) and
 the ``GUEST`` array the page describes: the test guest's kernel and initramfs, its serial
@@ -39,7 +45,10 @@ from qemu_support import READY, default_accel, guest_files
 MiB = 1 << 20
 DOC = Path(__file__).resolve().parent.parent / "docs" / "vmm.md"
 STEP_RE = re.compile(r"^```sh step:(\S+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
-STEPS = ["start", "save", "quit", "incoming", "cont", "attach", "detach", "stop"]
+STEPS = [
+    "start", "save", "quit", "incoming", "cont", "attach", "detach",
+    "snapshot", "restore", "template", "clone", "stop",
+]  # fmt: skip
 #: Bound for one step or one guest command (a hung guest or QEMU, not a performance claim).
 STEP_TIMEOUT = 300.0
 
@@ -169,6 +178,26 @@ def lease_pids(rpc: Raw, block: str) -> list[int]:
     return [h["pid"] for h in holders if h["kind"] == "lease"]
 
 
+def private_mapping_of(pid: int, memfd: str) -> bool:
+    """Whether ``pid`` maps the memfd named ``memfd`` (``/memfd:NAME``) privately (``rw-p``)."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    perms = {line.split()[1] for line in lines if line.endswith(f"/memfd:{memfd} (deleted)")}
+    return perms == {"rw-p"}
+
+
+def block_bytes_sha256(env: dict[str, str], block: str, size: int, scratch: Path) -> str:
+    """The sha256 of a block's first ``size`` bytes, read with ``ramctl read`` (any backend)."""
+    out = scratch / f"{block}.bin"
+    subprocess.run(
+        [sys.executable, "-m", "ramd_client.cli", "read", block, "0", str(size), "-o", str(out)],
+        env=env, check=True, timeout=STEP_TIMEOUT,
+    )  # fmt: skip
+    try:
+        return block_sha256(str(out))
+    finally:
+        out.unlink()
+
+
 def session_env(daemon: Daemon) -> dict[str, str]:
     return {
         **os.environ,
@@ -277,6 +306,42 @@ def test_the_vmm_how_to_restarts_qemu_keeping_the_guests_ram(
         wait_for(lambda: int(con.sh("grep MemTotal /proc/meminfo").split()[1]) == memtotal,
                  "the guest to give the DIMM back")  # fmt: skip
         assert con.sh("sha256sum /pattern").split()[0] == pattern
+
+        # whole-VM snapshot: device state (small) and the block's RAM image
+        shell.step(steps["snapshot"])
+        assert (vm1 / "snap.state").stat().st_size < MiB
+        wait_for(lambda: not Path(f"/proc/{second_qemu}").exists(), "the second QEMU to exit")
+        snapshot = block_sha256(path)
+
+        # (a) into a fresh QEMU, on the block recreated from the image
+        shell.step(steps["restore"])
+        with Raw(daemon.path) as rpc:
+            (restored_qemu,) = lease_pids(rpc, "vm1")
+            assert rpc.call("query-ram-blocks", id="vm1")[0]["backend"] == "file"
+        assert restored_qemu != second_qemu
+        con = Console(vm1 / "console.sock")
+        consoles.append(con)
+        assert con.sh("sha256sum /pattern").split()[0] == pattern
+
+        # (b) into a sealed memfd template, and a clone of it
+        shell.step(steps["template"])
+        env = session_env(daemon)
+        with Raw(daemon.path) as rpc:
+            info = rpc.call("query-ram-blocks", id="vm1")[0]
+        assert (info["backend"], info["sealed"], info["size"]) == ("memfd", True, 256 * MiB)
+        assert block_bytes_sha256(env, "vm1", 256 * MiB, vmdir) == snapshot
+        shell.step(steps["clone"])
+        with Raw(daemon.path) as rpc:
+            (clone_qemu,) = lease_pids(rpc, "vm1")
+        assert clone_qemu != restored_qemu
+        assert private_mapping_of(clone_qemu, "ramd:vm1")
+        con = Console(vm1 / "console.sock")
+        consoles.append(con)
+        assert con.sh("sha256sum /pattern").split()[0] == pattern
+        con.sh("dd if=/dev/urandom of=/clone-own bs=1M count=4 2>/dev/null")  # tmpfs: 8M free
+        assert con.sh("sha256sum /pattern").split()[0] == pattern
+        assert block_bytes_sha256(env, "vm1", 256 * MiB, vmdir) == snapshot
+
         shell.step(steps["stop"])
         with Raw(daemon.path) as rpc:
             assert rpc.call("query-ram-blocks") == []
