@@ -329,6 +329,8 @@ def test_prealloc_shared_block_is_allocated(ram: RAMList) -> None:
 # -- hugetlb ---------------------------------------------------------------------------------
 
 NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+#: Held (flock) by whoever changes the huge page pool for a test.
+HUGEPAGES_LOCK = "/tmp/ramd-tests-hugepages.lock"
 
 
 def _meminfo(key: str) -> int:
@@ -339,7 +341,16 @@ def _meminfo(key: str) -> int:
 @pytest.fixture
 def huge_pages() -> Iterator[Callable[[], int]]:
     """Four more huge pages in the pool than before; the old pool size is restored after,
-    whatever happens. Yields a function giving the huge pages free to reserve right now."""
+    whatever happens. Yields a function giving the huge pages free to reserve right now.
+
+    The pool is machine-wide: a lock file held meanwhile keeps every other test that uses it
+    out, in this run's other process and in any other test run on the machine."""
+    with open(HUGEPAGES_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield from _more_huge_pages()
+
+
+def _more_huge_pages() -> Iterator[Callable[[], int]]:
     with open(NR_HUGEPAGES) as f:
         old = int(f.read())
     try:
