@@ -232,9 +232,18 @@ async def test_qemu_qmp_send_fd_scm_then_getfd(any_daemon: Daemon) -> None:
 # -- the fd budget (issue 21, point 5) -------------------------------------------------------
 
 
+def _start_log(d: Daemon) -> str:
+    """The daemon's log once it has logged its limits (after its sockets listen)."""
+    deadline = time.monotonic() + 30
+    while " limits: " not in (text := d.log_text()):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.02)
+    return text
+
+
 def test_rlimit_nofile_is_raised_to_the_hard_limit_at_start() -> None:
     with unprivileged_daemon(nofile=1024) as d:
-        assert "RLIMIT_NOFILE 1024 (fd budget 832)" in d.log_text()
+        assert "RLIMIT_NOFILE 1024 (fd budget 832)" in _start_log(d)
     if os.getuid() == 0:
         wrap = ["prlimit", "--nofile=512:4096", "--"]
         with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +254,7 @@ def test_rlimit_nofile_is_raised_to_the_hard_limit_at_start() -> None:
                     line.startswith("Max open files") and line.split()[3:5] == ["4096", "4096"]
                     for line in limits.splitlines()
                 ), limits
-                assert "RLIMIT_NOFILE 4096 (fd budget 3904)" in d.log_text()
+                assert "RLIMIT_NOFILE 4096 (fd budget 3904)" in _start_log(d)
             finally:
                 d.stop()
 
