@@ -177,13 +177,15 @@ def test_read_past_the_end_names_the_range_and_leaves_no_file(
 
 
 def test_progress_label_is_binary_units(any_daemon: Daemon, tmp_path: Path) -> None:
-    ok(any_daemon.path, "add", "ram0", "64M")
+    # large enough that the bar is redrawn with a rate before the read ends (a 64 MiB read
+    # could end before tqdm's first refresh, showing 0% and no rate)
+    ok(any_daemon.path, "add", "ram0", "1G")
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     shown = b""
     try:
         proc = subprocess.Popen(
-            [*RAMCTL, "--socket", str(any_daemon.path), "read", "ram0", "0", "64M", "-o", "x.bin"],
+            [*RAMCTL, "--socket", str(any_daemon.path), "read", "ram0", "0", "1G", "-o", "x.bin"],
             cwd=tmp_path,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -205,7 +207,7 @@ def test_progress_label_is_binary_units(any_daemon: Daemon, tmp_path: Path) -> N
             os.close(slave)
         os.close(master)
     assert re.search(rb"read ram0: +\d+%\|", shown), shown
-    assert re.search(rb"/64 MiB \[", shown), shown
+    assert re.search(rb"/1 GiB \[", shown), shown
     assert re.search(rb"\d (B|[KMG]iB)/s\]", shown), shown
     assert b"MB/s" not in shown and b"kB/s" not in shown
 
