@@ -1,6 +1,7 @@
 """Clones of a sealed template in real QEMU 7.2 processes (docs/protocol.md §14): each started by
 ``ramctl exec --block TEMPLATE -- qemu ... memory-backend-file,...,share=off`` maps the
-template privately. Real daemon, real ramctl, real QEMU (TCG, stopped: ``-S``).
+template privately; and a pooled block mapped by QEMU with huge pages. Real daemon, real
+ramctl, real QEMU (TCG, stopped: ``-S``).
 
 A stopped QEMU runs no guest code, so the write "through one clone's guest" is made by
 QEMU itself into its guest RAM: the generic ``loader`` device stores its bytes at a guest
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import procfs
+import pytest
 from daemon import Daemon, Raw
 
 MiB = 1 << 20
@@ -70,14 +73,18 @@ class Qmp:
         self.sock.close()
 
 
-def _clone(d: Daemon, qmp: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _qemu(
+    d: Daemon, qmp: Path, *extra: str, block: str = "tpl", options: str = "share=off"
+) -> subprocess.Popen[bytes]:
+    """``ramctl exec --block BLOCK -- qemu ...``: its RAM is the block's fd, mapped with the
+    memory backend's ``options`` (by default privately: a clone)."""
     assert QEMU is not None, "qemu-system-x86_64 is missing: .ci/run installs it"
     return subprocess.Popen(
         [
-            *RAMCTL, "--socket", str(d.path), "exec", "--block", "tpl", "--",
+            *RAMCTL, "--socket", str(d.path), "exec", "--block", block, "--",
             QEMU, "-machine", "pc,accel=tcg,memory-backend=ram0", "-m", "64M",
             "-object",
-            "memory-backend-file,id=ram0,mem-path=/proc/self/fd/{fd},size=64M,share=off",
+            f"memory-backend-file,id=ram0,mem-path=/proc/self/fd/{{fd}},size=64M,{options}",
             "-S", "-display", "none", "-nodefaults", "-qmp", f"unix:{qmp},server=on,wait=off",
             *extra,
         ],
@@ -87,21 +94,10 @@ def _clone(d: Daemon, qmp: Path, *extra: str) -> subprocess.Popen[bytes]:
 
 def _template_mapping(pid: int) -> dict[str, int]:
     """The smaps figures (bytes) of ``pid``'s mapping of the template's memfd."""
-    out: dict[str, int] = {}
-    found = False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        head = line.split()
-        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-            if found:
-                break
-            found = "memfd:ramd:tpl" in line
-            if found:
-                assert head[1].startswith("rw-p"), line  # private: copy-on-write
-            continue
-        if found and line.endswith(" kB"):
-            out[head[0].rstrip(":")] = int(head[1]) * 1024
-    assert out, f"QEMU {pid} does not map the template"
-    return out
+    vmas = [m for m in procfs.mappings(pid) if "memfd:ramd:tpl" in m.name]
+    assert vmas, f"QEMU {pid} does not map the template"
+    assert vmas[0].perms == "rw-p", vmas[0]  # private: copy-on-write
+    return vmas[0].sizes
 
 
 def test_three_qemu_clones_of_one_sealed_template(start_daemon: Any, tmp_path: Path) -> None:
@@ -122,7 +118,7 @@ def test_three_qemu_clones_of_one_sealed_template(start_daemon: Any, tmp_path: P
             written = "-device", f"loader,addr={ADDR:#x},data={value:#x},data-len={len(OWN)}"
             for i in range(3):
                 qmp = tmp_path / f"clone{i}.qmp"
-                procs.append(_clone(d, qmp, *(written if i == 0 else ())))
+                procs.append(_qemu(d, qmp, *(written if i == 0 else ())))
                 qmps.append(Qmp(qmp))
             info = rpc.call("query-ram-blocks", id="tpl")[0]
             assert info["leases"] == 3 and info["sealed"]
@@ -152,3 +148,32 @@ def test_three_qemu_clones_of_one_sealed_template(start_daemon: Any, tmp_path: P
             for p in procs:
                 p.wait(30)
         rpc.call("ram-block-del", id="tpl")
+
+
+def test_qemu_maps_a_pooled_block_with_huge_pages(start_daemon: Any, tmp_path: Path) -> None:
+    """A memfd pool's blocks are made of transparent huge pages (tests/test_pools.py): QEMU
+    given ``align=2M`` maps one 2 MiB-aligned, so its ``prealloc=on`` has one page table
+    entry to fill per 2 MiB, and the guest's RAM is mapped by huge pages (docs/templates.md)."""
+    if not procfs.shmem_collapse_works():
+        pytest.skip("this kernel does not collapse a memfd into a huge page (MADV_COLLAPSE)")
+    d = start_daemon('[[pool]]\nname = "vm"\nsize = "64M"\ncount = 1\n')
+    with Raw(d.path) as rpc:
+        deadline = time.monotonic() + 180
+        while rpc.call("query-pools")[0]["ready"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        rpc.call("ram-block-add", id="vm0", pool="vm")
+        qmp = tmp_path / "vm0.qmp"
+        proc = _qemu(d, qmp, block="vm0", options="share=on,prealloc=on,align=2M")
+        try:
+            q = Qmp(qmp)
+            assert q.guest_bytes(ADDR, 8) == bytes(8)
+            q.close()
+            ram = [m for m in procfs.mappings(proc.pid) if m.name.startswith("/memfd:ramd:pool:")]
+            assert [(m.perms, m.start % (2 * MiB), m.end - m.start) for m in ram] == [
+                ("rw-s", 0, SIZE)
+            ]
+            assert (ram[0].sizes["Rss"], ram[0].sizes["ShmemPmdMapped"]) == (SIZE, SIZE)
+        finally:
+            proc.terminate()
+            proc.wait(30)

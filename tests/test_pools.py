@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import procfs
 import pytest
 from daemon import Daemon, Raw
 
@@ -96,6 +97,29 @@ def test_a_block_from_a_pool_never_holds_an_earlier_users_data(
                 rpc.call("ram-block-write", id=block, offset=size - 25000, data=secret)
                 rpc.call("ram-block-del", id=block)
             _until_ready(rpc)
+
+
+def test_a_memfd_pool_block_is_made_of_transparent_huge_pages(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """Where the kernel collapses shmem into huge pages (even with shmem THP ``never``), a
+    memfd pool fills its blocks with them (docs/templates.md): each whole 2 MiB of the block
+    is one huge page, mapped by one PMD in the daemon's view; the tail is small pages. A
+    VMM that maps the block 2 MiB-aligned maps them the same way (tests/test_clones.py)."""
+    if not procfs.shmem_collapse_works():
+        pytest.skip("this kernel does not collapse a memfd into a huge page (MADV_COLLAPSE)")
+    d = start_daemon('[[pool]]\nname = "vm"\nsize = "9M"\ncount = 1\n')
+    with Raw(d.path) as rpc:
+        _until_ready(rpc)
+        info = rpc.call("ram-block-add", id="b", pool="vm")
+        assert info["host"] % (2 * MiB) == 0
+        vma = next(m for m in procfs.mappings(d.pid) if m.start == info["host"])
+        assert vma.name.startswith("/memfd:ramd:pool:vm:")
+        assert (vma.sizes["Rss"], vma.sizes["ShmemPmdMapped"]) == (9 * MiB, 8 * MiB)
+        for offset in range(0, 9 * MiB, 4 * MiB):  # io-chunk: 4 MiB a read
+            length = min(4 * MiB, 9 * MiB - offset)
+            data = rpc.call("ram-block-read", id="b", offset=offset, length=length)["data"]
+            assert base64.b64decode(data) == bytes(length)
 
 
 def test_an_empty_pool_answers_at_once_and_refills_when_room_is_back(

@@ -2,8 +2,8 @@
 
 - ``MAP_NORESERVE``: a mapping that carries no commit charge (the reservation).
 - ``madvise`` advice with Linux semantics: ``MADV_DONTNEED`` (private anonymous pages read
-  back as zeros), ``MADV_POPULATE_WRITE`` (5.14+), ``MADV_HUGEPAGE``, ``MADV_MERGEABLE``,
-  ``MADV_DONTDUMP``.
+  back as zeros), ``MADV_POPULATE_WRITE`` (5.14+), ``MADV_COLLAPSE`` (6.1+),
+  ``MADV_HUGEPAGE``, ``MADV_MERGEABLE``, ``MADV_DONTDUMP``.
 - ``fstatfs`` to recognise hugetlbfs and read its page size.
 - ``memfd_create`` flags (``MFD_HUGETLB``) and seals, ``fallocate`` with ``FALLOC_FL_PUNCH_HOLE``.
 - ``MemAvailable`` of ``/proc/meminfo``.
@@ -26,6 +26,9 @@ MADV_MERGEABLE = _mmap.MADV_MERGEABLE
 MADV_DONTDUMP = _mmap.MADV_DONTDUMP
 MADV_HUGEPAGE = _mmap.MADV_HUGEPAGE
 MADV_POPULATE_WRITE = 23
+MADV_COLLAPSE = 25
+#: The PMD size: what one transparent huge page covers (x86-64, arm64 with 4 KiB pages).
+PMD_SIZE = 2 * 1024 * 1024
 HUGETLBFS_MAGIC = 0x958458F6
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -68,6 +71,29 @@ def populate_write(addr: int, length: int) -> bool:
             return False
         raise
     return True
+
+
+def collapse_zeroed(addr: int, length: int) -> None:
+    """Back the whole ``PMD_SIZE`` chunks of a shared memory mapping ``[addr, addr+length)``
+    with transparent huge pages, zero-filled: one small page of each chunk is faulted in (the
+    kernel collapses no chunk with no page at all), then one ``MADV_COLLAPSE`` fills the rest
+    of each chunk into a huge page. ``MADV_COLLAPSE`` ignores the THP sysfs settings but
+    ``deny``, so this works where shmem THP is ``never``. Best effort: a chunk the kernel
+    would not collapse (no ``MADV_COLLAPSE``, THP denied, no free huge page) keeps only the
+    page faulted in, and the caller faults in the rest. Raises ``OSError`` only when faulting
+    a page in fails (ENOMEM)."""
+    start = -(-addr // PMD_SIZE) * PMD_SIZE
+    end = (addr + length) // PMD_SIZE * PMD_SIZE
+    page = libc.host_page_size()
+    for chunk in range(start, end, PMD_SIZE):
+        if not populate_write(chunk, page):
+            return  # no MADV_POPULATE_WRITE (before 5.14): no MADV_COLLAPSE either
+    if end > start:
+        try:
+            libc.madvise(start, end - start, MADV_COLLAPSE)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EAGAIN, errno.ENOMEM, errno.EBUSY):
+                raise
 
 
 _fallocate = libc._libc.fallocate64

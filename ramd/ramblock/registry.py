@@ -289,7 +289,9 @@ class RAMList:
         """Create a spare block for pool ``pool``: mapped but not allocated (cheap: the loop
         thread may call this), under a private id no client can name or see, not counted
         in ``used``. The caller then fills it (:meth:`fill`, in a worker thread: every page
-        allocated and zero) and either :meth:`take_spare` or :meth:`abort` it."""
+        allocated and zero) and either :meth:`take_spare` or :meth:`abort` it. Its view is
+        aligned to ``HUGEPAGE_ALIGN`` (but for ``hugetlb``: its page size), so that :meth:`fill`
+        can make it of transparent huge pages."""
         self._spare_seq += 1
         return self._create(
             f"pool:{pool}:{self._spare_seq}",
@@ -299,6 +301,7 @@ class RAMList:
             hugetlb=hugetlb,
             prealloc=True,
             allocate=False,
+            align=None if hugetlb else HUGEPAGE_ALIGN,
             spare=True,
         )
 
@@ -477,9 +480,12 @@ class RAMList:
         each page); shared memory by allocating the file's range. A spare's shared memory is
         then also faulted in writable through the daemon's own view (nobody else has its fd),
         which zeroes every page now: shmem clears a page allocated by ``fallocate`` only at
-        its first fault, and that fault must not be the VMM's. May run in a worker thread:
-        the block is invisible to every other caller until committed. Raises
-        :class:`RamdError`; the caller then aborts the block.
+        its first fault, and that fault must not be the VMM's. A spare memfd (not hugetlb) is
+        first made of transparent huge pages where the kernel allows
+        (:func:`linux.collapse_zeroed`): a VMM that maps it 2 MiB-aligned then faults in one
+        page table entry per 2 MiB, not 512. May run in a worker thread: the block is
+        invisible to every other caller until committed. Raises :class:`RamdError`; the
+        caller then aborts the block.
         """
         pending = self._pending.get(block.id) or self._spares.get(block.id)
         if pending is None or pending[0] is not block:
@@ -488,9 +494,12 @@ class RAMList:
             self.lock_range(block, 0, block.size)
         if not block.prealloc:
             return
+        spare_shm = block.shared and block.id in self._spares
         try:
+            if spare_shm and not block.hugetlb:
+                linux.collapse_zeroed(block.host, block.size)
             block.mem.preallocate(block.size)
-            if block.shared and block.id in self._spares:
+            if spare_shm:
                 linux.populate_write(block.host, block.size)
         except OSError as e:
             raise RamdError(
