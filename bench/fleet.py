@@ -2,7 +2,8 @@
 ``prealloc=on`` on a pooled block beside a fresh one, and the daemon's latency while a pool
 refills. Printed tables, nothing asserted.
 
-    .venv/bin/python bench/fleet.py [--size 1G] [--clones 1,4,8] [--refill 2G]
+    .venv/bin/python bench/fleet.py [--size 1G] [--clones 1,4,8] [--refill 2G] [--runs 5]
+        [--parts fleet,prealloc,latency]
 
 Starts its own daemons and QEMUs (``qemu-system-x86_64``, TCG, stopped with ``-S``).
 
@@ -17,8 +18,9 @@ Starts its own daemons and QEMUs (``qemu-system-x86_64``, TCG, stopped with ``-S
   (``smaps_rollup``) minus their ``Pss`` of the template's mapping, so a clone is charged
   its own pages and its QEMU, and a copy its whole block.
 - **prealloc**: one QEMU with ``prealloc=on,share=on`` on a block taken from a ``[[pool]]``
-  (pages already allocated) and on a fresh ``memfd`` block: time until QMP answers (best of
-  ``--runs``, alternating).
+  (pages already allocated, of transparent huge pages where the kernel allows) and on a fresh
+  ``memfd`` block, each with and without ``align=2M`` (QEMU's mapping 2 MiB-aligned, so a
+  huge page is one page table entry): time until QMP answers (best of ``--runs``, alternating).
 - **latency**: ``query-version`` round trips on one connection (p50, p99, max) while a pool
   of ``--refill`` bytes (two blocks) refills after both were taken, beside the same with
   nothing refilling.
@@ -241,29 +243,37 @@ def part_fleet(qemu: str, tmp: Path, size: int, counts: list[int]) -> None:
 
 def part_prealloc(qemu: str, tmp: Path, size: int, runs: int) -> None:
     print(f"\n## QEMU prealloc=on start, {size >> 20} MiB\n")
-    print(f"| block            | start ms (best of {runs}) | median ms |")
-    print("|------------------|---------------------:|----------:|")
+    print(f"| block       | QEMU options                  | best of {runs}, ms | median ms |")
+    print("|-------------|-------------------------------|--------------:|----------:|")
     config = f'[[pool]]\nname = "vm"\nsize = {size}\ncount = 1\n'
+    cases = [  # (block, options): the same options for the pooled block and the fresh one
+        ("pooled", "share=on,prealloc=on,align=2M"),
+        ("fresh memfd", "share=on,prealloc=on,align=2M"),
+        ("pooled", "share=on,prealloc=on"),
+        ("fresh memfd", "share=on,prealloc=on"),
+    ]
     with daemon(tmp / "prealloc", config) as rpc, ramd_client.Client(rpc, timeout=600) as c:
-        rows: dict[str, list[float]] = {"pooled": [], "fresh memfd": []}
+        rows: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
         for _ in range(runs):
-            for kind in rows:
+            for kind, options in cases:
                 if kind == "pooled":
                     while c.query_pools()[0].ready < 1:
                         time.sleep(0.05)
                     c.ram_block_add_from_pool("vm0", "vm")
                 else:
                     c.ram_block_add("vm0", size, backend="memfd")
-                vm = Vm(qemu, rpc, "vm0", tmp / "prealloc" / "vm.qmp", size, "share=on,prealloc=on")
+                vm = Vm(qemu, rpc, "vm0", tmp / "prealloc" / "vm.qmp", size, options)
                 try:
-                    rows[kind].append(vm.wait_ready())
+                    rows[kind, options].append(vm.wait_ready())
                 finally:
                     vm.close()
                 delete(c, "vm0")
-        for kind, times in rows.items():
+        for (kind, options), times in rows.items():
             best, median = min(times) * 1000, statistics.median(times) * 1000
-            print(f"| {kind:<16} | {best:20.0f} | {median:9.0f} |")
-        print(f"\npooled / fresh: {min(rows['pooled']) / min(rows['fresh memfd']):.2f}")
+            print(f"| {kind:<11} | {options:<29} | {best:13.0f} | {median:9.0f} |")
+        for options in dict.fromkeys(o for _, o in cases):
+            ratio = min(rows["pooled", options]) / min(rows["fresh memfd", options])
+            print(f"\npooled / fresh with {options}: {ratio:.2f}")
 
 
 def latencies(
@@ -316,16 +326,21 @@ def main() -> int:
     parser.add_argument("--clones", default="1,4,8")
     parser.add_argument("--refill", type=parse_size, default=2 * GiB)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--parts", default="fleet,prealloc,latency", help="tables to print")
     args = parser.parse_args()
+    parts = args.parts.split(",")
     qemu = shutil.which("qemu-system-x86_64")
     tmp = Path(tempfile.mkdtemp(prefix="ramd-fleet-"))
     try:
         if qemu is None:
             print("qemu-system-x86_64 missing: clone and prealloc tables skipped")
         else:
-            part_fleet(qemu, tmp, args.size, [int(n) for n in args.clones.split(",")])
-            part_prealloc(qemu, tmp, args.size, args.runs)
-        part_latency(tmp, args.refill)
+            if "fleet" in parts:
+                part_fleet(qemu, tmp, args.size, [int(n) for n in args.clones.split(",")])
+            if "prealloc" in parts:
+                part_prealloc(qemu, tmp, args.size, args.runs)
+        if "latency" in parts:
+            part_latency(tmp, args.refill)
     finally:
         shutil.rmtree(tmp)
     return 0
