@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import stat
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -41,6 +40,7 @@ from ramd_client.cli_output import (
 )
 from ramd_client.cli_progress import progress_bar, waiting
 from ramd_client.cli_shared import CHUNK, cmd_map, read_mapped, write_mapped
+from ramd_client.cli_sigint import until_sigint
 from ramd_client.cli_top import cmd_top
 from ramd_client.client import AsyncClient
 from ramd_client.error import ConnectionLost, EventOverflow, RamdError
@@ -397,36 +397,19 @@ async def _watch_reconnecting(client: AsyncClient, args: argparse.Namespace) -> 
             await current.close()
 
 
+async def _print_events(client: AsyncClient, args: argparse.Namespace) -> None:
+    async with client.events(args.events or None, replay=args.replay) as events:
+        async for event in events:
+            _print_event(args, event)
+
+
 async def cmd_watch(client: AsyncClient, args: argparse.Namespace) -> int:
-    """Print events until SIGINT (exit 0) or, without ``--reconnect``, the connection ends.
-
-    Installs its own SIGINT handler for the time it runs, so Ctrl-C stops it even when
-    ``ramctl`` was started with SIGINT ignored (as a shell does for a background job).
-    """
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    interrupted = False
-
-    def interrupt() -> None:
-        nonlocal interrupted
-        interrupted = True
-        task.cancel()
-
-    loop.add_signal_handler(signal.SIGINT, interrupt)
-    try:
-        if args.reconnect:
-            await _watch_reconnecting(client, args)
-        else:
-            async with client.events(args.events or None, replay=args.replay) as events:
-                async for event in events:
-                    _print_event(args, event)
-    except asyncio.CancelledError:
-        if not interrupted:
-            raise
-        task.uncancel()
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
+    """Print events until SIGINT (exit 0, :func:`until_sigint`) or, without ``--reconnect``,
+    the connection ends."""
+    if args.reconnect:
+        await until_sigint(_watch_reconnecting(client, args))
+    else:
+        await until_sigint(_print_events(client, args))
     return EXIT_OK
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -163,25 +162,7 @@ async def _show(client: AsyncClient, args: argparse.Namespace) -> None:
 
 async def cmd_top(client: AsyncClient, args: argparse.Namespace) -> int:
     """Show frames until ``-n``/``--once`` are done or SIGINT (exit 0 either way)."""
-    import asyncio
+    from ramd_client.cli_sigint import until_sigint
 
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    interrupted = False
-
-    def interrupt() -> None:
-        nonlocal interrupted
-        interrupted = True
-        task.cancel()
-
-    loop.add_signal_handler(signal.SIGINT, interrupt)
-    try:
-        await _show(client, args)
-    except asyncio.CancelledError:
-        if not interrupted:
-            raise
-        task.uncancel()
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
+    await until_sigint(_show(client, args))
     return EXIT_OK
