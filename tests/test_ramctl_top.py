@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 from types import SimpleNamespace
 
 from daemon import Daemon, Raw
-from ramctl_support import MiB, ok, ramctl
+from ramctl_support import MiB, Watch, ok, ramctl
 from ramd_client.cli_holders import holders_text
 from ramd_client.shared import get_fd
 
@@ -54,6 +55,22 @@ def test_top_frames_as_json_rates_leave_out_its_own_commands(any_daemon: Daemon)
         ]
         assert frame["stats"]["blocks"] == 1 and frame["stats"]["used"] == MiB
     assert frames[2]["stats"]["commands"] - frames[1]["stats"]["commands"] == 2
+
+
+def test_top_stops_on_sigint_with_exit_0_even_when_started_with_it_ignored(
+    any_daemon: Daemon,
+) -> None:
+    w = Watch(any_daemon.path, "--json", "top", "-d", "0.05", preexec_fn=_ignore_sigint)
+    try:
+        assert json.loads(w.line(30))["stats"]["blocks"] == 0  # a frame: it runs
+        assert w.interrupt() == 0
+        assert w.stop_and_stderr() == ""
+    finally:
+        w.close()
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def test_top_refuses_a_bad_count() -> None:
