@@ -42,9 +42,7 @@ def ram_block_add(session: Session, args: m.RamBlockAddArgs) -> Raw | Awaitable[
     except BaseException:
         ram.abort(block)
         raise
-    ram.commit(block)
-    fdstore.push(block)
-    return block_info(session, block)
+    return _commit(session, block)
 
 
 def _add_from_pool(session: Session, args: m.RamBlockAddArgs, pool: str) -> Raw:
@@ -72,7 +70,13 @@ async def _fill_and_commit(session: Session, block: RAMBlock) -> Raw:
     except BaseException:
         ram.abort(block)
         raise
-    ram.commit(block)
+    return _commit(session, block)
+
+
+def _commit(session: Session, block: RAMBlock) -> Raw:
+    """Make a filled block visible (``added`` notified), hand its fd to the fd store, and
+    answer its ``RamBlockInfo``."""
+    session.service.ram.commit(block)
     fdstore.push(block)
     return block_info(session, block)
 
