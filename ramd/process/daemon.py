@@ -4,6 +4,7 @@ SIGTERM/SIGINT, then shut down in order. Runs on one asyncio loop (the main thre
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -123,6 +124,10 @@ async def serve(
     # splitter refuses anything deeper before it is parsed).
     sys.setrecursionlimit(max(sys.getrecursionlimit(), config.limits.max_depth + 1000))
     heap.keep_large_buffers()
+    # What exists now (modules, their classes and validators, the config) lives as long as
+    # the daemon: keep it out of every later full collection, whose pause grows with the
+    # objects it walks (about 7 ms for these alone).
+    gc.freeze()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     raise_nofile_limit()
