@@ -1,6 +1,6 @@
 """Man pages and shell completions: what ``tools/cli_docs.py`` generates from the argparse
-parsers is what is committed, the man pages render without a warning, and the bash
-completion completes."""
+parsers is what is committed, the man pages render without a warning, and the bash and zsh
+completions complete (zsh's run in an interactive zsh on a pseudo-terminal)."""
 
 from __future__ import annotations
 
@@ -156,3 +156,87 @@ def test_bash_completion_asks_the_daemon_for_ids_images_methods_and_jobs(
             wait_job(r, jid)
             r.call("job-dismiss", id=jid)
         ok(s, "rm-image", "img-a", "img-b")
+
+
+# -- zsh: the completion system run for real, in an interactive zsh on a pseudo-terminal -------
+
+#: Starts an interactive ``zsh -f`` on a pty (zsh/zpty) with ``$1`` first in ``fpath`` and
+#: compinit, types the command line ``$2`` and a TAB, and prints what the terminal shows. Every
+#: candidate the completion offers is printed as ``<M>candidate`` by a ``compadd`` wrapper; a
+#: completion post-function prints the end marker (spelled apart, so that its echo does not
+#: end the read early) and exits.
+ZSH_DRIVER = r"""
+zmodload zsh/zpty || exit 2
+zpty z zsh -f -i
+zpty -w z "fpath=(${(q)1} \$fpath); autoload -Uz compinit; compinit -u -D"
+zpty -w z "PROMPT= RPROMPT=; unset zle_bracketed_paste; setopt no_beep"
+zpty -w z 'compadd () {
+  if [[ ${@[1,(i)(-|--)]} == *-(O|A|D)\ * ]]; then builtin compadd "$@"; return $?; fi
+  typeset -a __hits; builtin compadd -A __hits "$@"; local ret=$?
+  (( $#__hits )) && print -rl -- "" "<""M>"${^__hits}
+  return ret
+}'
+zpty -w z 'comppostfuncs=(__done); __done () { print -r -- "" "<E""ND>"; exit }'
+zpty -w -n z "$2"$'\t'
+while zpty -r z line; do
+  print -rn -- "$line"
+  [[ $line == *"<END>"* ]] && break
+done
+zpty -d z
+"""
+
+
+def zsh_complete(program: str, words: list[str], cwd: Path = ROOT) -> list[str]:
+    """What the zsh completion of ``program`` offers for the command line ``words`` (the last
+    word is the one being completed), sorted. ``ramctl`` on ``PATH`` is this interpreter's."""
+    if shutil.which("zsh") is None:
+        pytest.skip("zsh is not installed (.ci/run installs it)")
+    line = " ".join([program, *(shlex.quote(w) for w in words[:-1]), words[-1]])
+    env = {k: v for k, v in os.environ.items() if k not in ("RAMD_SOCKET", "XDG_RUNTIME_DIR")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    fpath = str(ROOT / "completions" / "zsh")
+    p = subprocess.run(
+        ["zsh", "-f", "-c", ZSH_DRIVER, "zsh", fpath, line],
+        capture_output=True,
+        check=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+    )
+    out = p.stdout.decode()
+    assert "<END>" in out, out  # the completion ran to its end
+    return sorted(set(re.findall(r"<M>([^\r\n]*)", out)))
+
+
+def test_zsh_completion_of_ramctl_and_ramd(tmp_path: Path) -> None:
+    assert zsh_complete("ramctl", ["li"]) == ["list"]
+    assert zsh_complete("ramctl", ["--socket", "/x.sock", "--timeout", "5", "wa"]) == ["watch"]
+    assert zsh_complete("ramctl", ["list", "--j"]) == ["--json"]
+    assert zsh_complete("ramctl", ["watch", "RAM_BLOCK_RE"]) == [
+        "RAM_BLOCK_REMOVED",
+        "RAM_BLOCK_RESIZED",
+    ]
+    assert set(zsh_complete("ramctl", [""])) >= {"add", "del", "read", "watch", "call"}
+    (tmp_path / "dump.bin").write_bytes(b"")
+    assert zsh_complete("ramctl", ["read", "a", "0", "1", "-o", "du"], tmp_path) == ["dump.bin"]
+    assert zsh_complete("ramd", ["--log-level", "w"]) == ["warning"]
+    assert zsh_complete("ramd", ["--event-loop", ""]) == ["asyncio", "uvloop"]
+
+
+def test_zsh_completion_asks_the_daemon_for_ids_images_and_methods(
+    any_daemon: Daemon, tmp_path: Path
+) -> None:
+    s = str(any_daemon.path)
+    ok(s, "add", "ram0", "1M")
+    ok(s, "add", "rom1", "1M")
+    ok(s, "save", "img-a", "ram0")
+    try:
+        assert zsh_complete("ramctl", ["--socket", s, "info", ""]) == ["ram0", "rom1"]
+        assert zsh_complete("ramctl", ["--socket", s, "resize", "ra"]) == ["ram0"]
+        assert zsh_complete("ramctl", ["--socket", s, "load", "img"]) == ["img-a"]
+        assert zsh_complete("ramctl", ["--socket", s, "call", "query-ram"]) == ["query-ram-blocks"]
+        # no daemon there: nothing offered
+        missing = str(tmp_path / "missing.sock")
+        assert zsh_complete("ramctl", ["--socket", missing, "info", ""]) == []
+    finally:
+        ok(s, "rm-image", "img-a")

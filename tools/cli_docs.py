@@ -392,8 +392,10 @@ def zsh_completion(prog: Program) -> str:
             "# asked quietly, on the socket given on the command line if any.",
             f"{fn}_live() {{",
             "    local -a words",
-            "    local sock=${" + prog.name + "_socket:-${opt_args[--socket]}}",
-            f'    words=(${{(f)"$({prog.name} ${{sock:+--socket "$sock"}} --timeout 1 "$@" '
+            # opt_args keeps the quoting typed on the line: (Q) removes it. zsh does not
+            # split an unquoted expansion, so the option and its path go as one word.
+            "    local sock=${(Q)${" + prog.name + "_socket:-${opt_args[--socket]}}}",
+            f'    words=(${{(f)"$({prog.name} ${{sock:+--socket=$sock}} --timeout 1 "$@" '
             '2>/dev/null)"})',
             "    compadd -a words",
             "}",
