@@ -53,9 +53,9 @@ log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(ID_PATTERN)
 
-#: Alignment of anonymous blocks when ``hugepages`` is set, so THP can back them
-#: (QEMU's ``QEMU_VMALLOC_ALIGN`` on x86-64).
-HUGEPAGE_ALIGN = 2 * 1024 * 1024
+#: Alignment of anonymous blocks when ``hugepages`` is set, and of pools' spares, so THP can
+#: back them (QEMU's ``QEMU_VMALLOC_ALIGN`` on x86-64).
+HUGEPAGE_ALIGN = linux.PMD_SIZE
 
 #: Where ``file`` blocks of a list made without ``memory_dir`` live: root's default (the
 #: daemon's follows ``XDG_RUNTIME_DIR``: :func:`ramd.process.paths.default_memory_dir`).
