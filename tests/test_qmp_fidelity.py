@@ -6,18 +6,18 @@ QEMU's introspection format, and ``quit``. Driven by qemu.qmp's ``QMPClient`` an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from daemon import Daemon, Raw
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
+from qmp_client_support import qmp_client
 
 import ramd
 from ramd.api.commands import COMMANDS, version_triple
@@ -40,18 +40,6 @@ HELP = (
     "info [subcommand] -- show various information about the system state\r\n"
 )
 INFO_HELP = "info ramblock  -- Display system ramblock information\r\n"
-
-
-@contextlib.asynccontextmanager
-async def qmp_client(path: Path | None) -> AsyncIterator[QMPClient]:
-    assert path is not None
-    client = QMPClient("ramd-test")
-    await client.connect(str(path))
-    try:
-        yield client
-    finally:
-        with contextlib.suppress(EOFError):  # the daemon hung up (quit)
-            await client.disconnect()
 
 
 def row(block: dict[str, Any], host: int) -> str:

@@ -4,31 +4,19 @@ hold it back, with a message saying how to stop the daemon instead; ``file`` blo
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from daemon import Daemon, Raw
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
+from qmp_client_support import qmp_client
 
 MiB = 1 << 20
-
-
-@contextlib.asynccontextmanager
-async def qmp_client(path: Path | None) -> AsyncIterator[QMPClient]:
-    assert path is not None
-    client = QMPClient("ramd-test")
-    await client.connect(str(path))
-    try:
-        yield client
-    finally:
-        with contextlib.suppress(EOFError):  # the daemon hung up (quit)
-            await client.disconnect()
 
 
 def wait_exit(d: Daemon, timeout: float = 30.0) -> int:
