@@ -77,6 +77,14 @@ def test_ramd_man_page_lists_every_configuration_key() -> None:
     assert '(default: "8M")' in section and '(default: "0600")' in section
 
 
+def _shell(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run a shell that completes: no ``RAMD_SOCKET`` or ``XDG_RUNTIME_DIR`` from the test
+    run, and ``ramctl`` on ``PATH`` is this interpreter's (as in an activated virtualenv)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAMD_SOCKET", "XDG_RUNTIME_DIR")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(argv, capture_output=True, check=True, cwd=cwd, env=env, timeout=60)
+
+
 def complete(program: str, words: list[str], cwd: Path = ROOT) -> list[str]:
     """What the bash completion of ``program`` offers for the command line ``words``
     (the last word is the one being completed); it must print nothing on stderr. ``ramctl``
@@ -90,38 +98,27 @@ def complete(program: str, words: list[str], cwd: Path = ROOT) -> list[str]:
         f"_{program}\n"
         'printf "%s\\n" "${COMPREPLY[@]}"\n'
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAMD_SOCKET", "XDG_RUNTIME_DIR")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    p = subprocess.run(
-        ["bash", "--norc", "--noprofile", "-c", code],
-        capture_output=True,
-        check=True,
-        cwd=cwd,
-        env=env,
-        timeout=60,
-    )
+    p = _shell(["bash", "--norc", "--noprofile", "-c", code], cwd)
     assert p.stderr == b""
     return [w for w in p.stdout.decode().split("\n") if w]
 
 
-def test_bash_completion_of_ramctl(tmp_path: Path) -> None:
-    assert complete("ramctl", ["li"]) == ["list"]
-    assert complete("ramctl", ["--socket", "/x.sock", "--timeout", "5", "wa"]) == ["watch"]
-    assert complete("ramctl", ["list", "--j"]) == ["--json"]
-    assert complete("ramctl", ["del", "ram0", "--if"]) == ["--if-exists"]
-    assert complete("ramctl", ["watch", "RAM_BLOCK_RE"]) == [
-        "RAM_BLOCK_RESIZED",
-        "RAM_BLOCK_REMOVED",
-    ]
-    assert set(complete("ramctl", [""])) >= {"add", "del", "read", "watch", "call"}
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_of_ramctl_and_ramd(shell: str, tmp_path: Path) -> None:
+    def got(program: str, words: list[str], cwd: Path = ROOT) -> list[str]:
+        return sorted((complete if shell == "bash" else zsh_complete)(program, words, cwd))
+
+    assert got("ramctl", ["li"]) == ["list"]
+    assert got("ramctl", ["--socket", "/x.sock", "--timeout", "5", "wa"]) == ["watch"]
+    assert got("ramctl", ["list", "--j"]) == ["--json"]
+    assert got("ramctl", ["del", "ram0", "--if"]) == ["--if-exists"]
+    assert got("ramctl", ["watch", "RAM_BLOCK_RE"]) == ["RAM_BLOCK_REMOVED", "RAM_BLOCK_RESIZED"]
+    assert set(got("ramctl", [""])) >= {"add", "del", "read", "watch", "call"}
     (tmp_path / "dump.bin").write_bytes(b"")
-    assert complete("ramctl", ["read", "a", "0", "1", "-o", "du"], tmp_path) == ["dump.bin"]
-
-
-def test_bash_completion_of_ramd() -> None:
-    assert complete("ramd", ["--log-level", "w"]) == ["warning"]
-    assert complete("ramd", ["--event-loop", ""]) == ["asyncio", "uvloop"]
-    assert complete("ramd", ["--qmp"]) == ["--qmp-socket"]
+    assert got("ramctl", ["read", "a", "0", "1", "-o", "du"], tmp_path) == ["dump.bin"]
+    assert got("ramd", ["--log-level", "w"]) == ["warning"]
+    assert got("ramd", ["--event-loop", ""]) == ["asyncio", "uvloop"]
+    assert got("ramd", ["--qmp"]) == ["--qmp-socket"]
 
 
 def test_bash_completion_asks_the_daemon_for_ids_images_methods_and_jobs(
@@ -192,35 +189,10 @@ def zsh_complete(program: str, words: list[str], cwd: Path = ROOT) -> list[str]:
     if shutil.which("zsh") is None:
         pytest.skip("zsh is not installed (.ci/run installs it)")
     line = " ".join([program, *(shlex.quote(w) for w in words[:-1]), words[-1]])
-    env = {k: v for k, v in os.environ.items() if k not in ("RAMD_SOCKET", "XDG_RUNTIME_DIR")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     fpath = str(ROOT / "completions" / "zsh")
-    p = subprocess.run(
-        ["zsh", "-f", "-c", ZSH_DRIVER, "zsh", fpath, line],
-        capture_output=True,
-        check=True,
-        cwd=cwd,
-        env=env,
-        timeout=60,
-    )
-    out = p.stdout.decode()
+    out = _shell(["zsh", "-f", "-c", ZSH_DRIVER, "zsh", fpath, line], cwd).stdout.decode()
     assert "<END>" in out, out  # the completion ran to its end
     return sorted(set(re.findall(r"<M>([^\r\n]*)", out)))
-
-
-def test_zsh_completion_of_ramctl_and_ramd(tmp_path: Path) -> None:
-    assert zsh_complete("ramctl", ["li"]) == ["list"]
-    assert zsh_complete("ramctl", ["--socket", "/x.sock", "--timeout", "5", "wa"]) == ["watch"]
-    assert zsh_complete("ramctl", ["list", "--j"]) == ["--json"]
-    assert zsh_complete("ramctl", ["watch", "RAM_BLOCK_RE"]) == [
-        "RAM_BLOCK_REMOVED",
-        "RAM_BLOCK_RESIZED",
-    ]
-    assert set(zsh_complete("ramctl", [""])) >= {"add", "del", "read", "watch", "call"}
-    (tmp_path / "dump.bin").write_bytes(b"")
-    assert zsh_complete("ramctl", ["read", "a", "0", "1", "-o", "du"], tmp_path) == ["dump.bin"]
-    assert zsh_complete("ramd", ["--log-level", "w"]) == ["warning"]
-    assert zsh_complete("ramd", ["--event-loop", ""]) == ["asyncio", "uvloop"]
 
 
 def test_zsh_completion_asks_the_daemon_for_ids_images_and_methods(
