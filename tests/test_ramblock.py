@@ -143,6 +143,12 @@ def test_resize_error_texts(ram: RAMList) -> None:
     with pytest.raises(RamdError) as exc:
         ram.resize("r", 9 * PAGE)
     assert str(exc.value) == "Size too large: r: 0x9000 > 0x8000: Invalid argument"
+    # a max-size equal to the size still makes a resizable block (docs/protocol.md §5)
+    assert ram.add("same", 4 * PAGE, 4 * PAGE).resizable
+    with pytest.raises(RamdError) as exc:
+        ram.resize("same", 5 * PAGE)
+    assert str(exc.value) == "Size too large: same: 0x5000 > 0x4000: Invalid argument"
+    assert ram.resize("same", PAGE).size == PAGE
     with pytest.raises(RamdError) as exc:
         ram.resize("nope", PAGE)
     assert (exc.value.error_class, exc.value.desc) == (

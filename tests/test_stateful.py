@@ -135,7 +135,9 @@ class BlockMachine(RuleBasedStateMachine):
         self.peers = [Peer(d.path), Peer(d.path)]
         self.check = Raw(d.path)
         #: id -> (size, max-size, backend) as the daemon must show them
-        self.model: dict[str, tuple[int, int, str]] = {}
+        #: id -> (size, max-size, backend, resizable): resizable iff created with a max-size,
+        #: even one equal to its size (docs/protocol.md §5).
+        self.model: dict[str, tuple[int, int, str, bool]] = {}
         self.images: set[str] = set()
 
     def teardown(self) -> None:
@@ -184,7 +186,7 @@ class BlockMachine(RuleBasedStateMachine):
         else:
             assert "result" in resp, resp
             max_size = params.get("max-size", pages * PAGE)
-            self.model[block] = (pages * PAGE, max_size, backend)
+            self.model[block] = (pages * PAGE, max_size, backend, resizable)
 
     @rule(
         i=st.integers(0, 1),
@@ -200,16 +202,16 @@ class BlockMachine(RuleBasedStateMachine):
         if block not in self.model:
             assert "not found" in resp["error"]["message"], resp
             return
-        size, max_size, backend = self.model[block]
+        size, max_size, backend, resizable = self.model[block]
         new = pages * PAGE
         if new == size:
             assert "result" in resp, resp
-        elif size == max_size:
+        elif not resizable:
             assert "Size mismatch" in resp["error"]["message"], resp
         elif new > max_size:
             assert "Size too large" in resp["error"]["message"], resp
         elif "result" in resp:
-            self.model[block] = (new, max_size, backend)
+            self.model[block] = (new, max_size, backend, resizable)
         else:
             assert "busy" in resp["error"]["message"], resp
 
@@ -324,7 +326,7 @@ class BlockMachine(RuleBasedStateMachine):
     def _resync(self) -> None:
         """Take the daemon's listing as the model (after steps whose order is not fixed)."""
         listed = {b["id"]: b for b in self.check.call("query-ram-blocks")}
-        self.model = {k: (b["size"], b["max-size"], b["backend"]) for k, b in listed.items()}
+        self.model = {k: _facts(b) for k, b in listed.items()}
         for p in self.peers:
             for block in [k for k in p.fds if k not in listed]:
                 for fd in p.fds.pop(block):
@@ -333,7 +335,7 @@ class BlockMachine(RuleBasedStateMachine):
     @invariant()
     def memory_agrees_with_the_listing(self) -> None:
         listed = self.check.call("query-ram-blocks")
-        got = {b["id"]: (b["size"], b["max-size"], b["backend"]) for b in listed}
+        got = {b["id"]: _facts(b) for b in listed}
         assert got == self.model
         maps = mappings(self.daemon.pid)
         for b in listed:
@@ -347,6 +349,11 @@ class BlockMachine(RuleBasedStateMachine):
                     assert m.perms.startswith("rw"), (b, m)
                 else:
                     assert lo >= host + size and m.perms.startswith("---"), (b, m)
+
+
+def _facts(block: dict[str, Any]) -> tuple[int, int, str, bool]:
+    """What the model keeps of a listed block."""
+    return (block["size"], block["max-size"], block["backend"], block["resizable"])
 
 
 def test_two_connections_keep_every_block_consistent(
