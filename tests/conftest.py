@@ -11,12 +11,21 @@ to still be alive and answering; a test sees only its own log lines.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Property tests draw the same examples in every run (CI gates on the suite: a run must not fail
+# on an example that no earlier run drew). Loaded before the test modules define their own
+# settings, which inherit it. HYPOTHESIS_PROFILE=explore draws new examples each run.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+hypothesis_settings.register_profile("explore", derandomize=False)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The helper modules' asserts are checks too: rewritten like the tests' own, so that they hold
 # under python -O (CI runs the suite so) instead of being stripped.
